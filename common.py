@@ -1,0 +1,146 @@
+"""Small pieces every script shares: user-facing errors, atomic writes, SQuAD-format reading.
+
+A user error (missing file, malformed JSON, missing field, impossible option) raises InputError;
+`run_main` turns it into one line on stderr and exit status 2, never a traceback. Every output is
+written under a temporary name and renamed into place, so an interrupted or failed run never
+leaves a half-written file behind.
+"""
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+
+class InputError(Exception):
+    """An error the user caused and can fix; the message names the file, field or option."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit 2 (argparse prints two)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main(main):
+    """Run a script's main(); user errors become one stderr line and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def atomic_write_text(path, text):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj, indent=None):
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path, overwrite=False):
+    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
+
+    Refuses an existing `path` unless overwrite. On failure the temporary directory is removed
+    and `path` is left as it was.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise InputError(f"{path}: output directory exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        old = tmp + ".old"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _field(obj, key, path, where, kind=None):
+    if not isinstance(obj, dict) or key not in obj:
+        raise InputError(f"{path}: missing field '{key}' in {where}")
+    value = obj[key]
+    if kind is not None and not isinstance(value, kind):
+        raise InputError(f"{path}: field '{key}' in {where} has the wrong type")
+    return value
+
+
+def load_squad_examples(path, require_answers=True):
+    """Read a SQuAD v1.1-format file into a flat list of examples.
+
+    Each example: {"id", "title", "question", "context", "answers": [{"text", "answer_start"}]}.
+    Every field is checked, so a malformed file fails with one message naming the field.
+    """
+    dataset = read_json(path)
+    articles = _field(dataset, "data", path, "the top level", list)
+    examples, seen = [], set()
+    for a, article in enumerate(articles):
+        paragraphs = _field(article, "paragraphs", path, f"data[{a}]", list)
+        for p, paragraph in enumerate(paragraphs):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = _field(paragraph, "context", path, where, str)
+            for q, qa in enumerate(_field(paragraph, "qas", path, where, list)):
+                qwhere = f"{where}.qas[{q}]"
+                qid = _field(qa, "id", path, qwhere, str)
+                question = _field(qa, "question", path, qwhere, str)
+                answers = qa.get("answers", []) if not require_answers else \
+                    _field(qa, "answers", path, qwhere, list)
+                for n, ans in enumerate(answers):
+                    _field(ans, "text", path, f"{qwhere}.answers[{n}]", str)
+                    _field(ans, "answer_start", path, f"{qwhere}.answers[{n}]", int)
+                if qid in seen:
+                    raise InputError(f"{path}: duplicate question id '{qid}' at {qwhere}")
+                seen.add(qid)
+                examples.append({"id": qid, "title": article.get("title", ""),
+                                 "question": question, "context": context,
+                                 "answers": [{"text": x["text"], "answer_start": x["answer_start"]}
+                                             for x in answers]})
+    return examples
+
+
+def examples_to_squad(examples, version="1.1"):
+    """The inverse of load_squad_examples: one article per title, one paragraph per example."""
+    data, by_title = [], {}
+    for ex in examples:
+        article = by_title.get(ex.get("title", ""))
+        if article is None:
+            article = by_title[ex.get("title", "")] = {"title": ex.get("title", ""), "paragraphs": []}
+            data.append(article)
+        article["paragraphs"].append({"context": ex["context"], "qas": [
+            {"id": ex["id"], "question": ex["question"], "answers": ex["answers"]}]})
+    return {"version": version, "data": data}
