@@ -14,6 +14,10 @@ import sys
 import tempfile
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class InputError(Exception):
     """An error the user caused and can fix; the message names the file, field or option."""
 
@@ -54,6 +58,7 @@ def atomic_write_text(path, text):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

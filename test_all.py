@@ -59,3 +59,7 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     with common.atomic_output_dir(str(target), overwrite=True) as tmp:
         open(os.path.join(tmp, "new.txt"), "w").write("y")
     assert os.listdir(target) == ["new.txt"]
+
+
+# ---------------------------------------------------------------- parts (merged in below)
+from test_foundation import *  # noqa: E402,F401,F403
