@@ -82,6 +82,7 @@ def atomic_output_dir(path, overwrite=False):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the usual permissions
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,489 @@
+"""Phase 1 (paper Sec. 3, 4.1, 5.2): fine-tune mBERT for extractive QA on SQuAD v1.1 -> mBERT-qa-en.
+
+A flat, hand-written training loop (nanoGPT style). distill.py and evaluate_mlqa.py import its pieces:
+build_features, length_grouped_batches, collate, qa_logits, ce_loss, make_optimizer, make_scheduler,
+setup_distributed, autocast, save_model, load_model_and_tokenizer, extract_spans, predict.
+
+    python data/download.py squad                        # once: data/squad/train-v1.1.json, dev-v1.1.json
+    python train_qa.py                                   # mBERT, 3 epochs, lr 3e-5, batch 24 (Sec. 4.1)
+    python train_qa.py --dev-file data/squad/dev-v1.1.json --overwrite   # same, then SQuAD dev EM/F1
+    torchrun --nproc_per_node 4 train_qa.py              # same, 4 GPUs (batch 24 = 4 x 6)
+    python train_qa.py --model tiny --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny
+    python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|DIR]   # offset recovery report
+
+--batch-size is the effective batch of one optimiser step: world_size x micro-batch x --grad-accum.
+On a small CPU shared with other jobs, OMP_NUM_THREADS=1 is often several times faster.
+Hyper-parameters the paper leaves at the Hugging Face defaults keep them: no warm-up, linear decay,
+weight decay 0, Adam betas (0.9, 0.999), eps 1e-8, gradient clipping at norm 1.0.
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (ArgumentParser, InputError, atomic_output_dir, atomic_write_json,
+                    load_squad_examples, run_main)
+
+# -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
+MODEL = "bert-base-multilingual-cased"
+TRAIN_FILE = "data/squad/train-v1.1.json"
+OUTPUT_DIR = "runs/mbert-qa-en"
+EPOCHS, LR, BATCH_SIZE, WEIGHT_DECAY, MAX_GRAD_NORM = 3, 3e-5, 24, 0.0, 1.0
+MAX_LENGTH, STRIDE = 384, 128                 # window length and overlap of the sliding window
+N_BEST, MAX_ANSWER_TOKENS = 20, 30            # answer extraction: top start/end candidates, span cap
+MASK_VALUE = -1e9                             # logit of a position outside Eq. 1's softmax
+TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=256, max_position_embeddings=512)
+TINY_VOCAB_SIZE = 8000
+LOG_EVERY = 10                                # steps between progress-bar loss updates
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# -------------------------------------------------------------------- model and tokenizer
+def train_tiny_tokenizer(texts, vocab_size=TINY_VOCAB_SIZE):
+    """Cased WordPiece fast tokenizer trained on `texts` (BERT normaliser and pre-tokeniser: CJK
+    characters split, no lower-casing or accent stripping), so offsets work for every script.
+
+    The `tokenizers` trainer numbers its "##x" pieces in hash-map order, which breaks merge ties
+    differently from run to run (huggingface/tokenizers#1794); declaring every "##x" up front, in
+    sorted order, makes the vocabulary a function of the text alone."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    texts = list(dict.fromkeys(texts))
+    inner = set()
+    for text in texts:
+        words = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))
+        inner.update("".join(w[1:] for w, _ in words))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                        special_tokens=SPECIAL_TOKENS + [f"##{c}" for c in sorted(inner)])
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(          # BERT's [CLS] q [SEP] c [SEP]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.decoder = decoders.WordPiece()
+    # the generic fast class: the same code on transformers 4.x and 5.x
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=TINY_CONFIG["max_position_embeddings"])
+
+
+def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=False):
+    """`tiny`: random small BERT + a tokenizer trained on `texts`; else a hub name or a local dir
+    (AutoModelForQuestionAnswering + fast AutoTokenizer). With require_qa_head, a checkpoint
+    whose QA head would be freshly initialised (not a fine-tuned QA model) is an InputError."""
+    from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, BertConfig,
+                              BertForQuestionAnswering)
+    if name_or_path == "tiny":
+        if not texts:
+            raise InputError("--model tiny needs training text to build its tokenizer")
+        tokenizer = train_tiny_tokenizer(texts)
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            attn_implementation="sdpa", **TINY_CONFIG)
+        return BertForQuestionAnswering(config), tokenizer
+    path = name_or_path                  # a hub name is "name" or "org/name"; anything else is a path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or \
+            ("/" in path and os.path.isdir(path.split("/")[0])):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"{path}: " + ("not a model directory (no config.json)"
+                                            if os.path.isdir(path) else "no such model directory"))
+    try:
+        model, info = AutoModelForQuestionAnswering.from_pretrained(
+            name_or_path, attn_implementation="sdpa", output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{name_or_path}: cannot load a question-answering model ({first})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(f"{name_or_path}: needs a fast tokenizer (character offsets)")
+    if require_qa_head and any("qa_outputs" in k for k in info.get("missing_keys", ())):
+        raise InputError(f"{name_or_path}: not a fine-tuned QA model (its QA head is missing)")
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
+    """Atomic Hugging Face directory (config, model.safetensors, tokenizer); `extra_files`
+    {name: JSON-able object} are written beside them."""
+    model = getattr(model, "module", model)   # unwrap DDP
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            atomic_write_json(os.path.join(tmp, name), obj, indent=1)
+
+
+# -------------------------------------------------------------------- features
+def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, train=True):
+    """Tokenise question + context into overlapping windows (Sec. 3 input).
+
+    Returns per window (feature): input_ids, token_type_ids (int32 arrays, unpadded), allowed
+    (bool: context tokens + [CLS], the support of Eq. 1's softmax), offsets ([L, 2] int32 char
+    offsets into the context, (0, 0) outside it), example_index; with train, start/end_positions:
+    the gold tokens of the first answer, or 0 ([CLS]) when the window does not hold it.
+    """
+    out = {k: [] for k in ("input_ids", "token_type_ids", "allowed", "offsets", "example_index",
+                           "start_positions", "end_positions")}
+    for lo in range(0, len(examples), 1000):      # chunks bound the tokenizer's peak memory
+        chunk = examples[lo:lo + 1000]
+        enc = tokenizer([ex["question"].lstrip() for ex in chunk], [ex["context"] for ex in chunk],
+                        truncation="only_second", max_length=max_length, stride=stride,
+                        return_overflowing_tokens=True, return_offsets_mapping=True,
+                        return_token_type_ids=True, padding=False)
+        for f, sample in enumerate(enc["overflow_to_sample_mapping"]):
+            ctx = np.array([s == 1 for s in enc.sequence_ids(f)])
+            offsets = np.asarray(enc["offset_mapping"][f], dtype=np.int32).reshape(-1, 2)
+            offsets[~ctx] = 0
+            allowed = ctx.copy()
+            allowed[0] = True                     # [CLS]: the label of a window without the answer
+            out["input_ids"].append(np.asarray(enc["input_ids"][f], dtype=np.int32))
+            out["token_type_ids"].append(np.asarray(enc["token_type_ids"][f], dtype=np.int32))
+            out["allowed"].append(allowed)
+            out["offsets"].append(offsets)
+            out["example_index"].append(lo + sample)
+            if train:
+                s, e = gold_tokens(chunk[sample], offsets, ctx)
+                out["start_positions"].append(s)
+                out["end_positions"].append(e)
+    for key in ("example_index", "start_positions", "end_positions"):
+        out[key] = np.asarray(out[key], dtype=np.int64)
+    if not train:
+        del out["start_positions"], out["end_positions"]
+    return out
+
+
+def gold_tokens(example, offsets, ctx):
+    """(start, end) token of the first answer inside this window, else (0, 0) = [CLS]."""
+    if not example["answers"]:
+        return 0, 0
+    answer = example["answers"][0]
+    s_char = answer["answer_start"]
+    e_char = s_char + len(answer["text"])
+    idx = np.nonzero(ctx)[0]
+    if len(idx) == 0 or offsets[idx[0], 0] > s_char or offsets[idx[-1], 1] < e_char:
+        return 0, 0
+    start = idx[max(int((offsets[idx, 0] <= s_char).sum()) - 1, 0)]   # last token starting <= s
+    end = idx[min(int((offsets[idx, 1] < e_char).sum()), len(idx) - 1)]  # first token ending >= e
+    return int(start), int(end)
+
+
+# -------------------------------------------------------------------- batching
+def length_grouped_batches(lengths, batch_size, seed, epoch, shuffle=True, rank=0, world_size=1):
+    """Batches of similar length: shuffle, cut into mega-batches of 50 batches, sort each by length,
+    split, shuffle the batch order; deterministic in (seed, epoch). shuffle=False: sorted (inference).
+    Under DDP each rank gets every world_size-th batch (the tail is dropped to keep ranks in step)."""
+    lengths = np.asarray(lengths)
+    if not shuffle:
+        order = np.argsort(-lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    perm, mega = rng.permutation(len(lengths)), 50 * batch_size
+    batches = []
+    for i in range(0, len(perm), mega):
+        chunk = perm[i:i + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    if world_size > 1:
+        batches = batches[:len(batches) // world_size * world_size][rank::world_size]
+    return batches
+
+
+def collate(features, indices, pad_token_id, device):
+    """Tensors for the features `indices`, padded to the longest of them only."""
+    ids = [features["input_ids"][i] for i in indices]
+    n, length = len(ids), max(len(x) for x in ids)
+    input_ids = np.full((n, length), pad_token_id, dtype=np.int64)
+    token_type_ids = np.zeros((n, length), dtype=np.int64)
+    allowed = np.zeros((n, length), dtype=bool)
+    attention_mask = np.zeros((n, length), dtype=np.int64)
+    for row, i in enumerate(indices):
+        m = len(ids[row])
+        input_ids[row, :m] = ids[row]
+        token_type_ids[row, :m] = features["token_type_ids"][i]
+        allowed[row, :m] = features["allowed"][i]
+        attention_mask[row, :m] = 1
+    batch = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                 allowed=allowed)
+    for key in ("start_positions", "end_positions"):
+        if key in features:
+            batch[key] = features[key][np.asarray(indices)]
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+# -------------------------------------------------------------------- model output and loss
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on CPU (CPU runs stay exact and repeatable)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def qa_logits(model, batch):
+    """Start/end logits, float32 [B, L]; disallowed positions (question, [SEP], padding) are
+    MASK_VALUE, so a softmax over them is Eq. 1's softmax over the context tokens (+ [CLS])."""
+    with autocast(batch["input_ids"].device):
+        out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                    attention_mask=batch["attention_mask"])
+    mask = ~batch["allowed"]
+    return (out.start_logits.float().masked_fill(mask, MASK_VALUE),
+            out.end_logits.float().masked_fill(mask, MASK_VALUE))
+
+
+def ce_loss(start_logits, end_logits, start_positions, end_positions):
+    """Eq. 2: cross-entropy of the gold start and end under Eq. 1, averaged over start/end and batch."""
+    return (F.cross_entropy(start_logits, start_positions) +
+            F.cross_entropy(end_logits, end_positions)) / 2
+
+
+# -------------------------------------------------------------------- optimisation and DDP
+def make_optimizer(model, lr, weight_decay=0.01):
+    """AdamW; no decay on biases and LayerNorm weights (the 1-d parameters); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+def make_scheduler(optimizer, total_steps, warmup_steps=0):
+    """Linear warm-up then linear decay to 0 at total_steps (the Hugging Face default schedule)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup_distributed():
+    """(rank, world_size, device, is_master): torchrun env -> DDP (nccl on GPU, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device, rank == 0
+
+
+def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, grad_accum=1,
+          seed=0, weight_decay=WEIGHT_DECAY, warmup_steps=0, device="cpu", rank=0, world_size=1,
+          progress=True):
+    """The loop: length-grouped batches, Eq. 2 loss, AdamW + linear decay, grad accumulation, DDP.
+    `batch_size` is the effective batch of one optimiser step. Returns the unwrapped model."""
+    micro = batch_size // (world_size * grad_accum)
+    if micro < 1 or micro * world_size * grad_accum != batch_size:
+        raise InputError(f"--batch-size {batch_size} is not a multiple of world size {world_size} "
+                         f"x --grad-accum {grad_accum}")
+    from tqdm import tqdm
+    torch.manual_seed(seed + rank)                # dropout stream
+    model.to(device).train()
+    raw = model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    lengths = np.array([len(x) for x in features["input_ids"]])
+    per_epoch = len(length_grouped_batches(lengths, micro, seed, 0, rank=rank, world_size=world_size))
+    steps_per_epoch = math.ceil(per_epoch / grad_accum)
+    optimizer = make_optimizer(raw, lr, weight_decay)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * epochs, warmup_steps)
+    bar = tqdm(total=steps_per_epoch * epochs, disable=not progress or rank != 0, unit="step")
+    seen, t0 = 0, time.time()
+    for epoch in range(epochs):
+        batches = length_grouped_batches(lengths, micro, seed, epoch, rank=rank, world_size=world_size)
+        for i, idx in enumerate(batches):
+            batch = collate(features, idx, pad_token_id, device)
+            last = (i + 1) % grad_accum == 0 or i + 1 == len(batches)
+            sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
+            with sync:
+                start, end = qa_logits(model, batch)
+                loss = ce_loss(start, end, batch["start_positions"], batch["end_positions"])
+                (loss / grad_accum).backward()
+            seen += len(idx) * world_size
+            if last:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), MAX_GRAD_NORM)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+                if bar.n % LOG_EVERY == 0 or bar.n == bar.total:   # .item() syncs the GPU
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
+                                    feats_per_s=f"{seen / (time.time() - t0):.0f}")
+    bar.close()
+    return raw
+
+
+# -------------------------------------------------------------------- prediction
+def extract_spans(start_logits, end_logits, allowed, n_best=N_BEST, max_answer_tokens=MAX_ANSWER_TOKENS,
+                  top=1):
+    """Best spans per feature, vectorised (Sec. 3: end before start excluded): the n_best start and
+    end candidates among allowed context positions ([CLS] excluded), scored start + end as
+    [B, n, n], kept when start <= end < start + max_answer_tokens. Returns (scores, starts, ends)
+    [B, top]; a slot without a valid span has score -inf and positions 0."""
+    allowed = allowed.clone()
+    allowed[:, 0] = False
+    neg = torch.tensor(float("-inf"), device=start_logits.device)
+    k = min(n_best, start_logits.shape[1])
+    s_val, s_idx = torch.where(allowed, start_logits.float(), neg).topk(k, dim=1)
+    e_val, e_idx = torch.where(allowed, end_logits.float(), neg).topk(k, dim=1)
+    length = e_idx[:, None, :] - s_idx[:, :, None] + 1                      # [B, k, k]
+    scores = s_val[:, :, None] + e_val[:, None, :]
+    scores = scores.masked_fill((length < 1) | (length > max_answer_tokens), float("-inf"))
+    best, flat = scores.flatten(1).topk(min(top, k * k), dim=1)
+    none = ~torch.isfinite(best)
+    return (best, s_idx.gather(1, flat // k).masked_fill(none, 0),
+            e_idx.gather(1, flat % k).masked_fill(none, 0))
+
+
+@torch.inference_mode()
+def predict(model, tokenizer, examples, batch_size=64, device=None, n_best_size=1, features=None):
+    """id -> answer text: the best span over all windows of the example, cut from the original
+    context by character offsets. n_best_size > 1: id -> list of up to n distinct answer texts,
+    best first (paper Table 1). Examples without any valid span get "" (or [])."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = getattr(model, "module", model).to(device)
+    was_training = model.training
+    model.eval()
+    if features is None:
+        features = build_features(examples, tokenizer, train=False)
+    top = n_best_size if n_best_size == 1 else min(4 * n_best_size, N_BEST * N_BEST)
+    n = len(features["input_ids"])
+    scores, starts, ends = (np.full((n, top), -np.inf, np.float32), np.zeros((n, top), np.int64),
+                            np.zeros((n, top), np.int64))
+    lengths = [len(x) for x in features["input_ids"]]
+    for idx in length_grouped_batches(lengths, batch_size, 0, 0, shuffle=False):
+        batch = collate(features, idx, tokenizer.pad_token_id, device)
+        s, a, b = extract_spans(*qa_logits(model, batch), batch["allowed"], top=top)
+        scores[idx, :s.shape[1]], starts[idx, :s.shape[1]], ends[idx, :s.shape[1]] = \
+            s.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
+    char_s = np.stack([features["offsets"][f][starts[f], 0] for f in range(n)]) if n else starts
+    char_e = np.stack([features["offsets"][f][ends[f], 1] for f in range(n)]) if n else ends
+    ex_index = np.repeat(features["example_index"], top)
+    scores, char_s, char_e = scores.ravel(), char_s.ravel(), char_e.ravel()
+    order = np.lexsort((-scores, ex_index))                  # by example, best candidate first
+    first = np.unique(ex_index[order], return_index=True)[1]
+    out = {ex["id"]: ("" if n_best_size == 1 else []) for ex in examples}
+    if n_best_size == 1:                                     # the first row of each example wins
+        for r in order[first][np.isfinite(scores[order[first]])]:
+            ex = examples[ex_index[r]]
+            out[ex["id"]] = ex["context"][char_s[r]:char_e[r]]
+    else:                                                    # a loop over examples, not tokens
+        for rows in np.split(order, first[1:]) if len(order) else []:
+            ex = examples[ex_index[rows[0]]]
+            texts = [ex["context"][char_s[r]:char_e[r]] for r in rows if np.isfinite(scores[r])]
+            out[ex["id"]] = list(dict.fromkeys(texts))[:n_best_size]  # distinct, rank order kept
+    model.train(was_training)
+    return out
+
+
+# -------------------------------------------------------------------- offset-recovery report
+def check_offsets(xquad_dir="data/xquad", model="tiny"):
+    """Per XQuAD language: windows that hold the gold answer, the share whose gold token span maps
+    back (through the offsets) to text containing the answer, and the share that is exact."""
+    files = sorted(glob.glob(os.path.join(xquad_dir, "xquad.*.json")))
+    if not files:
+        raise InputError(f"{xquad_dir}: no xquad.*.json files")
+    rows, tokenizer = [], None if model == "tiny" else load_model_and_tokenizer(model)[1]
+    for path in files:
+        examples = load_squad_examples(path)
+        if model == "tiny":                       # a tokenizer trained on this language's text
+            tokenizer = train_tiny_tokenizer([x for ex in examples for x in (ex["question"], ex["context"])])
+        feats = build_features(examples, tokenizer)
+        held = np.nonzero(feats["start_positions"] > 0)[0]
+        contains = exact = 0
+        for f in held:
+            ex = examples[feats["example_index"][f]]
+            gold = ex["answers"][0]["text"]
+            off = feats["offsets"][f]
+            text = ex["context"][off[feats["start_positions"][f], 0]:off[feats["end_positions"][f], 1]]
+            contains += gold in text
+            exact += text == gold
+        covered = len(np.unique(feats["example_index"][held]))
+        rows.append(dict(lang=path.split(".")[-2], examples=len(examples), answered=covered,
+                         windows=len(held), contains=contains / max(1, len(held)),
+                         exact=exact / max(1, len(held))))
+    return rows
+
+
+# -------------------------------------------------------------------- command line
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help=f"hub name, local dir or 'tiny' (default {MODEL})")
+    p.add_argument("--train-file", default=TRAIN_FILE)
+    p.add_argument("--dev-file", default=None, help="SQuAD v1.1 file scored after training")
+    p.add_argument("--output-dir", default=OUTPUT_DIR)
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="effective batch per step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    p.add_argument("--stride", type=int, default=STRIDE)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
+    p.add_argument("--xquad-dir", default="data/xquad")
+    args = p.parse_args(argv)
+    if args.check_offsets:
+        print(f"{'lang':4} {'examples':>8} {'answered':>8} {'windows':>7} {'contains':>8} {'exact':>6}")
+        for r in check_offsets(args.xquad_dir, args.model or "tiny"):
+            print(f"{r['lang']:4} {r['examples']:8d} {r['answered']:8d} {r['windows']:7d} "
+                  f"{100 * r['contains']:7.2f}% {100 * r['exact']:5.2f}%")
+        return
+    for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples"):
+        if (getattr(args, name) or 1) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.stride < args.max_length:
+        raise InputError("--stride must be between 0 and --max-length")
+    if args.train_file == TRAIN_FILE and not os.path.exists(TRAIN_FILE):
+        raise InputError(f"{TRAIN_FILE}: not found; run `python data/download.py squad` first")
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise InputError(f"{args.output_dir}: output directory exists (pass --overwrite to replace it)")
+    examples = load_squad_examples(args.train_file)[:args.max_examples]
+    if not examples:
+        raise InputError(f"{args.train_file}: no examples")
+    dev = load_squad_examples(args.dev_file) if args.dev_file else None
+    if dev is not None:
+        from evaluate_mlqa import evaluate_predictions
+
+    rank, world_size, device, is_master = setup_distributed()
+    torch.set_float32_matmul_precision("high")      # TF32 on Ampere+ GPUs
+    texts = [x for ex in examples for x in (ex["question"], ex["context"])]
+    model, tokenizer = load_model_and_tokenizer(args.model or MODEL, texts=texts, seed=args.seed)
+    features = build_features(examples, tokenizer, args.max_length, args.stride)
+    if is_master:
+        print(f"{len(examples)} examples -> {len(features['input_ids'])} features; device {device} "
+              f"x {world_size}")
+    model = train(model, features, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr,
+                  batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+                  weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, device=device,
+                  rank=rank, world_size=world_size)
+    if is_master:
+        save_model(model, tokenizer, args.output_dir, args.overwrite, {"train_args.json": vars(args)})
+        print(f"saved {args.output_dir}")
+        if dev is not None:                          # SQuAD v1.1 rules; saved first, scored after
+            metrics = evaluate_predictions(dev, predict(model, tokenizer, dev), "squad")
+            atomic_write_json(os.path.join(args.output_dir, "dev_metrics.json"), metrics)
+            print(json.dumps(metrics))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
