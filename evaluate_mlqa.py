@@ -35,7 +35,8 @@ import sys
 import unicodedata
 from collections import Counter
 
-from common import ArgumentParser, InputError, load_squad_examples, read_json, run_main
+from common import (ArgumentParser, InputError, atomic_output_dir, atomic_write_json,
+                    atomic_write_text, load_squad_examples, read_json, run_main)
 
 MLQA_LANGUAGES = ["en", "es", "de", "ar", "vi", "hi", "zh"]
 SQUAD = "squad"  # pseudo-language selecting the SQuAD v1.1 rules
@@ -186,6 +187,296 @@ def score_files(dataset_file, prediction_file, lang):
 
 
 # ----------------------------------------------------------------------------------------------
+# Model mode: every evaluation of the paper for one model (Sec. 5.3; Tables 1-5, Fig. 1, 3, 8, 9)
+#
+#   python evaluate_mlqa.py --model DIR --output-dir OUT [--split dev test] [--baseline B]
+#
+# All examples of all requested data sets are pooled, deduplicated by (question, context),
+# sorted by length and run through train_qa.predict in large chunks (features built once per
+# chunk, length-sorted batches, bf16 autocast on CUDA, vectorised span extraction), under one
+# progress bar. Predictions are then scored per (question, context) language pair with the rules
+# above, and report.py draws the figures and writes summary.md.
+
+MLQA_DIR = "data/mlqa/MLQA_V1"
+XQUAD_DIR = "data/xquad"
+XQUAD_LANGUAGES = ["el", "ru", "tr", "th"]     # Table 4: XQuAD languages not used in training
+TYDIQA_FILE = "data/tydiqa/tydiqa-goldp-v1.1-dev.json"
+TYDIQA_LANGUAGES = ["bn", "fi", "id", "ko", "ru", "sw", "te"]  # Table 4 (the paper's "in" = id)
+EVAL_BATCH_SIZE = 128
+PREDICT_CHUNK = 2048                           # examples per train_qa.predict call
+HIDDEN_K = 10                                  # Table 1: top-10 answers on MLQA-dev
+
+
+def _note(notes, text):
+    notes.append(text)
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _mlqa_tasks(mlqa_dir, explicit, splits, notes):
+    """One task per (split, question language, context language): the 49 pair files of a split."""
+    if not os.path.isdir(mlqa_dir):
+        if explicit:
+            raise InputError(f"{mlqa_dir}: MLQA not found; run `python data/download.py mlqa` "
+                             "first")
+        _note(notes, f"MLQA skipped: {mlqa_dir} not found (python data/download.py mlqa)")
+        return []
+    tasks = []
+    for split in splits:
+        for q in MLQA_LANGUAGES:
+            for c in MLQA_LANGUAGES:
+                path = os.path.join(mlqa_dir, split, f"{split}-context-{c}-question-{q}.json")
+                if not os.path.isfile(path):
+                    raise InputError(f"{path}: file not found; run `python data/download.py mlqa`")
+                tasks.append({"group": f"mlqa-{split}", "key": f"{q}-{c}", "lang": c, "path": path,
+                              "examples": load_squad_examples(path), "nbest": split == "dev",
+                              "question_lang": q, "context_lang": c})
+    return tasks
+
+
+def _xquad_tasks(xquad_dir, explicit, languages, notes):
+    """XQuAD zero-shot (Table 4): same-language pairs, SQuAD v1.1 rules."""
+    if not os.path.isdir(xquad_dir):
+        if explicit:
+            raise InputError(f"{xquad_dir}: XQuAD directory not found")
+        _note(notes, f"XQuAD skipped: {xquad_dir} not found")
+        return []
+    paths = {l: os.path.join(xquad_dir, f"xquad.{l}.json") for l in languages}
+    return [{"group": "xquad", "key": f"{l}-{l}", "lang": SQUAD, "nbest": False, "path": paths[l],
+             "examples": load_squad_examples(paths[l])} for l in languages]
+
+
+def _tydiqa_tasks(path, explicit, languages, notes):
+    """TyDiQA-GoldP dev (Table 4), split by the language its ids start with, SQuAD v1.1 rules."""
+    if not os.path.isfile(path):
+        if explicit:
+            raise InputError(f"{path}: TyDiQA-GoldP not found; run `python data/download.py "
+                             "tydiqa` first")
+        _note(notes, f"TyDiQA-GoldP skipped: {path} not found (python data/download.py tydiqa)")
+        return []
+    from data.download import TYDIQA_LANGUAGES as names  # id prefix -> code ('arabic' -> ar)
+    by_lang = {}
+    for ex in load_squad_examples(path):
+        lang = names.get(ex["id"].split("-", 1)[0])
+        if lang is None:
+            raise InputError(f"{path}: question id '{ex['id']}' names no known language")
+        by_lang.setdefault(lang, []).append(ex)
+    languages = sorted(by_lang) if languages == ["all"] else languages
+    missing = [l for l in languages if l not in by_lang]
+    if missing:
+        raise InputError(f"{path}: no questions in language(s) {' '.join(missing)} "
+                         f"(present: {' '.join(sorted(by_lang))})")
+    return [{"group": "tydiqa", "key": f"{l}-{l}", "lang": SQUAD, "nbest": False, "path": path,
+             "examples": by_lang[l]} for l in languages]
+
+
+def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=None, desc="eval"):
+    """Answers for every task's examples: sets task["predictions"] {id: text} and, for tasks
+    with "nbest", task["nbest"] {id: [up to HIDDEN_K distinct texts, best first]}."""
+    import train_qa
+    from tqdm import tqdm
+    index, items, want_nbest = {}, [], []
+    for task in tasks:                     # dedupe by (question, context) over all tasks
+        task["_rows"] = []
+        for ex in task["examples"]:
+            key = (ex["question"], ex["context"])
+            if key not in index:
+                index[key] = len(items)
+                items.append({"id": str(len(items)), "question": ex["question"],
+                              "context": ex["context"]})
+                want_nbest.append(False)
+            want_nbest[index[key]] |= bool(task["nbest"])
+            task["_rows"].append(index[key])
+    answers = [None] * len(items)
+    with tqdm(total=len(items), desc=desc, unit="ex", disable=None) as bar:
+        for n_best in (HIDDEN_K, 1):
+            rows = [i for i in range(len(items)) if want_nbest[i] == (n_best > 1)]
+            rows.sort(key=lambda i: -(len(items[i]["question"]) + len(items[i]["context"])))
+            for lo in range(0, len(rows), PREDICT_CHUNK):
+                chunk = [items[i] for i in rows[lo:lo + PREDICT_CHUNK]]
+                out = train_qa.predict(model, tokenizer, chunk, batch_size=batch_size,
+                                       device=device, n_best_size=n_best)
+                for ex in chunk:
+                    got = out[ex["id"]]
+                    answers[int(ex["id"])] = got if n_best > 1 else ([got] if got else [])
+                bar.update(len(chunk))
+    for task in tasks:
+        rows = task.pop("_rows")
+        task["predictions"] = {ex["id"]: answers[r][0] if answers[r] else ""
+                               for ex, r in zip(task["examples"], rows)}
+        if task["nbest"]:
+            task["nbest"] = {ex["id"]: answers[r] for ex, r in zip(task["examples"], rows)}
+    return tasks
+
+
+def score_tasks(tasks, hidden_criterion="em", hidden_f1=50.0):
+    """metrics.json's content (DESIGN.md keys) from predicted tasks."""
+    import report
+    metrics = {}
+    for task in tasks:
+        scores = evaluate_predictions(task["examples"], task["predictions"], task["lang"],
+                                      name=task["path"])
+        if task["key"] is None:                         # --dataset FILE
+            metrics[task["group"]] = scores
+        else:
+            metrics.setdefault(task["group"], {"pairs": {}})["pairs"][task["key"]] = scores
+    for group, value in metrics.items():
+        if group.startswith("mlqa-"):
+            value.update(report.summarize_pairs(value["pairs"]))
+        elif "pairs" in value:
+            value["xlt"] = report.same_language_summary(value["pairs"])
+    dev = [t for t in tasks if t["group"] == "mlqa-dev"]
+    if dev:  # Sec. 4.1, Table 1
+        records = [{"question_lang": t["question_lang"], "context_lang": t["context_lang"],
+                    "nbest": t["nbest"][ex["id"]], "answers": [a["text"] for a in ex["answers"]]}
+                   for t in dev for ex in t["examples"]]
+        metrics["hidden-knowledge"] = {"split": "mlqa-dev", **report.hidden_knowledge_counts(
+            records, HIDDEN_K, hidden_criterion, hidden_f1)}
+    return metrics
+
+
+def _prediction_path(task):
+    if task["key"] is None:
+        return os.path.join("predictions", f"{task['group']}.json")
+    return os.path.join("predictions", task["group"], f"{task['key']}.json")
+
+
+def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device=None,
+                   hidden_criterion="em", hidden_f1=50.0, desc="eval"):
+    """Predict, score and write predictions (and MLQA-dev n-best lists) under out_dir (which
+    must exist); returns the metrics dict (not yet written)."""
+    import torch
+    import train_qa
+    torch.set_float32_matmul_precision("high")
+    model, tokenizer = train_qa.load_model_and_tokenizer(model_dir, require_qa_head=True)
+    predict_tasks(model, tokenizer, tasks, batch_size, device, desc)
+    metrics = {"model": os.path.abspath(model_dir)}
+    metrics.update(score_tasks(tasks, hidden_criterion, hidden_f1))
+    for task in tasks:
+        atomic_write_json(os.path.join(out_dir, _prediction_path(task)), task["predictions"])
+        if task["nbest"]:
+            atomic_write_json(os.path.join(out_dir, "nbest", task["group"], f"{task['key']}.json"),
+                              task["nbest"])
+    return metrics
+
+
+def _load_baseline(path):
+    """--baseline: a metrics.json, an evaluation directory holding one, or a model directory
+    (then None: it is evaluated like the model)."""
+    if os.path.isfile(path):
+        return read_json(path)
+    if os.path.isfile(os.path.join(path, "metrics.json")):
+        return read_json(os.path.join(path, "metrics.json"))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    raise InputError(f"{path}: --baseline is neither a metrics.json, an evaluation directory "
+                     "holding one, nor a model directory")
+
+
+def _model_name(path):
+    return os.path.basename(os.path.normpath(path)) or path
+
+
+def model_mode(args):
+    import report
+    if args.files:
+        raise InputError("--model takes no positional files")
+    if args.dataset and not (args.lang or args.squad):
+        raise InputError("--dataset needs --lang L (MLQA rules) or --squad (SQuAD v1.1 rules)")
+    if args.lang and not args.dataset:
+        raise InputError("--lang applies to --dataset")
+    if args.lang:
+        _check_lang(args.lang)
+    if args.hidden_knowledge not in ("em", "f1"):
+        raise InputError("--hidden-knowledge must be em or f1")
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise InputError(f"{args.output_dir}: output directory exists (pass --overwrite to "
+                         "replace it)")
+    skip, notes = set(args.skip or ()), []
+    baseline = _load_baseline(args.baseline) if args.baseline else None
+
+    def collect():
+        tasks = []
+        if "mlqa" not in skip:
+            tasks += _mlqa_tasks(args.mlqa_dir or MLQA_DIR, args.mlqa_dir is not None,
+                                 args.split, notes)
+        if "xquad" not in skip:
+            tasks += _xquad_tasks(args.xquad_dir or XQUAD_DIR, args.xquad_dir is not None,
+                                  args.xquad_langs, notes)
+        if "tydiqa" not in skip:
+            tasks += _tydiqa_tasks(args.tydiqa_file or TYDIQA_FILE, args.tydiqa_file is not None,
+                                   args.tydiqa_langs, notes)
+        if args.dataset:
+            name = os.path.basename(args.dataset)
+            name = name[:-5] if name.endswith(".json") else name
+            tasks.append({"group": name, "key": None, "lang": SQUAD if args.squad else args.lang,
+                          "nbest": False, "path": args.dataset,
+                          "examples": load_squad_examples(args.dataset)})
+        return tasks
+
+    tasks = collect()
+    if not tasks:
+        raise InputError("nothing to evaluate: no data set found or requested")
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        kw = dict(batch_size=args.batch_size, device=args.device,
+                  hidden_criterion=args.hidden_knowledge, hidden_f1=args.hidden_knowledge_f1)
+        fresh = [{k: v for k, v in t.items() if k != "predictions"} for t in tasks]
+        metrics = evaluate_model(args.model, tmp, tasks, desc=_model_name(args.model), **kw)
+        runs = [(_model_name(args.model), metrics)]
+        report.pair_heatmaps(metrics, tmp, name=_model_name(args.model))
+        if args.baseline:
+            base_name = _model_name(args.baseline if baseline is None or
+                                    not isinstance(baseline.get("model"), str)
+                                    else baseline["model"])
+            if baseline is None:   # a model directory: evaluate it on the same data
+                base_dir = os.path.join(tmp, "baseline")
+                baseline = evaluate_model(args.baseline, base_dir, fresh, desc=base_name, **kw)
+                atomic_write_json(os.path.join(base_dir, "metrics.json"), baseline, indent=1)
+            if base_name == runs[0][0]:
+                base_name += " (baseline)"
+            runs.append((base_name, baseline))
+            if not report.difference_heatmaps(metrics, baseline, tmp, name=runs[0][0],
+                                              baseline_name=base_name):
+                _note(notes, "no MLQA split in both the model's and the baseline's metrics: "
+                             "no difference heat map")
+        if notes:
+            metrics["notes"] = notes
+        atomic_write_json(os.path.join(tmp, "metrics.json"), metrics, indent=1)
+        text = report.summary_markdown(runs, title=f"Evaluation of {args.model}")
+        if notes:
+            text += "\n" + "\n".join(f"- note: {n}" for n in notes) + "\n"
+        atomic_write_text(os.path.join(tmp, "summary.md"), text)
+    print(text, end="")
+    return metrics
+
+
+def compare_mode(args):
+    """--compare EVAL ...: one summary.md with a row per model in every table (Tables 1-5)."""
+    import report
+    runs = []
+    for path in args.compare:
+        metrics = _load_baseline(path)
+        if metrics is None:
+            raise InputError(f"{path}: a model directory; evaluate it first (--model {path} "
+                             "--output-dir DIR) and compare DIR")
+        name = metrics.get("model") if isinstance(metrics.get("model"), str) else path
+        runs.append((_model_name(name), metrics))
+    text = report.summary_markdown(runs, title="Comparison")
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        atomic_write_text(os.path.join(tmp, "summary.md"), text)
+    print(text, end="")
+
+
+def sweep_mode(args):
+    """--sweep RUN_DIR ...: Fig. 5, 6, 10, 11 and a table over distill.py runs (report.py)."""
+    import report
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        text, _ = report.sweep_report(args.sweep, tmp, fig5_t=args.fig5_t)
+    print(text, end="")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -195,7 +486,46 @@ def main(argv=None):
                         help="DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE (or, with --squad, "
                              "DATASET_FILE PREDICTION_FILE)")
     parser.add_argument("--squad", action="store_true", help="SQuAD v1.1 rules")
+    m = parser.add_argument_group("model mode (--model DIR --output-dir OUT)")
+    m.add_argument("--model", help="a fine-tuned QA model directory to evaluate")
+    m.add_argument("--output-dir", help="where metrics.json, predictions/, figures, summary.md go")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    m.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 root (default {MLQA_DIR})")
+    m.add_argument("--split", nargs="+", choices=["dev", "test"], default=["dev", "test"])
+    m.add_argument("--xquad-dir", default=None, help=f"default {XQUAD_DIR}")
+    m.add_argument("--xquad-langs", nargs="+", default=XQUAD_LANGUAGES)
+    m.add_argument("--tydiqa-file", default=None, help=f"default {TYDIQA_FILE}")
+    m.add_argument("--tydiqa-langs", nargs="+", default=TYDIQA_LANGUAGES,
+                   help="TyDiQA-GoldP languages (codes), or 'all'")
+    m.add_argument("--skip", nargs="+", choices=["mlqa", "xquad", "tydiqa"], default=[],
+                   help="data sets not to evaluate")
+    m.add_argument("--dataset", help="also score one SQuAD-format file (with --lang L or --squad)")
+    m.add_argument("--lang", help="answer language of --dataset (MLQA rules)")
+    m.add_argument("--baseline", help="metrics.json, its evaluation directory, or a model "
+                                      "directory: adds Fig. 3/9 difference heat maps")
+    m.add_argument("--hidden-knowledge", default="em", choices=["em", "f1"],
+                   help="Table 1: a top-10 answer is correct by exact match (default) or by F1")
+    m.add_argument("--hidden-knowledge-f1", type=float, default=50.0,
+                   help="F1 threshold (percent) with --hidden-knowledge f1")
+    m.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
+    m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    m.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
+                   help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
+    m.add_argument("--fig5-t", type=float, default=None,
+                   help="temperature of the Fig. 5 curves (default: most common per mode)")
+    m.add_argument("--compare", nargs="+", metavar="EVAL",
+                   help="metrics.json files (or evaluation directories): one summary.md with a "
+                        "row per model")
     args = parser.parse_args(argv)
+
+    modes = [name for name in ("model", "sweep", "compare") if getattr(args, name)]
+    if modes:
+        if len(modes) > 1:
+            parser.error(" and ".join(f"--{m}" for m in modes) + " are separate modes")
+        if not args.output_dir:
+            parser.error(f"--{modes[0]} needs --output-dir")
+        args.split = list(dict.fromkeys(args.split))
+        return {"model": model_mode, "sweep": sweep_mode, "compare": compare_mode}[modes[0]](args)
 
     # Drop-in scoring of one predictions file (the official scripts' command lines).
     if args.squad:

@@ -63,3 +63,6 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
 
 # ---------------------------------------------------------------- parts (merged in below)
 from test_foundation import *  # noqa: E402,F401,F403
+from test_train_qa import *  # noqa: E402,F401,F403
+from test_distill import *  # noqa: E402,F401,F403
+from test_eval import *  # noqa: E402,F401,F403
