@@ -289,16 +289,61 @@ def test_qa_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
           "--output-dir", str(tmp_path / "o3")], "nowhere"),
         (tiny + ["--train-file", QA_EN, "--batch-size", "6", "--grad-accum", "4",
                  "--output-dir", str(tmp_path / "o4")], "--grad-accum"),
+        (tiny + ["--train-file", QA_EN, "--epochs", "0", "--output-dir", str(tmp_path / "o6")],
+         "--epochs"),
     ]
     for args, needle in cases:
         assert qa_run_cli(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o4").exists()
+    assert not (tmp_path / "o6").exists()
     monkeypatch.chdir(tmp_path)                      # the default SQuAD file is absent here
     assert qa_run_cli(["--output-dir", str(tmp_path / "o5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "python data/download.py squad" in err[0]
+
+
+def test_qa_model_dirs_that_do_not_load_are_one_quiet_error(tmp_path, capfd):
+    """Corrupt or non-QA model directories: one InputError naming the directory, and nothing
+    from transformers on stderr (no load report, no progress bar, no traceback)."""
+    from transformers import BertConfig, BertModel
+    texts = ["a small text for a vocabulary", "another small text"]
+    good = str(tmp_path / "good")
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", texts), good)
+
+    def variant(name, edit):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        edit(path)
+        return str(path)
+
+    def resize(path):
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(dict(config, hidden_size=64)))
+
+    not_qa = str(tmp_path / "not_qa")
+    tok = qa.load_model_and_tokenizer(good)[1]
+    BertModel(BertConfig(vocab_size=len(tok), **qa.TINY_CONFIG)).save_pretrained(not_qa)
+    tok.save_pretrained(not_qa)
+    cases = {
+        variant("shapes", resize): "cannot load",
+        variant("truncated", lambda p: (p / "model.safetensors").write_bytes(
+            (p / "model.safetensors").read_bytes()[:5000])): "cannot load",
+        variant("bad_tokenizer", lambda p: (p / "tokenizer.json").write_text('{"model": 3}')):
+            "tokenizer",
+        not_qa: "QA head",
+    }
+    capfd.readouterr()
+    for path, needle in cases.items():
+        with pytest.raises(qa.InputError) as e:
+            qa.load_model_and_tokenizer(path, require_qa_head=True)
+        assert path in str(e.value) and needle in str(e.value), e.value
+    model, _ = qa.load_model_and_tokenizer(not_qa)         # phase 1: a new head is expected
+    assert model.qa_outputs.weight.shape[0] == 2
+    out, err = capfd.readouterr()
+    assert err == "" and out.strip() == f"note: {not_qa} has no QA head; it starts newly " \
+        "initialised (Sec. 4.1)"
 
 
 def test_qa_check_offsets_command(tmp_path):

@@ -77,10 +77,37 @@ def train_tiny_tokenizer(texts, vocab_size=TINY_VOCAB_SIZE):
                                    model_max_length=TINY_CONFIG["max_position_embeddings"])
 
 
+@contextlib.contextmanager
+def quiet_transformers(progress_bars=False):
+    """transformers' logging at error level (no load report such as "Some weights ... are newly
+    initialized") and, unless progress_bars, no progress bars, restored on exit: a model that
+    fails to load is one error line. Keep the bars when a hub download may be under way."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars and not progress_bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=False):
     """`tiny`: random small BERT + a tokenizer trained on `texts`; else a hub name or a local dir
-    (AutoModelForQuestionAnswering + fast AutoTokenizer). With require_qa_head, a checkpoint
-    whose QA head would be freshly initialised (not a fine-tuned QA model) is an InputError."""
+    (AutoModelForQuestionAnswering + fast AutoTokenizer), loaded quietly (quiet_transformers).
+    With require_qa_head (distill.py, evaluate_mlqa.py), a checkpoint whose QA head would be
+    freshly initialised (not a fine-tuned QA model) is an InputError; without it (phase 1 starts
+    from a pre-trained encoder), a one-line note says the head is new. A directory that does not
+    load (no or corrupt weights, shapes that do not match its config) is an InputError."""
+    from safetensors import SafetensorError
     from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, BertConfig,
                               BertForQuestionAnswering)
     if name_or_path == "tiny":
@@ -92,22 +119,30 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
                             attn_implementation="sdpa", **TINY_CONFIG)
         return BertForQuestionAnswering(config), tokenizer
     path = name_or_path                  # a hub name is "name" or "org/name"; anything else is a path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or \
-            ("/" in path and os.path.isdir(path.split("/")[0])):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise InputError(f"{path}: " + ("not a model directory (no config.json)"
-                                            if os.path.isdir(path) else "no such model directory"))
-    try:
-        model, info = AutoModelForQuestionAnswering.from_pretrained(
-            name_or_path, attn_implementation="sdpa", output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{name_or_path}: cannot load a question-answering model ({first})") from None
+    local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or \
+        ("/" in path and os.path.isdir(path.split("/")[0]))
+    if local and not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{path}: " + ("not a model directory (no config.json)"
+                                        if os.path.isdir(path) else "no such model directory"))
+    with quiet_transformers(progress_bars=not local):
+        try:
+            model, info = AutoModelForQuestionAnswering.from_pretrained(
+                name_or_path, attn_implementation="sdpa", output_loading_info=True)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            raise InputError(f"{name_or_path}: cannot load a question-answering model "
+                             f"({_first_line(e)})") from None
+        try:              # a malformed tokenizer.json fails with a bare Exception (or ImportError)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as e:  # noqa: BLE001 - any failure here is about the user's files
+            raise InputError(f"{name_or_path}: cannot load its tokenizer, files missing or "
+                             f"malformed ({_first_line(e.__context__ or e)})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"{name_or_path}: needs a fast tokenizer (character offsets)")
-    if require_qa_head and any("qa_outputs" in k for k in info.get("missing_keys", ())):
-        raise InputError(f"{name_or_path}: not a fine-tuned QA model (its QA head is missing)")
+    if any("qa_outputs" in k for k in info.get("missing_keys", ())):
+        if require_qa_head:
+            raise InputError(f"{name_or_path}: not a fine-tuned QA model (its QA head is missing)")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {name_or_path} has no QA head; it starts newly initialised (Sec. 4.1)")
     return model, tokenizer
 
 
@@ -447,7 +482,7 @@ def main(argv=None):
                   f"{100 * r['contains']:7.2f}% {100 * r['exact']:5.2f}%")
         return
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples"):
-        if (getattr(args, name) or 1) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.stride < args.max_length:
         raise InputError("--stride must be between 0 and --max-length")
