@@ -63,6 +63,7 @@ import torch.nn.functional as F
 import train_qa
 from common import (ArgumentParser, InputError, atomic_write_json, atomic_write_text,
                     load_squad_examples, read_json, run_main)
+from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import VARIANTS, map_at_k
 from sample import TRAIN_LANGUAGES, XQUAD_DIR, sample_cross_lingual
 from train_qa import (MASK_VALUE, build_features, ce_loss, collate, length_grouped_batches,
@@ -177,7 +178,7 @@ def load_mlqa_dev(mlqa_dir):
     sets = {}
     for q in TRAIN_LANGUAGES:
         for c in TRAIN_LANGUAGES:
-            path = os.path.join(mlqa_dir, "dev", f"dev-context-{c}-question-{q}.json")
+            path = mlqa_pair_path(mlqa_dir, "dev", q, c)
             if os.path.isfile(path):
                 sets[f"{q}-{c}"] = load_squad_examples(path)
     if not sets:
@@ -185,21 +186,13 @@ def load_mlqa_dev(mlqa_dir):
     return sets
 
 
-def evaluate_dev(model, tokenizer, dev_sets, device, features=None):
-    """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (q != c) means."""
-    from evaluate_mlqa import evaluate_predictions
-    pairs = {}
-    for key, examples in dev_sets.items():
-        preds = train_qa.predict(model, tokenizer, examples, device=device,
-                                 features=(features or {}).get(key))
-        pairs[key] = evaluate_predictions(examples, preds, key.split("-")[1],
-                                          report_unanswered=False, name=key)
-    out = {"pairs": pairs}
-    for name, same in (("xlt", True), ("gxlt", False)):
-        chosen = [s for key, s in pairs.items() if (key.split("-")[0] == key.split("-")[1]) == same]
-        out[name] = {m: (float(np.mean([s[m] for s in chosen])) if chosen else None)
-                     for m in ("f1", "exact_match")}
-    return out
+def evaluate_dev(model, tokenizer, dev_sets, device):
+    """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (q != c) means, and
+    per-context-language means: evaluate_mlqa.py's prediction and scoring of MLQA pairs."""
+    tasks = [mlqa_task("dev", *key.split("-"), path=key, examples=examples)
+             for key, examples in dev_sets.items()]
+    predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev")
+    return score_tasks(tasks)["mlqa-dev"]
 
 
 def selection_score(metrics):
@@ -384,17 +377,8 @@ def main(argv=None):
         student = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(ckpt_dir))
     else:             # every rank loads (a bad --model fails everywhere alike) ...
         texts = [x for ex in examples for x in (ex["question"], ex["context"])]
-        from transformers.utils import logging as hf_logging
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()      # a non-QA --model is one error line, not a report
-        hf_logging.disable_progress_bar()
-        try:
-            student, tokenizer = load_model_and_tokenizer(args.model, texts=texts, seed=args.seed,
-                                                          require_qa_head=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
+        student, tokenizer = load_model_and_tokenizer(args.model, texts=texts, seed=args.seed,
+                                                      require_qa_head=True)  # else one error line
     dev_sets = load_mlqa_dev(mlqa_dir) if os.path.isdir(mlqa_dir) else None   # Sec. 5.2
     features = build_features(examples, tokenizer, args.max_length, args.stride)
     per_epoch = len(length_grouped_batches([len(x) for x in features["input_ids"]], micro,
@@ -456,9 +440,6 @@ def main(argv=None):
                                                 for r in read_log(path) if r[key] <= last))
             remove_stale_best(out, best)
 
-    dev_features = None
-    if is_master and dev_sets:
-        dev_features = {key: build_features(ex, tokenizer, train=False) for key, ex in dev_sets.items()}
     if is_master:
         print(f"{len(examples)} examples (ntl={args.ntl}) -> {len(lengths)} windows; mode {args.mode}; "
               f"{steps_per_epoch} steps/epoch x {args.epochs}; device {device} x {world_size}; "
@@ -506,7 +487,7 @@ def main(argv=None):
         # ------------------------------------------------------------ end of epoch: dev, checkpoint
         metrics = None
         if is_master and dev_sets:
-            metrics = evaluate_dev(student, tokenizer, dev_sets, device, dev_features)
+            metrics = evaluate_dev(student, tokenizer, dev_sets, device)
             score = selection_score(metrics)
             improved = best is None or score > best["score"]
             if improved:

@@ -212,33 +212,48 @@ def _note(notes, text):
     print(f"note: {text}", file=sys.stderr)
 
 
+def _present(path, exists, explicit, what, fetch, notes):
+    """Whether a data set is there; absent, an error when the user named it, else a note."""
+    if exists(path):
+        return True
+    how = f"; run `{fetch}` first" if fetch else ""
+    if explicit:
+        raise InputError(f"{path}: {what} not found{how}")
+    _note(notes, f"{what} skipped: {path} not found" + (f" ({fetch})" if fetch else ""))
+    return False
+
+
+def mlqa_pair_path(mlqa_dir, split, q, c):
+    """The official MLQA v1 file of one (question language q, context language c) pair."""
+    return os.path.join(mlqa_dir, split, f"{split}-context-{c}-question-{q}.json")
+
+
+def mlqa_task(split, q, c, path, examples, nbest=False):
+    """A task (see predict_tasks) scoring one MLQA pair with the rules of its context language."""
+    return {"group": f"mlqa-{split}", "key": f"{q}-{c}", "lang": c, "path": path,
+            "examples": examples, "nbest": nbest, "question_lang": q, "context_lang": c}
+
+
 def _mlqa_tasks(mlqa_dir, explicit, splits, notes):
     """One task per (split, question language, context language): the 49 pair files of a split."""
-    if not os.path.isdir(mlqa_dir):
-        if explicit:
-            raise InputError(f"{mlqa_dir}: MLQA not found; run `python data/download.py mlqa` "
-                             "first")
-        _note(notes, f"MLQA skipped: {mlqa_dir} not found (python data/download.py mlqa)")
+    if not _present(mlqa_dir, os.path.isdir, explicit, "MLQA", "python data/download.py mlqa",
+                    notes):
         return []
     tasks = []
     for split in splits:
         for q in MLQA_LANGUAGES:
             for c in MLQA_LANGUAGES:
-                path = os.path.join(mlqa_dir, split, f"{split}-context-{c}-question-{q}.json")
+                path = mlqa_pair_path(mlqa_dir, split, q, c)
                 if not os.path.isfile(path):
                     raise InputError(f"{path}: file not found; run `python data/download.py mlqa`")
-                tasks.append({"group": f"mlqa-{split}", "key": f"{q}-{c}", "lang": c, "path": path,
-                              "examples": load_squad_examples(path), "nbest": split == "dev",
-                              "question_lang": q, "context_lang": c})
+                tasks.append(mlqa_task(split, q, c, path, load_squad_examples(path),
+                                       nbest=split == "dev"))
     return tasks
 
 
 def _xquad_tasks(xquad_dir, explicit, languages, notes):
     """XQuAD zero-shot (Table 4): same-language pairs, SQuAD v1.1 rules."""
-    if not os.path.isdir(xquad_dir):
-        if explicit:
-            raise InputError(f"{xquad_dir}: XQuAD directory not found")
-        _note(notes, f"XQuAD skipped: {xquad_dir} not found")
+    if not _present(xquad_dir, os.path.isdir, explicit, "XQuAD", None, notes):
         return []
     paths = {l: os.path.join(xquad_dir, f"xquad.{l}.json") for l in languages}
     return [{"group": "xquad", "key": f"{l}-{l}", "lang": SQUAD, "nbest": False, "path": paths[l],
@@ -247,11 +262,8 @@ def _xquad_tasks(xquad_dir, explicit, languages, notes):
 
 def _tydiqa_tasks(path, explicit, languages, notes):
     """TyDiQA-GoldP dev (Table 4), split by the language its ids start with, SQuAD v1.1 rules."""
-    if not os.path.isfile(path):
-        if explicit:
-            raise InputError(f"{path}: TyDiQA-GoldP not found; run `python data/download.py "
-                             "tydiqa` first")
-        _note(notes, f"TyDiQA-GoldP skipped: {path} not found (python data/download.py tydiqa)")
+    if not _present(path, os.path.isfile, explicit, "TyDiQA-GoldP",
+                    "python data/download.py tydiqa", notes):
         return []
     from data.download import TYDIQA_LANGUAGES as names  # id prefix -> code ('arabic' -> ar)
     by_lang = {}
@@ -324,7 +336,7 @@ def score_tasks(tasks, hidden_criterion="em", hidden_f1=50.0):
             value.update(report.summarize_pairs(value["pairs"]))
         elif "pairs" in value:
             value["xlt"] = report.same_language_summary(value["pairs"])
-    dev = [t for t in tasks if t["group"] == "mlqa-dev"]
+    dev = [t for t in tasks if t["group"] == "mlqa-dev" and t["nbest"]]
     if dev:  # Sec. 4.1, Table 1
         records = [{"question_lang": t["question_lang"], "context_lang": t["context_lang"],
                     "nbest": t["nbest"][ex["id"]], "answers": [a["text"] for a in ex["answers"]]}
