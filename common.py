@@ -37,6 +37,9 @@ def run_main(main):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:          # stdout closed early (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def read_json(path):
@@ -140,13 +143,18 @@ def load_squad_examples(path, require_answers=True):
 
 
 def examples_to_squad(examples, version="1.1"):
-    """The inverse of load_squad_examples: one article per title, one paragraph per example."""
-    data, by_title = [], {}
+    """The inverse of load_squad_examples: a SQuAD dict, one article per title; examples sharing
+    a title and a context share one paragraph. Keys other than the SQuAD ones are dropped."""
+    data, articles, paragraphs = [], {}, {}
     for ex in examples:
-        article = by_title.get(ex.get("title", ""))
-        if article is None:
-            article = by_title[ex.get("title", "")] = {"title": ex.get("title", ""), "paragraphs": []}
-            data.append(article)
-        article["paragraphs"].append({"context": ex["context"], "qas": [
-            {"id": ex["id"], "question": ex["question"], "answers": ex["answers"]}]})
+        title = ex.get("title", "")
+        if title not in articles:
+            articles[title] = {"title": title, "paragraphs": []}
+            data.append(articles[title])
+        key = (title, ex["context"])
+        if key not in paragraphs:
+            paragraphs[key] = {"context": ex["context"], "qas": []}
+            articles[title]["paragraphs"].append(paragraphs[key])
+        paragraphs[key]["qas"].append({"id": ex["id"], "question": ex["question"],
+                                       "answers": ex["answers"]})
     return {"version": version, "data": data}

@@ -18,7 +18,8 @@ from collections import Counter
 
 import numpy as np
 
-from common import ArgumentParser, InputError, atomic_write_json, load_squad_examples, run_main
+from common import (ArgumentParser, InputError, atomic_write_json, examples_to_squad,
+                    load_squad_examples, run_main)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XQUAD_DIR = os.path.join(HERE, "data", "xquad")
@@ -77,22 +78,6 @@ def sample_cross_lingual(xquad_dir=XQUAD_DIR, ntl=NTL, seed=SEED, languages=TRAI
     return examples
 
 
-def to_squad(examples):
-    """SQuAD v1.1 dict; examples sharing a title and context share one paragraph."""
-    data, articles, paragraphs = [], {}, {}
-    for ex in examples:
-        if ex["title"] not in articles:
-            articles[ex["title"]] = {"title": ex["title"], "paragraphs": []}
-            data.append(articles[ex["title"]])
-        key = (ex["title"], ex["context"])
-        if key not in paragraphs:
-            paragraphs[key] = {"context": ex["context"], "qas": []}
-            articles[ex["title"]]["paragraphs"].append(paragraphs[key])
-        paragraphs[key]["qas"].append({"id": ex["id"], "question": ex["question"],
-                                       "answers": ex["answers"]})
-    return {"version": "1.1", "data": data}
-
-
 def main():
     parser = ArgumentParser(description="Cross-lingual sampling of XQuAD (paper Sec. 4.2, Eq. 3)")
     parser.add_argument("--ntl", type=int, default=NTL,
@@ -106,7 +91,7 @@ def main():
     if os.path.isdir(args.output):
         raise InputError(f"{args.output}: is a directory (--output must be a file)")
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed, args.languages)
-    atomic_write_json(args.output, to_squad(examples))
+    atomic_write_json(args.output, examples_to_squad(examples))
     print(f"wrote {len(examples)} examples ({len({ex['id'].rsplit('_', 1)[0] for ex in examples})}"
           f" XQuAD ids, ntl={args.ntl}, seed={args.seed}) to {args.output}")
     pairs = Counter((ex["question_lang"], ex["context_lang"]) for ex in examples)
