@@ -227,13 +227,11 @@ def save_state(path, state):
 
 def plot_alpha(rows, path):
     """Fig. 4 / Fig. 7: alpha per optimisation step, a vertical line at each epoch boundary."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import report
     rows = [r for r in rows if r.get("alpha") is not None]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    fig, ax = report.pyplot().subplots(figsize=(8, 4), dpi=report.DPI)
     ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], lw=0.8)
     for prev, row in zip(rows, rows[1:]):
         if row["epoch"] != prev["epoch"]:
@@ -243,10 +241,7 @@ def plot_alpha(rows, path):
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("mAP@k coefficient during training (epochs dashed)")
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    report.save_figure(fig, path)              # atomic: temporary name, then rename
     return True
 
 

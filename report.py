@@ -85,7 +85,8 @@ def same_language_summary(pairs):
 # ----------------------------------------------------------------------------------------------
 # Figures (matplotlib, Agg backend, fixed pixel size: len(panels) * FIGSIZE * DPI)
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,7 +95,7 @@ def _plt():
 
 def save_figure(fig, path):
     """Write a matplotlib figure as PNG atomically (temporary name, then rename)."""
-    plt = _plt()
+    plt = pyplot()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
@@ -119,7 +120,7 @@ def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
     (the paper's Fig. 6: "minimum and maximum values are relative to each figure"); with
     diverging, the range is symmetric around 0 (red = worse, green = better: Fig. 3 and 9).
     """
-    plt = _plt()
+    plt = pyplot()
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(FIGSIZE[0] * n, FIGSIZE[1]), dpi=DPI, squeeze=False)
     for ax, (title, matrix) in zip(axes[0], panels):
@@ -494,7 +495,7 @@ def _fig5_t(runs, mode):
 def ntl_figure(runs, path, metric="f1", t=None):
     """Fig. 5 (F1) / Fig. 11 (EM): MLQA-dev G-XLT and XLT against ntl, one line per mode, at
     temperature t (default: per mode, see _fig5_t; the ce mode has no temperature)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 2, FIGSIZE[1]), dpi=DPI)
     for ax, key, label in ((axes[0], "gxlt", "G-XLT"), (axes[1], "xlt", "XLT")):
         for mode in sorted({r["mode"] for r in runs}):
