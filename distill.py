@@ -390,12 +390,8 @@ def main(argv=None):
             student.config.save_pretrained(ckpt_dir)
             tokenizer.save_pretrained(ckpt_dir)
             atomic_write_json(os.path.join(out, "args.json"), run_args, indent=1)
-        if ddp:       # ... then takes the master's tokenizer (a tiny one is not reproducible) and
-            torch.distributed.barrier()   # config; DDP broadcasts the master's weights below
-            if not is_master and args.model == "tiny":
-                tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-                student = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(ckpt_dir))
-                features = build_features(examples, tokenizer, args.max_length, args.stride)
+        if ddp:       # every rank built the same tokenizer (a tiny one is a function of the
+            torch.distributed.barrier()   # text); DDP broadcasts the master's weights below
     lengths = np.array([len(x) for x in features["input_ids"]])
     student.to(device).train()
     model = student

@@ -271,7 +271,7 @@ def distill_runs(tmp_path_factory):
     import train_qa
     root = tmp_path_factory.mktemp("distill")
     mlqa = _distill_mlqa_dir(str(root / "mlqa"))
-    # a saved tiny QA model: a fresh --model tiny trains its tokenizer anew, not reproducibly
+    # a saved tiny QA model: the runs start from it, and it is generation 0's teacher
     init = str(root / "init")
     texts = [x for ex in common.load_squad_examples(os.path.join(DISTILL_XQUAD_DIR, "xquad.en.json"))[:20]
              for x in (ex["question"], ex["context"])]

@@ -346,6 +346,18 @@ def test_qa_model_dirs_that_do_not_load_are_one_quiet_error(tmp_path, capfd):
         "initialised (Sec. 4.1)"
 
 
+def test_qa_two_process_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(QA_ROOT, "train_qa.py"), "--model", "tiny", "--train-file", QA_EN,
+           "--epochs", "1", "--max-examples", "16", "--batch-size", "8", "--output-dir", out]
+    r = subprocess.run(cmd, cwd=QA_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "device cpu x 2" in r.stdout and r.stdout.count("saved ") == 1   # one process saves
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+
+
 def test_qa_check_offsets_command(tmp_path):
     for lang in ("zh", "ar"):
         shutil.copy(os.path.join(QA_XQUAD, f"xquad.{lang}.json"), tmp_path)
