@@ -108,6 +108,7 @@ def coefficients(mode, alpha=None):
 
 def kl_term(student_logits, teacher_logits, allowed, t):
     """t^2 * KL(p_teacher^t || p_student^t) over the allowed positions, batch mean (Eq. 4)."""
+    # Eq. 1 at temperature t: softmax over the allowed positions only
     log_p_s = F.log_softmax(student_logits.float().masked_fill(~allowed, MASK_VALUE) / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float().masked_fill(~allowed, MASK_VALUE) / t, dim=-1)
     terms = torch.where(allowed, log_p_t.exp() * (log_p_t - log_p_s), torch.zeros_like(log_p_s))
@@ -152,6 +153,7 @@ def forward_backward(model, teacher, batch, opts, scale=1.0):
         with torch.no_grad():
             t_start, t_end = qa_logits(teacher, batch)
         if opts.mode.startswith("skd-map"):
+            # Eq. 5 on the teacher's logits -> a_kl of Eq. 6
             alpha = map_at_k(t_start, t_end, batch["start_positions"], batch["end_positions"],
                              opts.k, opts.delta, opts.map_variant, mask=batch["allowed"])
     a_ce, a_kl = coefficients(opts.mode, alpha)
