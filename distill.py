@@ -67,8 +67,8 @@ from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import VARIANTS, map_at_k
 from sample import TRAIN_LANGUAGES, XQUAD_DIR, sample_cross_lingual
 from train_qa import (MASK_VALUE, build_features, ce_loss, collate, length_grouped_batches,
-                      load_model_and_tokenizer, make_optimizer, make_scheduler, qa_logits,
-                      save_model, setup_distributed)
+                      load_model_and_tokenizer, make_optimizer, make_scheduler, optimizer_step,
+                      qa_logits, save_model, setup_distributed)
 
 # -------------------------------------------------------------------- defaults (Sec. 5.2, DESIGN)
 MODEL = "runs/mbert-qa-en"                 # phase 1's output
@@ -164,14 +164,6 @@ def forward_backward(model, teacher, batch, opts, scale=1.0):
     zero = torch.zeros((), device=loss.device)
     return torch.stack([loss.detach(), ce.detach(), zero if kl is None else kl.detach(),
                         torch.as_tensor(a_kl, dtype=torch.float32, device=loss.device)])
-
-
-def optimizer_step(student, optimizer, scheduler):
-    """Gradient clipping, AdamW step, linear schedule, gradients cleared (as train_qa's loop)."""
-    torch.nn.utils.clip_grad_norm_(student.parameters(), train_qa.MAX_GRAD_NORM)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 # -------------------------------------------------------------------- MLQA dev (Sec. 5.2)

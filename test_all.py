@@ -66,3 +66,4 @@ from test_foundation import *  # noqa: E402,F401,F403
 from test_train_qa import *  # noqa: E402,F401,F403
 from test_distill import *  # noqa: E402,F401,F403
 from test_eval import *  # noqa: E402,F401,F403
+from test_bench import *  # noqa: E402,F401,F403
