@@ -2,7 +2,7 @@
 
 A flat, hand-written training loop (nanoGPT style). distill.py and evaluate_mlqa.py import its pieces:
 build_features, length_grouped_batches, collate, qa_logits, ce_loss, make_optimizer, make_scheduler,
-setup_distributed, autocast, save_model, load_model_and_tokenizer, extract_spans, predict.
+optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenizer, extract_spans, predict.
 
     python data/download.py squad                        # once: data/squad/train-v1.1.json, dev-v1.1.json
     python train_qa.py                                   # mBERT, 3 epochs, lr 3e-5, batch 24 (Sec. 4.1)
@@ -300,6 +300,14 @@ def make_scheduler(optimizer, total_steps, warmup_steps=0):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_step(model, optimizer, scheduler):
+    """Gradient clipping at MAX_GRAD_NORM, AdamW step, schedule step, gradients cleared."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def setup_distributed():
     """(rank, world_size, device, is_master): torchrun env -> DDP (nccl on GPU, gloo on CPU)."""
     if "RANK" not in os.environ:
@@ -350,10 +358,7 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
                 (loss / grad_accum).backward()
             seen += len(idx) * world_size
             if last:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(raw, optimizer, scheduler)
                 bar.update(1)
                 if bar.n % LOG_EVERY == 0 or bar.n == bar.total:   # .item() syncs the GPU
                     bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
