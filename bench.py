@@ -1,6 +1,7 @@
 """Benchmark: phase-2 training and evaluation throughput against the authors' configuration.
 
-    python bench.py --quick --json                # CPU, small shape, a few minutes; last line = JSON
+    python bench.py --quick --json                # CPU, the tiny shape, about a minute; last line = JSON
+    python bench.py --quick --json --shape small  # CPU, a larger shape (hidden 256, 4 layers), minutes
     python bench.py --shape mbert-base            # the real mBERT-base dimensions (GPU), random weights
     python bench.py --shape mbert-base --json --steps 20 --reps 5
 
@@ -12,15 +13,17 @@ shape and the same random weights, in one process:
              softmax over allowed positions, vectorised mAP@k, bf16 autocast and fused AdamW on
              CUDA, the teacher a persistent module synced by load_state_dict) and train_qa.predict's
              inference + vectorised answer extraction (as evaluate_mlqa.py runs it).
-  reference  the configuration of the authors' scripts, implemented faithfully here: every window
-             padded to 384, fp32 (no TF32), eager attention, softmax/KL over all 384 positions,
-             mAP@k and answer extraction in Python loops, the teacher deep-copied each generation,
-             unfused AdamW.
+  reference  the configuration of the authors' scripts, implemented faithfully here: micro-batch 6
+             x 4 accumulation, every window padded to 384, fp32 (no TF32), eager attention,
+             softmax/KL over all 384 positions, their mAP@k as Python loops over top-k indices, the
+             teacher deep-copied each generation, a per-parameter AdamW; evaluation in batches of
+             8 with the legacy SQuAD post-processing (Python lists, sorted n-best, pairwise checks).
 
 Throughput is windows ("features") per second; warm-up steps are excluded; each side is timed over
 several repetitions and the median is reported. On CUDA, MFU (model FLOPs of the real, unpadded
 tokens over the GPU's dense bf16 peak) and peak memory are reported too.
 """
+import contextlib
 import copy
 import json
 import math
@@ -50,87 +53,138 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 
 
 # -------------------------------------------------------------------- the reference configuration
+# The authors' scripts (run_squad_w_distillation.py + train_skd_map.sh / eval_qa.sh): micro-batch 6
+# x 4 accumulation, eval batch 8, fp32, windows padded to 384, KL over all 384 positions, their
+# mAP@k from softmax + top-k followed by Python loops (one relevant item: the first-hit variant),
+# the teacher deep-copied each epoch, a per-parameter AdamW, and the legacy SQuAD post-processing
+# (logits to Python lists, every position sorted for the n-best, candidates checked one by one,
+# a per-example n-best with a Python softmax). Written here from their description, not copied.
+REF_MICRO_BATCH, REF_EVAL_BATCH = 6, 8
+
+
 @torch.no_grad()
-def reference_map_at_k(start_logits, end_logits, start_positions, end_positions, k=10, delta=5):
-    """Eq. 5 as the authors compute it: Python loops over examples and ranks (paper variant)."""
-    alphas = []
-    for logits, gold in ((start_logits, start_positions), (end_logits, end_positions)):
+def reference_map_at_k(start_logits, end_logits, start_positions, end_positions, k=10, delta=5, t=2.0):
+    """Their coefficient: top-k of the softmax, then a Python loop per example and rank."""
+    def average(logits, gold):
+        top = F.softmax(logits / t, dim=-1).topk(k=k).indices.tolist()
         aps = []
-        for row, g in zip(logits.tolist(), gold.tolist()):
-            top = sorted(range(len(row)), key=lambda j: -row[j])[:k]
-            hits, ap = 0, 0.0
-            for r, j in enumerate(top, 1):
-                if g - delta <= j < g + delta:
-                    hits += 1
-                    ap += hits / r
-            aps.append(ap / min(k, 2 * delta))
-        alphas.append(sum(aps) / len(aps))
-    return sum(alphas) / 2
+        for ranked, g in zip(top, gold.tolist()):
+            window = range(g - delta, g + delta)
+            hits = [1 if j in window else 0 for j in ranked]
+            first = next((r for r, h in enumerate(hits, 1) if h), None)
+            aps.append(1.0 / first if first else 0.0)
+        return float(np.mean(aps))
+    return (average(start_logits, start_positions) + average(end_logits, end_positions)) / 2
 
 
-def reference_step(student, teacher, batch, optimizer, t=2.0):
-    """One step of the authors' configuration: full-length windows, softmax over all positions."""
-    inputs = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                  attention_mask=batch["attention_mask"])
-    with torch.no_grad():
-        teacher_out = teacher(**inputs)
-    alpha = reference_map_at_k(teacher_out.start_logits, teacher_out.end_logits,
-                               batch["start_positions"], batch["end_positions"])
-    out = student(**inputs)
-    ce = (F.cross_entropy(out.start_logits, batch["start_positions"]) +
-          F.cross_entropy(out.end_logits, batch["end_positions"])) / 2
-    kl = sum(F.kl_div(F.log_softmax(s / t, -1), F.softmax(te / t, -1), reduction="batchmean")
-             for s, te in ((out.start_logits, teacher_out.start_logits),
-                           (out.end_logits, teacher_out.end_logits))) / 2 * t * t
-    loss = ce + alpha * kl
-    loss.backward()
+def reference_step(student, teacher, batch, optimizer, t=2.0, micro_batch=REF_MICRO_BATCH):
+    """One optimisation step of their configuration: micro-batches of 6 padded to 384, CE inside
+    the model's head over all positions, KL over all positions, loss / accumulation steps."""
+    n = batch["input_ids"].shape[0]
+    chunks = [slice(i, i + micro_batch) for i in range(0, n, micro_batch)]
+    for part in chunks:
+        inputs = dict(input_ids=batch["input_ids"][part], token_type_ids=batch["token_type_ids"][part],
+                      attention_mask=batch["attention_mask"][part])
+        out = student(**inputs, start_positions=batch["start_positions"][part],
+                      end_positions=batch["end_positions"][part])
+        with torch.no_grad():
+            teacher_out = teacher(**inputs)
+        kl = sum(F.kl_div(F.log_softmax(s / t, -1), F.softmax(te / t, -1), reduction="batchmean")
+                 for s, te in ((out.start_logits, teacher_out.start_logits),
+                               (out.end_logits, teacher_out.end_logits))) / 2 * t * t
+        alpha = reference_map_at_k(teacher_out.start_logits, teacher_out.end_logits,
+                                   batch["start_positions"][part], batch["end_positions"][part], t=t)
+        ((out.loss + alpha * kl) / len(chunks)).backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), train_qa.MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+
+
+def _best_indexes(logits, n_best):
+    return [i for i, _ in sorted(enumerate(logits), key=lambda x: x[1], reverse=True)[:n_best]]
+
+
+def _python_softmax(scores):
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    return [e / sum(exps) for e in exps]
 
 
 def reference_extract(start_logits, end_logits, offsets, context_mask, n_best=train_qa.N_BEST,
                       max_answer_tokens=train_qa.MAX_ANSWER_TOKENS):
-    """The usual post-processing loop: per window, the n_best starts x ends checked one by one."""
-    best = []
-    for f in range(len(start_logits)):
-        s_log, e_log = start_logits[f], end_logits[f]
-        top_s = np.argsort(s_log)[-1:-n_best - 1:-1]
-        top_e = np.argsort(e_log)[-1:-n_best - 1:-1]
-        cand = (-np.inf, 0, 0)
-        for s in top_s:
-            for e in top_e:
+    """Legacy candidate search of one example's windows: lists of Python floats per window, the
+    n_best positions by sorting all of them, every (start, end) pair checked one by one.
+    Returns the candidates (score, window, start char, end char), best first."""
+    prelim = []
+    for f, (s_log, e_log) in enumerate(zip(start_logits, end_logits)):
+        for s in _best_indexes(s_log, n_best):
+            for e in _best_indexes(e_log, n_best):
                 if s >= len(offsets[f]) or e >= len(offsets[f]) or not context_mask[f][s] \
                         or not context_mask[f][e] or e < s or e - s + 1 > max_answer_tokens:
                     continue
-                if s_log[s] + e_log[e] > cand[0]:
-                    cand = (s_log[s] + e_log[e], offsets[f][s][0], offsets[f][e][1])
-        best.append(cand)
-    return best
+                prelim.append((s_log[s] + e_log[e], f, int(offsets[f][s][0]), int(offsets[f][e][1])))
+    return sorted(prelim, key=lambda x: x[0], reverse=True)
 
 
-def reference_predict(model, features, examples, batch_size, device):
-    """Authors' evaluation: windows padded to 384, fp32, Python-loop extraction, best per example."""
-    best = {}
+def _strip_spaces_map(text):
+    """Legacy alignment helper: text without spaces, and its char index -> original index."""
+    chars, index = [], {}
+    for i, c in enumerate(text):
+        if c != " ":
+            index[len(chars)] = i
+            chars.append(c)
+    return "".join(chars), index
+
+
+def _legacy_final_text(context, a, b):
+    """The legacy post-processing's text step for one n-best candidate, kept for its cost: the
+    candidate's whole words are re-tokenised with BERT's basic tokenizer and the two texts are
+    aligned character by character. The answer returned is the offsets' span, as ours, so both
+    sides give comparable answers (legacy's rebuilt text differs in spacing for some scripts)."""
+    from transformers.models.bert.tokenization_bert import BasicTokenizer
+    left = context.rfind(" ", 0, a) + 1
+    right = context.find(" ", b)
+    orig = context[left:right if right >= 0 else len(context)]
+    tokens = " ".join(BasicTokenizer(do_lower_case=False).tokenize(orig))
+    _strip_spaces_map(orig), _strip_spaces_map(tokens)
+    return context[a:b]
+
+
+def reference_predict(model, features, examples, device):
+    """Their evaluation: windows padded to 384 in batches of 8, fp32, logits copied to Python
+    lists, legacy candidate search, a distinct-text n-best per example with a Python softmax."""
     n = len(features["input_ids"])
+    start_lists, end_lists = [None] * n, [None] * n
     with torch.inference_mode():
-        for lo in range(0, n, batch_size):
-            idx = np.arange(lo, min(n, lo + batch_size))
+        for lo in range(0, n, REF_EVAL_BATCH):
+            idx = np.arange(lo, min(n, lo + REF_EVAL_BATCH))
             batch = collate_full(features, idx, device)
             out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                         attention_mask=batch["attention_mask"])
-            ctx = [np.pad(features["allowed"][i], (0, train_qa.MAX_LENGTH - len(features["allowed"][i])))
-                   for i in idx]
-            ctx = [np.concatenate([[False], c[1:]]) for c in ctx]          # [CLS] is not an answer
-            spans = reference_extract(out.start_logits.float().cpu().numpy(),
-                                      out.end_logits.float().cpu().numpy(),
-                                      [features["offsets"][i] for i in idx], ctx)
-            for i, (score, a, b) in zip(idx, spans):
-                ex = features["example_index"][i]
-                if ex not in best or score > best[ex][0]:
-                    best[ex] = (score, a, b)
-    return {examples[ex]["id"]: examples[ex]["context"][a:b] for ex, (_, a, b) in best.items()}
+            for row, i in enumerate(idx):
+                start_lists[i] = out.start_logits[row].float().cpu().tolist()
+                end_lists[i] = out.end_logits[row].float().cpu().tolist()
+    by_example = {}
+    for f, ex in enumerate(features["example_index"].tolist()):
+        by_example.setdefault(ex, []).append(f)
+    predictions = {}
+    for ex, feats in by_example.items():
+        context = examples[ex]["context"]
+        masks = [np.concatenate([[False], features["allowed"][f][1:]]) for f in feats]  # no [CLS]
+        candidates = reference_extract([start_lists[f] for f in feats], [end_lists[f] for f in feats],
+                                       [features["offsets"][f] for f in feats], masks)
+        nbest, seen = [], set()
+        for score, _, a, b in candidates:
+            if len(nbest) == train_qa.N_BEST:
+                break
+            text = _legacy_final_text(context, a, b)
+            if text not in seen:
+                seen.add(text)
+                nbest.append((text, score))
+        nbest = nbest or [("", 0.0)]
+        _python_softmax([score for _, score in nbest])       # the n-best probabilities they write
+        predictions[examples[ex]["id"]] = nbest[0][0]
+    return predictions
 
 
 def collate_full(features, indices, device):
@@ -157,102 +211,121 @@ def model_flops_per_token(model, seq_len):
     return 2 * params + 4 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
 
 
-def timed(fn, reps, device):
-    """Run fn() `reps` times; seconds per repetition."""
-    times = []
+def interleaved(sides, reps, device):
+    """Time each side's run() `reps` times, alternating sides, so that a slow period of a shared
+    machine hits both alike. sides: {name: (run, context manager factory)} -> {name: [seconds]}."""
+    times = {name: [] for name in sides}
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        for name, (run, context) in sides.items():
+            with context():
+                _sync(device)
+                t0 = time.perf_counter()
+                run()
+                _sync(device)
+            times[name].append(time.perf_counter() - t0)
     return times
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_since(device, base):
+    """Peak GiB allocated since the last reset, above `base` bytes (what was resident before)."""
+    if device.type != "cuda":
+        return None
+    return round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2)
+
+
+def _reset_peak(device):
+    if device.type != "cuda":
+        return 0
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size):
     lengths = np.array([len(x) for x in features["input_ids"]])
-    need = (warmup + steps * reps) * batch_size
-    batches = [b for e in range(math.ceil(need / len(lengths)) + 1)
-               for b in train_qa.length_grouped_batches(lengths, batch_size, 3, e)
+    batches = [b for b in train_qa.length_grouped_batches(lengths, batch_size, 3, 0)
                if len(b) == batch_size]
-    results = {}
+    feed = lambda: (batches[i % len(batches)] for i in range(10 ** 9))  # noqa: E731
 
     # ours: distill.py's code path, --map-k mode
+    base = _reset_peak(device)
     student = build_models(shape, tokenizer, device, "sdpa").train()
     teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
     optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
     scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
-    it = iter(batches)
     opts = distill.StepOptions(mode="skd-map", t=2.0, k=10, delta=5, map_variant="paper")
+    ours_batches, tokens = feed(), []
 
     def ours(n):
         def run():
             teacher.load_state_dict(student.state_dict())          # one generation sync per rep
             for _ in range(n):
-                batch = train_qa.collate(features, next(it), tokenizer.pad_token_id, device)
-                distill.forward_backward(student, teacher, batch, opts)
+                idx = next(ours_batches)
+                tokens.append(int(lengths[idx].sum()))
+                batch = train_qa.collate(features, idx, tokenizer.pad_token_id, device)
+                distill.forward_backward(student, teacher, batch, opts,
+                                         rows=train_qa.compute_rows(device))
                 distill.optimizer_step(student, optimizer, scheduler)
         return run
     ours(warmup)()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_ours = timed(ours(steps), reps, device)
-    tokens = sum(int(lengths[b].sum()) for b in batches[warmup:warmup + steps * reps])
-    results["ours"] = dict(times=t_ours, mem=_peak_mem(device),
-                           tokens_per_rep=tokens / reps)
-    flops_tok = model_flops_per_token(student, int(lengths.mean()))
-    del student, teacher, optimizer
+    mem_ours = _peak_since(device, base)
 
-    # reference: padded to 384, fp32, eager attention, Python-loop mAP@k, deep-copied teacher
-    student = build_models(shape, tokenizer, device, "eager").train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=distill.LR, fused=False, foreach=False)
-    it = iter(batches)
+    # reference: their configuration (see the top of this file)
+    base = _reset_peak(device)
+    ref_student = build_models(shape, tokenizer, device, "eager").train()
+    ref_optimizer = torch.optim.AdamW(ref_student.parameters(), lr=distill.LR, fused=False,
+                                      foreach=False)
+    ref_batches = feed()
 
     def reference(n):
         def run():
-            teacher = copy.deepcopy(student).eval()                # the authors' generation sync
+            teacher = copy.deepcopy(ref_student).eval()            # the authors' generation sync
             for _ in range(n):
-                reference_step(student, teacher, collate_full(features, next(it), device), optimizer)
+                reference_step(ref_student, teacher, collate_full(features, next(ref_batches), device),
+                               ref_optimizer)
         return run
     with fp32_matmul():
         reference(warmup)()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        results["reference"] = dict(times=timed(reference(steps), reps, device), mem=_peak_mem(device))
-    del student, optimizer
+    mem_ref = _peak_since(device, base)
+
+    tokens.clear()
+    times = interleaved({"ours": (ours(steps), contextlib.nullcontext),
+                         "reference": (reference(steps), fp32_matmul)}, reps, device)
     feats = steps * batch_size
-    ours_fps = feats / statistics.median(results["ours"]["times"])
-    ref_fps = feats / statistics.median(results["reference"]["times"])
+    ours_fps = feats / statistics.median(times["ours"])
+    ref_fps = feats / statistics.median(times["reference"])
     out = dict(ours_fps=round(ours_fps, 2), reference_fps=round(ref_fps, 2),
                speedup=round(ours_fps / ref_fps, 2))
     if device.type == "cuda":
         # teacher forward (1x) + student forward and backward (3x) = 4 forward passes per token
-        tok_per_s = results["ours"]["tokens_per_rep"] / statistics.median(results["ours"]["times"])
+        tok_per_s = sum(tokens) / sum(times["ours"])
+        flops_tok = model_flops_per_token(student, int(lengths.mean()))
         out.update(ours_mfu=round(4 * flops_tok * tok_per_s / _peak_flops(device), 4),
-                   ours_peak_mem_gib=results["ours"]["mem"],
-                   reference_peak_mem_gib=results["reference"]["mem"])
+                   ours_peak_mem_gib=mem_ours, reference_peak_mem_gib=mem_ref)
     return out
 
 
-def bench_eval(examples, features, tokenizer, shape, device, reps, batch_size):
-    model = build_models(shape, tokenizer, device, "sdpa").eval()
+def bench_eval(examples, features, tokenizer, shape, device, reps):
     n = len(features["input_ids"])
-    ours = lambda: train_qa.predict(model, tokenizer, examples, batch_size=batch_size,  # noqa: E731
-                                    device=device, features=features)
-    ours()                                                           # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_ours = timed(ours, reps, device)
-    mem_ours = _peak_mem(device)
+    base = _reset_peak(device)
+    model = build_models(shape, tokenizer, device, "sdpa").eval()
+    ours = lambda: train_qa.predict(model, tokenizer, examples, device=device,  # noqa: E731
+                                    features=features)
+    ours_answers = ours()                                            # warm-up
+    mem_ours = _peak_since(device, base)
     ref_model = build_models(shape, tokenizer, device, "eager").eval()
     ref_model.load_state_dict(model.state_dict())
+    reference = lambda: reference_predict(ref_model, features, examples, device)  # noqa: E731
     with fp32_matmul():
-        reference = lambda: reference_predict(ref_model, features, examples, batch_size, device)  # noqa: E731
-        agree = _agreement(ours(), reference(), examples)                # also the warm-up
-        t_ref = timed(reference, reps, device)
-    ours_fps, ref_fps = n / statistics.median(t_ours), n / statistics.median(t_ref)
+        agree = _agreement(ours_answers, reference(), examples)     # also the warm-up
+    times = interleaved({"ours": (ours, contextlib.nullcontext),
+                         "reference": (reference, fp32_matmul)}, reps, device)
+    ours_fps, ref_fps = n / statistics.median(times["ours"]), n / statistics.median(times["reference"])
     out = dict(ours_fps=round(ours_fps, 2), reference_fps=round(ref_fps, 2),
                speedup=round(ours_fps / ref_fps, 2), same_answers=agree)
     if device.type == "cuda":
@@ -275,10 +348,6 @@ class fp32_matmul:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
 
 
-def _peak_mem(device):
-    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None
-
-
 def _peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
@@ -298,9 +367,10 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shape = args.shape or ("small" if args.quick or device.type == "cpu" else "mbert-base")
-    steps = args.steps or (4 if args.quick else 20)
-    reps = args.reps or (3 if args.quick else 5)
+    # --quick / CPU: the project's own CPU model (--model tiny); GPU: the real mBERT-base shape
+    shape = args.shape or ("tiny" if args.quick or device.type == "cpu" else "mbert-base")
+    steps = args.steps or (8 if args.quick else 20)
+    reps = args.reps or 5
     n_eval = args.eval_examples or (300 if args.quick else 2000)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -321,7 +391,7 @@ def main(argv=None):
 
     result = {"train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
                                    args.batch_size),
-              "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps, 64),
+              "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)",
               "shape": shape}

@@ -202,7 +202,7 @@ XQUAD_DIR = "data/xquad"
 XQUAD_LANGUAGES = ["el", "ru", "tr", "th"]     # Table 4: XQuAD languages not used in training
 TYDIQA_FILE = "data/tydiqa/tydiqa-goldp-v1.1-dev.json"
 TYDIQA_LANGUAGES = ["bn", "fi", "id", "ko", "ru", "sw", "te"]  # Table 4 (the paper's "in" = id)
-EVAL_BATCH_SIZE = 128
+EVAL_BATCH_SIZE = None                 # None: train_qa.eval_batch_size (128 on CUDA, 16 on CPU)
 PREDICT_CHUNK = 2048                           # examples per train_qa.predict call
 HIDDEN_K = 10                                  # Table 1: top-10 answers on MLQA-dev
 
@@ -400,7 +400,7 @@ def model_mode(args):
         _check_lang(args.lang)
     if args.hidden_knowledge not in ("em", "f1"):
         raise InputError("--hidden-knowledge must be em or f1")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     if os.path.exists(args.output_dir) and not args.overwrite:
         raise InputError(f"{args.output_dir}: output directory exists (pass --overwrite to "
@@ -519,7 +519,8 @@ def main(argv=None):
                    help="Table 1: a top-10 answer is correct by exact match (default) or by F1")
     m.add_argument("--hidden-knowledge-f1", type=float, default=50.0,
                    help="F1 threshold (percent) with --hidden-knowledge f1")
-    m.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
+    m.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
+                   help="inference batch (default: 128 on CUDA, 16 on CPU)")
     m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     m.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
                    help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
