@@ -1153,6 +1153,37 @@ def test_qa_grad_accumulation_matches_full_batch(qa_one_thread, monkeypatch):
             assert (part - full).norm() <= 1e-4 * full.norm() + 1e-7, name
 
 
+def _qa_overflow_windows(examples, tokenizer, max_length, stride):
+    """The tokenizer's own windowing (truncation="only_second" with overflow), the reference."""
+    enc = tokenizer([ex["question"].lstrip() for ex in examples], [ex["context"] for ex in examples],
+                    truncation="only_second", max_length=max_length, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True,
+                    return_token_type_ids=True)
+    for f, sample in enumerate(enc["overflow_to_sample_mapping"]):
+        ctx = np.array([s == 1 for s in enc.sequence_ids(f)])
+        offsets = np.asarray(enc["offset_mapping"][f]).reshape(-1, 2)
+        offsets[~ctx] = 0
+        yield sample, enc["input_ids"][f], enc["token_type_ids"][f], ctx, offsets
+
+
+@pytest.mark.parametrize("lang", ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"])
+def test_qa_windows_equal_the_tokenizers_overflow_windows(lang):
+    """build_features tokenises each context once and cuts the windows itself: they must be
+    exactly the windows the fast tokenizer's overflow produces (ids, types, offsets, mapping)."""
+    ex = load_squad_examples(os.path.join(XQUAD_DIR, f"xquad.{lang}.json"))
+    tok = qa.train_tiny_tokenizer(qa_texts(ex))
+    for max_length, stride in ((384, 128), (128, 32)):
+        ours = qa.build_features(ex, tok, max_length, stride)
+        ref = list(_qa_overflow_windows(ex, tok, max_length, stride))
+        assert len(ref) == len(ours["input_ids"])
+        for f, (sample, ids, types_, ctx, offsets) in enumerate(ref):
+            assert ours["example_index"][f] == sample
+            assert ours["input_ids"][f].tolist() == ids
+            assert ours["token_type_ids"][f].tolist() == types_
+            assert (ours["allowed"][f][1:] == ctx[1:]).all() and ours["allowed"][f][0]
+            assert (ours["offsets"][f] == offsets).all()
+
+
 # ================================================================================================
 # Issue 4: map_at_k.py (Eq. 5) and distill.py (Eq. 4, 6)
 # Tests of phase 2: map_at_k.py (Eq. 5) and distill.py (Eq. 4/6, generations, checkpoints, DDP).

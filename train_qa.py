@@ -159,36 +159,61 @@ def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
 
 # -------------------------------------------------------------------- features
 def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, train=True):
-    """Tokenise question + context into overlapping windows (Sec. 3 input).
+    """Tokenise question + context into overlapping windows (Sec. 3 input):
+    [CLS] question [SEP] context window [SEP], windows of the context overlapping by `stride`
+    tokens, exactly as the fast tokenizer's truncation="only_second" with overflow would cut them.
+
+    Each distinct context and question is tokenised once (an MLQA context recurs with the questions
+    of all seven languages; an XQuAD sample repeats each context ntl + 1 times), then the windows
+    are assembled from the token arrays.
 
     Returns per window (feature): input_ids, token_type_ids (int32 arrays, unpadded), allowed
     (bool: context tokens + [CLS], the support of Eq. 1's softmax), offsets ([L, 2] int32 char
     offsets into the context, (0, 0) outside it), example_index; with train, start/end_positions:
     the gold tokens of the first answer, or 0 ([CLS]) when the window does not hold it.
     """
+    def encode(texts):
+        if not texts:
+            return {}
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return {t: (np.asarray(ids, dtype=np.int32), np.asarray(off, dtype=np.int32).reshape(-1, 2))
+                for t, ids, off in zip(texts, enc["input_ids"], enc["offset_mapping"])}
+    contexts = encode(list(dict.fromkeys(ex["context"] for ex in examples)))
+    questions = encode(list(dict.fromkeys(ex["question"].lstrip() for ex in examples)))
+    cls, sep = np.int32(tokenizer.cls_token_id), np.int32(tokenizer.sep_token_id)
     out = {k: [] for k in ("input_ids", "token_type_ids", "allowed", "offsets", "example_index",
                            "start_positions", "end_positions")}
-    for lo in range(0, len(examples), 1000):      # chunks bound the tokenizer's peak memory
-        chunk = examples[lo:lo + 1000]
-        enc = tokenizer([ex["question"].lstrip() for ex in chunk], [ex["context"] for ex in chunk],
-                        truncation="only_second", max_length=max_length, stride=stride,
-                        return_overflowing_tokens=True, return_offsets_mapping=True,
-                        return_token_type_ids=True, padding=False)
-        for f, sample in enumerate(enc["overflow_to_sample_mapping"]):
-            ctx = np.array([s == 1 for s in enc.sequence_ids(f)])
-            offsets = np.asarray(enc["offset_mapping"][f], dtype=np.int32).reshape(-1, 2)
-            offsets[~ctx] = 0
+    for i, ex in enumerate(examples):
+        q_ids = questions[ex["question"].lstrip()][0]
+        c_ids, c_off = contexts[ex["context"]]
+        room = max_length - len(q_ids) - 3              # context tokens per window
+        if room <= stride:
+            raise InputError(f"question '{ex['id']}' is too long for --max-length {max_length} "
+                             f"with --stride {stride} ({len(q_ids)} tokens)")
+        head = len(q_ids) + 2                           # [CLS] question [SEP]
+        for lo in range(0, max(len(c_ids) - stride, 1), room - stride):
+            hi = min(lo + room, len(c_ids))
+            n = head + hi - lo + 1
+            input_ids = np.concatenate([[cls], q_ids, [sep], c_ids[lo:hi], [sep]]).astype(np.int32)
+            token_type_ids = np.zeros(n, dtype=np.int32)
+            token_type_ids[head:] = 1
+            ctx = np.zeros(n, dtype=bool)
+            ctx[head:n - 1] = True
+            offsets = np.zeros((n, 2), dtype=np.int32)
+            offsets[head:n - 1] = c_off[lo:hi]
             allowed = ctx.copy()
-            allowed[0] = True                     # [CLS]: the label of a window without the answer
-            out["input_ids"].append(np.asarray(enc["input_ids"][f], dtype=np.int32))
-            out["token_type_ids"].append(np.asarray(enc["token_type_ids"][f], dtype=np.int32))
+            allowed[0] = True                           # [CLS]: the label of a window without the answer
+            out["input_ids"].append(input_ids)
+            out["token_type_ids"].append(token_type_ids)
             out["allowed"].append(allowed)
             out["offsets"].append(offsets)
-            out["example_index"].append(lo + sample)
+            out["example_index"].append(i)
             if train:
-                s, e = gold_tokens(chunk[sample], offsets, ctx)
+                s, e = gold_tokens(ex, offsets, ctx)
                 out["start_positions"].append(s)
                 out["end_positions"].append(e)
+            if hi == len(c_ids):
+                break
     for key in ("example_index", "start_positions", "end_positions"):
         out[key] = np.asarray(out[key], dtype=np.int64)
     if not train:
