@@ -1,9 +1,17 @@
-"""Evaluation: official-equivalent MLQA v1 and SQuAD v1.1 scoring (paper Sec. 5.1, Table 3).
+"""Evaluation (paper Sec. 4.1, 5.3): official-equivalent MLQA v1 and SQuAD v1.1 scoring, and the
+whole evaluation of a model: MLQA dev/test (49 pairs, XLT, G-XLT, Table 3, Fig. 1/3/8/9), XQuAD
+and TyDiQA-GoldP zero-shot (Table 4), the hidden-knowledge counts (Table 1), sweeps (Fig. 5, 6).
 
 Scoring forms (drop-in replacements for the official scripts; one JSON line on stdout):
 
     python evaluate_mlqa.py DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE   # MLQA v1 rules
     python evaluate_mlqa.py --squad DATASET_FILE PREDICTION_FILE           # SQuAD v1.1 rules
+
+Model forms (outputs as DESIGN.md and the README describe):
+
+    python evaluate_mlqa.py --model DIR --output-dir OUT [--baseline DIR|metrics.json]
+    python evaluate_mlqa.py --sweep RUN_DIR [RUN_DIR ...] --output-dir OUT
+    python evaluate_mlqa.py --compare EVAL_DIR [EVAL_DIR ...] --output-dir OUT
 
 PREDICTION_FILE is the official format, {question id: answer text}. ANSWER_LANGUAGE is the
 context language (en es de ar vi hi zh). A question without a prediction scores 0 and is reported
