@@ -1153,6 +1153,18 @@ def test_qa_grad_accumulation_matches_full_batch(qa_one_thread, monkeypatch):
             assert (part - full).norm() <= 1e-4 * full.norm() + 1e-7, name
 
 
+def test_qa_new_head_on_a_base_model_is_seeded(tmp_path):
+    """Phase 1 starts from a base model whose QA head is new: --seed must fix that head too."""
+    from transformers import BertModel
+    ex = load_squad_examples(QA_EN)[:4]
+    model, tok = qa.load_model_and_tokenizer("tiny", texts=qa_texts(ex), seed=0)
+    BertModel(model.config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    heads = [qa.load_model_and_tokenizer(str(tmp_path / "base"), seed=s)[0].qa_outputs.weight
+             for s in (7, 7, 8)]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
 def _qa_overflow_windows(examples, tokenizer, max_length, stride):
     """The tokenizer's own windowing (truncation="only_second" with overflow), the reference."""
     enc = tokenizer([ex["question"].lstrip() for ex in examples], [ex["context"] for ex in examples],

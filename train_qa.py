@@ -17,6 +17,7 @@ Hyper-parameters the paper leaves at the Hugging Face defaults keep them: no war
 weight decay 0, Adam betas (0.9, 0.999), eps 1e-8, gradient clipping at norm 1.0.
 """
 import contextlib
+import datetime
 import glob
 import json
 import math
@@ -124,6 +125,7 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
     if local and not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"{path}: " + ("not a model directory (no config.json)"
                                         if os.path.isdir(path) else "no such model directory"))
+    torch.manual_seed(seed)              # a new QA head (from a base model) is drawn from it
     with quiet_transformers(progress_bars=not local):
         try:
             model, info = AutoModelForQuestionAnswering.from_pretrained(
@@ -346,7 +348,9 @@ def setup_distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 alone evaluates MLQA dev at an epoch's end while the others wait: allow an hour
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(hours=1))
     return rank, world_size, device, rank == 0
 
 
@@ -382,7 +386,8 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
             with sync:
                 start, end = qa_logits(model, batch)
                 loss = ce_loss(start, end, batch["start_positions"], batch["end_positions"])
-                (loss / grad_accum).backward()
+                group = min(grad_accum, len(batches) - i // grad_accum * grad_accum)  # last may be short
+                (loss / group).backward()
             seen += len(idx) * world_size
             if last:
                 optimizer_step(raw, optimizer, scheduler)
