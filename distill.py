@@ -192,12 +192,14 @@ def load_mlqa_dev(mlqa_dir):
     return sets
 
 
-def evaluate_dev(model, tokenizer, dev_sets, device):
+def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None):
     """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (q != c) means, and
-    per-context-language means: evaluate_mlqa.py's prediction and scoring of MLQA pairs."""
+    per-context-language means: evaluate_mlqa.py's prediction and scoring of MLQA pairs.
+    feature_cache: a dict kept across epochs, so MLQA dev is tokenised once per run."""
     tasks = [mlqa_task("dev", *key.split("-"), path=key, examples=examples)
              for key, examples in dev_sets.items()]
-    predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev")
+    predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev",
+                  feature_cache=feature_cache)
     return score_tasks(tasks)["mlqa-dev"]
 
 
@@ -381,6 +383,7 @@ def main(argv=None):
         student, tokenizer = load_model_and_tokenizer(args.model, texts=texts, seed=args.seed,
                                                       require_qa_head=True)  # else one error line
     dev_sets = load_mlqa_dev(mlqa_dir) if os.path.isdir(mlqa_dir) else None   # Sec. 5.2
+    dev_features = {}                      # MLQA dev windows, tokenised at the first evaluation
     features = build_features(examples, tokenizer, args.max_length, args.stride)
     per_epoch = len(length_grouped_batches([len(x) for x in features["input_ids"]], micro,
                                            args.seed, 0, rank=rank, world_size=world_size))
@@ -486,7 +489,7 @@ def main(argv=None):
         # ------------------------------------------------------------ end of epoch: dev, checkpoint
         metrics = None
         if is_master and dev_sets:
-            metrics = evaluate_dev(student, tokenizer, dev_sets, device)
+            metrics = evaluate_dev(student, tokenizer, dev_sets, device, dev_features)
             score = selection_score(metrics)
             improved = best is None or score > best["score"]
             if improved:

@@ -289,9 +289,12 @@ def _tydiqa_tasks(path, explicit, languages, notes):
              "examples": by_lang[l]} for l in languages]
 
 
-def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=None, desc="eval"):
+def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=None, desc="eval",
+                  feature_cache=None):
     """Answers for every task's examples: sets task["predictions"] {id: text} and, for tasks
-    with "nbest", task["nbest"] {id: [up to HIDDEN_K distinct texts, best first]}."""
+    with "nbest", task["nbest"] {id: [up to HIDDEN_K distinct texts, best first]}.
+    feature_cache: a dict kept by the caller to tokenise the same tasks only once (distill.py
+    evaluates MLQA dev after every epoch)."""
     import train_qa
     from tqdm import tqdm
     index, items, want_nbest = {}, [], []
@@ -310,11 +313,19 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
     with tqdm(total=len(items), desc=desc, unit="ex", disable=None) as bar:
         for n_best in (HIDDEN_K, 1):
             rows = [i for i in range(len(items)) if want_nbest[i] == (n_best > 1)]
-            rows.sort(key=lambda i: -(len(items[i]["question"]) + len(items[i]["context"])))
+            # a context's questions (one per language) side by side: build_features tokenises
+            # each distinct context of a chunk once
+            rows.sort(key=lambda i: (-len(items[i]["context"]), items[i]["context"],
+                                     items[i]["question"]))
             for lo in range(0, len(rows), PREDICT_CHUNK):
                 chunk = [items[i] for i in rows[lo:lo + PREDICT_CHUNK]]
+                features = None if feature_cache is None else feature_cache.get((n_best, lo))
+                if features is None:
+                    features = train_qa.build_features(chunk, tokenizer, train=False)
+                    if feature_cache is not None:
+                        feature_cache[(n_best, lo)] = features
                 out = train_qa.predict(model, tokenizer, chunk, batch_size=batch_size,
-                                       device=device, n_best_size=n_best)
+                                       device=device, n_best_size=n_best, features=features)
                 for ex in chunk:
                     got = out[ex["id"]]
                     answers[int(ex["id"])] = got if n_best > 1 else ([got] if got else [])

@@ -2119,6 +2119,19 @@ def test_eval_predict_nbest_short_and_long_contexts_together(eval_env):
     assert all(t in exs[1]["context"] for t in out["b"])
 
 
+def test_eval_feature_cache_gives_the_same_predictions(eval_env):
+    """distill.py keeps MLQA dev's windows across epochs: the cached run predicts the same."""
+    import distill
+    import train_qa
+    model, tok = train_qa.load_model_and_tokenizer(eval_env["model"])
+    dev = distill.load_mlqa_dev(eval_env["mlqa"])
+    cache = {}
+    first = distill.evaluate_dev(model, tok, dev, "cpu", cache)
+    assert cache and all("input_ids" in f for f in cache.values())
+    again = distill.evaluate_dev(model, tok, dev, "cpu", cache)
+    assert again == first == distill.evaluate_dev(model, tok, dev, "cpu")
+
+
 # ================================================================================================
 # Issue 6: bench.py
 # bench.py: the reference configuration is faithful and the benchmark runs end to end.
