@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import distill
 import train_qa
-from common import ArgumentParser, run_main
+from common import XQUAD_DIR, ArgumentParser, run_main
 from map_at_k import map_at_k
 from sample import sample_cross_lingual
 
@@ -258,7 +258,7 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
     teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
     optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
     scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
-    opts = distill.StepOptions(mode="skd-map", t=2.0, k=10, delta=5, map_variant="paper")
+    opts = distill.StepOptions(mode="skd-map", t=2.0, k=10, delta=5, map_variant="first-hit")
     ours_batches, tokens = feed(), []
 
     def ours(n):
@@ -363,7 +363,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
     p.add_argument("--batch-size", type=int, default=distill.BATCH_SIZE)
     p.add_argument("--eval-examples", type=int, default=None)
-    p.add_argument("--xquad-dir", default="data/xquad")
+    p.add_argument("--xquad-dir", default=XQUAD_DIR)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

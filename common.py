@@ -1,4 +1,5 @@
-"""Small pieces every script shares: user-facing errors, atomic writes, SQuAD-format reading.
+"""Small pieces every script shares: the languages and data locations, user-facing errors, atomic
+writes, SQuAD-format reading.
 
 A user error (missing file, malformed JSON, missing field, impossible option) raises InputError;
 `run_main` turns it into one line on stderr and exit status 2, never a traceback. Every output is
@@ -13,6 +14,23 @@ import shutil
 import sys
 import tempfile
 
+
+# -------------------------------------------------------------------- shared facts (one home each)
+LANGUAGES = ["en", "es", "de", "ar", "vi", "hi", "zh"]  # MLQA's, = the training languages (Sec. 5.1);
+                                                        # the paper's figure order
+SEED_LANGUAGE = "en"                                    # the source language of Eq. 3
+XQUAD_ZERO_SHOT = ["el", "ru", "tr", "th"]              # Table 4: XQuAD languages not trained on
+TYDIQA_ZERO_SHOT = ["bn", "fi", "id", "ko", "ru", "sw", "te"]  # Table 4 (the paper's "in" = id)
+TYDIQA_ID_PREFIXES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi",
+                      "indonesian": "id", "korean": "ko", "russian": "ru", "swahili": "sw",
+                      "telugu": "te"}                   # a TyDiQA id starts with its language's name
+
+# Data locations, relative to the directory every command runs from (the repository root).
+DATA_DIR = "data"
+XQUAD_DIR = os.path.join(DATA_DIR, "xquad")                         # shipped
+SQUAD_TRAIN_FILE = os.path.join(DATA_DIR, "squad", "train-v1.1.json")  # data/download.py squad
+MLQA_DIR = os.path.join(DATA_DIR, "mlqa", "MLQA_V1")                # data/download.py mlqa
+TYDIQA_FILE = os.path.join(DATA_DIR, "tydiqa", "tydiqa-goldp-v1.1-dev.json")  # ... tydiqa
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -61,21 +61,20 @@ import torch
 import torch.nn.functional as F
 
 import train_qa
-from common import (ArgumentParser, InputError, atomic_write_json, atomic_write_text,
+from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json, atomic_write_text,
                     load_squad_examples, read_json, run_main)
 from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import VARIANTS, map_at_k
-from sample import TRAIN_LANGUAGES, XQUAD_DIR, sample_cross_lingual
+from sample import sample_cross_lingual
 from train_qa import (MASK_VALUE, build_features, ce_loss, collate, length_grouped_batches,
                       load_model_and_tokenizer, make_optimizer, make_scheduler, optimizer_step,
                       qa_logits, save_model, setup_distributed)
 
 # -------------------------------------------------------------------- defaults (Sec. 5.2, DESIGN)
 MODEL = "runs/mbert-qa-en"                 # phase 1's output
-MLQA_DIR = "data/mlqa/MLQA_V1"             # dev/dev-context-{c}-question-{q}.json, model selection
 NTL, T = 5, 2.0                            # target languages per id (Eq. 3), KD temperature
 EPOCHS, LR, BATCH_SIZE, SEED = 3, 5e-5, 24, 3   # the authors' scripts: 5e-5, 6 x 4 = 24, 3 epochs
-K, DELTA, MAP_VARIANT = 10, 5, "paper"     # Eq. 5: top-k, window of 2*delta tokens
+K, DELTA, MAP_VARIANT = 10, 5, "first-hit"  # Eq. 5: top-k, window of 2*delta tokens, score
 MAX_LENGTH, STRIDE = train_qa.MAX_LENGTH, train_qa.STRIDE
 # options that must match for --resume (the rest, e.g. --mlqa-dir, may change)
 RESUME_KEYS = ("model", "ntl", "t", "mode", "k", "delta", "map_variant", "epochs", "lr",
@@ -182,8 +181,8 @@ def forward_backward(model, teacher, batch, opts, scale=1.0, rows=None):
 def load_mlqa_dev(mlqa_dir):
     """{"q-c": examples} for the dev files present in `mlqa_dir`/dev."""
     sets = {}
-    for q in TRAIN_LANGUAGES:
-        for c in TRAIN_LANGUAGES:
+    for q in LANGUAGES:
+        for c in LANGUAGES:
             path = mlqa_pair_path(mlqa_dir, "dev", q, c)
             if os.path.isfile(path):
                 sets[f"{q}-{c}"] = load_squad_examples(path)
@@ -312,8 +311,8 @@ def parse_args(argv=None):
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
     args = p.parse_args(argv)
 
-    if not 0 <= args.ntl <= len(TRAIN_LANGUAGES) - 1:
-        raise InputError(f"--ntl must be in 0..{len(TRAIN_LANGUAGES) - 1}, got {args.ntl}")
+    if not 0 <= args.ntl <= len(LANGUAGES) - 1:
+        raise InputError(f"--ntl must be in 0..{len(LANGUAGES) - 1}, got {args.ntl}")
     if not (math.isfinite(args.t) and args.t > 0):
         raise InputError(f"--t must be a positive number, got {args.t}")
     for name in ("k", "delta", "epochs", "batch_size", "grad_accum", "max_length"):

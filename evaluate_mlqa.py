@@ -43,10 +43,10 @@ import sys
 import unicodedata
 from collections import Counter
 
-from common import (ArgumentParser, InputError, atomic_output_dir, atomic_write_json,
-                    atomic_write_text, load_squad_examples, read_json, run_main)
+from common import (LANGUAGES, MLQA_DIR, TYDIQA_FILE, TYDIQA_ID_PREFIXES, TYDIQA_ZERO_SHOT,
+                    XQUAD_DIR, XQUAD_ZERO_SHOT, ArgumentParser, InputError, atomic_output_dir,
+                    atomic_write_json, atomic_write_text, load_squad_examples, read_json, run_main)
 
-MLQA_LANGUAGES = ["en", "es", "de", "ar", "vi", "hi", "zh"]
 SQUAD = "squad"  # pseudo-language selecting the SQuAD v1.1 rules
 
 # ----------------------------------------------------------------------------------------------
@@ -75,9 +75,9 @@ def _mlqa_punct():
 
 
 def _check_lang(lang):
-    if lang != SQUAD and lang not in MLQA_LANGUAGES:
+    if lang != SQUAD and lang not in LANGUAGES:
         raise InputError(f"unknown answer language '{lang}' (expected one of "
-                         f"{' '.join(MLQA_LANGUAGES)}, or --squad)")
+                         f"{' '.join(LANGUAGES)}, or --squad)")
 
 
 def _is_cjk(ch):
@@ -205,11 +205,6 @@ def score_files(dataset_file, prediction_file, lang):
 # progress bar. Predictions are then scored per (question, context) language pair with the rules
 # above, and report.py draws the figures and writes summary.md.
 
-MLQA_DIR = "data/mlqa/MLQA_V1"
-XQUAD_DIR = "data/xquad"
-XQUAD_LANGUAGES = ["el", "ru", "tr", "th"]     # Table 4: XQuAD languages not used in training
-TYDIQA_FILE = "data/tydiqa/tydiqa-goldp-v1.1-dev.json"
-TYDIQA_LANGUAGES = ["bn", "fi", "id", "ko", "ru", "sw", "te"]  # Table 4 (the paper's "in" = id)
 EVAL_BATCH_SIZE = None                 # None: train_qa.eval_batch_size (128 on CUDA, 16 on CPU)
 PREDICT_CHUNK = 2048                           # examples per train_qa.predict call
 HIDDEN_K = 10                                  # Table 1: top-10 answers on MLQA-dev
@@ -249,8 +244,8 @@ def _mlqa_tasks(mlqa_dir, explicit, splits, notes):
         return []
     tasks = []
     for split in splits:
-        for q in MLQA_LANGUAGES:
-            for c in MLQA_LANGUAGES:
+        for q in LANGUAGES:
+            for c in LANGUAGES:
                 path = mlqa_pair_path(mlqa_dir, split, q, c)
                 if not os.path.isfile(path):
                     raise InputError(f"{path}: file not found; run `python data/download.py mlqa`")
@@ -273,10 +268,9 @@ def _tydiqa_tasks(path, explicit, languages, notes):
     if not _present(path, os.path.isfile, explicit, "TyDiQA-GoldP",
                     "python data/download.py tydiqa", notes):
         return []
-    from data.download import TYDIQA_LANGUAGES as names  # id prefix -> code ('arabic' -> ar)
     by_lang = {}
     for ex in load_squad_examples(path):
-        lang = names.get(ex["id"].split("-", 1)[0])
+        lang = TYDIQA_ID_PREFIXES.get(ex["id"].split("-", 1)[0])
         if lang is None:
             raise InputError(f"{path}: question id '{ex['id']}' names no known language")
         by_lang.setdefault(lang, []).append(ex)
@@ -524,9 +518,9 @@ def main(argv=None):
     m.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 root (default {MLQA_DIR})")
     m.add_argument("--split", nargs="+", choices=["dev", "test"], default=["dev", "test"])
     m.add_argument("--xquad-dir", default=None, help=f"default {XQUAD_DIR}")
-    m.add_argument("--xquad-langs", nargs="+", default=XQUAD_LANGUAGES)
+    m.add_argument("--xquad-langs", nargs="+", default=XQUAD_ZERO_SHOT)
     m.add_argument("--tydiqa-file", default=None, help=f"default {TYDIQA_FILE}")
-    m.add_argument("--tydiqa-langs", nargs="+", default=TYDIQA_LANGUAGES,
+    m.add_argument("--tydiqa-langs", nargs="+", default=TYDIQA_ZERO_SHOT,
                    help="TyDiQA-GoldP languages (codes), or 'all'")
     m.add_argument("--skip", nargs="+", choices=["mlqa", "xquad", "tydiqa"], default=[],
                    help="data sets not to evaluate")

@@ -7,38 +7,42 @@ around the gold position s:
 
     rel(j) = 1  if  s - delta <= j < s + delta  else 0
 
-(half-open, 2*delta positions, as the authors' code `range(s - delta, s + delta)`). Eq. 5:
+(half-open, 2*delta positions, as the authors' code `range(s - delta, s + delta)`). Two scores:
+
+variant="first-hit" (the default): the reciprocal rank 1/r of the first relevant position in
+    the top k, 0 if none. This is what the authors' code computed for the published numbers (its
+    "mAP@k" has a single relevant item), and the only score that can draw the paper's Fig. 4
+    (alpha ~0.6 at the start, 1.0 from mid-training on): a confident teacher whose top-1 is
+    relevant scores 1.0 whatever its other nine positions are.
+
+variant="eq5": Eq. 5 as printed,
 
     alpha_kl^l = (1/N) sum_{i=1..N} AP@k_i,
     AP@k_i     = sum_{r=1..k} P(r) rel(r) / min(k, 2*delta)
 
-where N is the number of examples (rows) in the batch, r the rank, P(r) the precision of the
-top r (relevant among the first r, divided by r). The paper divides by 2*Delta; with k < 2*delta
-no ranking could reach AP = 1, so the normaliser is min(k, 2*delta), which equals the paper's
-2*Delta for the defaults k=10, delta=5. The normaliser does not shrink when the window is cut by
-the sequence edges or by masked positions (e.g. gold = [CLS] = 0, whose window is mostly before
-the sequence and over question tokens): such an example scores at most (allowed positions in
-its window) / min(k, 2*delta), so it always counts as a weaker teacher signal; nor does it shrink
-when fewer than k positions are allowed (then only those are ranked, and rel = 0 beyond them).
-The batch coefficient of Eq. 6 is the average of the start and end alphas: `map_at_k`.
+    where N is the number of examples (rows), r the rank, P(r) the precision of the top r. The
+    paper divides by 2*Delta; min(k, 2*delta) equals it for the defaults k=10, delta=5 (and keeps
+    AP <= 1 when k < 2*delta). The normaliser does not shrink when the window is cut by the
+    sequence edges or by masked positions, nor when fewer than k positions are allowed. So an
+    answer-less window (gold = [CLS] = 0: one allowed position in its window) scores at most 0.1,
+    and a confident teacher whose other top-10 positions lie outside the window scores 0.1; a
+    batch holding such rows can never reach alpha = 1, which is why Fig. 4 cannot come from it.
 
-variant="first-hit" is what the authors' public code computes (its "mAP@k" uses one relevant
-item): the reciprocal rank 1/r of the first top-k position inside the window, 0 if none.
-
+The coefficient of Eq. 6 is the average of the start and end alphas: `map_at_k`.
 Everything runs under torch.no_grad: alpha is a weight on the KL term, never a path for
 gradients. No Python loop over examples or ranks.
 """
 import torch
 
-VARIANTS = ("paper", "first-hit")
+VARIANTS = ("first-hit", "eq5")   # the first is the default
 
 
 @torch.no_grad()
-def average_precision_at_k(logits, gold, k=10, delta=5, variant="paper", mask=None):
+def average_precision_at_k(logits, gold, k=10, delta=5, variant="first-hit", mask=None):
     """AP@k of each row of `logits` [B, L] against gold positions `gold` [B] -> float tensor [B].
 
     mask: bool [B, L], True where a position may hold an answer; masked positions are never
-    ranked, even when fewer than k positions are allowed. variant: "paper" (Eq. 5) or "first-hit".
+    ranked, even when fewer than k positions are allowed. variant: "first-hit" or "eq5".
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -58,7 +62,7 @@ def average_precision_at_k(logits, gold, k=10, delta=5, variant="paper", mask=No
     rel = (allowed_pick & (top >= gold - delta) & (top < gold + delta)).float()  # window of Eq. 5
 
     ranks = torch.arange(1, kk + 1, device=logits.device, dtype=torch.float32)
-    if variant == "paper":
+    if variant == "eq5":
         precision = rel.cumsum(dim=1) / ranks                                  # P(r)
         return (precision * rel).sum(dim=1) / min(k, 2 * delta)                # Eq. 5, AP@k
     # first-hit: reciprocal rank of the first relevant position (argmax returns the first max)
@@ -68,7 +72,7 @@ def average_precision_at_k(logits, gold, k=10, delta=5, variant="paper", mask=No
 
 @torch.no_grad()
 def map_at_k(start_logits, end_logits, start_positions, end_positions, k=10, delta=5,
-             variant="paper", mask=None):
+             variant="first-hit", mask=None):
     """alpha = (mAP@k over the batch for start + the same for end) / 2 (Eq. 5, Eq. 6).
 
     Returns a 0-dim float tensor on the logits' device (no host sync; call float() to read it).

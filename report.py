@@ -29,11 +29,9 @@ import tempfile
 
 import numpy as np
 
-from common import InputError, atomic_write_text, read_json
+from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_write_text,
+                    read_json)
 
-LANGUAGES = ["en", "es", "de", "ar", "vi", "hi", "zh"]  # MLQA; the paper's figure order
-XQUAD_ZERO_SHOT = ["el", "ru", "tr", "th"]              # Table 4, XQuAD languages not trained on
-TYDIQA_ZERO_SHOT = ["bn", "fi", "id", "ko", "ru", "sw", "te"]  # Table 4 ("in" there = id)
 METRICS = {"f1": "F1", "exact_match": "EM"}
 FIGSIZE = (6.0, 5.0)  # inches per heat-map panel; PNG pixels = FIGSIZE * DPI
 DPI = 100

@@ -18,13 +18,9 @@ from collections import Counter
 
 import numpy as np
 
-from common import (ArgumentParser, InputError, atomic_write_json, examples_to_squad,
-                    load_squad_examples, run_main)
+from common import (LANGUAGES, SEED_LANGUAGE, XQUAD_DIR, ArgumentParser, InputError,
+                    atomic_write_json, examples_to_squad, load_squad_examples, run_main)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-XQUAD_DIR = os.path.join(HERE, "data", "xquad")
-TRAIN_LANGUAGES = ["en", "es", "de", "ar", "vi", "hi", "zh"]  # MLQA languages in XQuAD; fixed order
-SEED_LANGUAGE = "en"  # the source language, always in the set
 NTL = 5
 SEED = 3
 
@@ -45,7 +41,7 @@ def load_xquad(xquad_dir, languages):
     return by_lang
 
 
-def sample_cross_lingual(xquad_dir=XQUAD_DIR, ntl=NTL, seed=SEED, languages=TRAIN_LANGUAGES):
+def sample_cross_lingual(xquad_dir=XQUAD_DIR, ntl=NTL, seed=SEED, languages=LANGUAGES):
     """Eq. 3: the cross-lingual training examples, a flat list (common.load_squad_examples shape)
     with ids `{xquad_id}_{q}-{c}` and extra keys "question_lang", "context_lang"."""
     languages = list(languages)
@@ -85,7 +81,7 @@ def main():
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--output", required=True, help="SQuAD-format output file")
     parser.add_argument("--xquad-dir", default=XQUAD_DIR)
-    parser.add_argument("--languages", nargs="+", default=TRAIN_LANGUAGES,
+    parser.add_argument("--languages", nargs="+", default=LANGUAGES,
                         help="training languages, in this fixed order; must include en")
     args = parser.parse_args()
     if os.path.isdir(args.output):

@@ -1216,7 +1216,7 @@ def _map_brute_ap(row, gold, k, delta, variant, allowed):
             total += hits / r
             if first is None:
                 first = r
-    if variant == "paper":
+    if variant == "eq5":
         return total / min(k, 2 * delta)
     return 0.0 if first is None else 1.0 / first
 
@@ -1226,7 +1226,7 @@ def test_map_hand_example():
     logits = torch.tensor([[5.0, 0.0, 0.0, 9.0, 1.0, 0.0, 0.0, 3.0]])
     gold = torch.tensor([4])
     # top-4: 3 (rel), 0 (no), 7 (no), 4 (rel): AP = (1/1 + 2/4) / min(4, 4) = 0.375
-    ap = mapk.average_precision_at_k(logits, gold, k=4, delta=2)
+    ap = mapk.average_precision_at_k(logits, gold, k=4, delta=2, variant="eq5")
     assert ap.tolist() == pytest.approx([0.375])
     rr = mapk.average_precision_at_k(logits, gold, k=4, delta=2, variant="first-hit")
     assert rr.tolist() == pytest.approx([1.0])
@@ -1237,7 +1237,7 @@ def test_map_hand_example():
     assert rr.tolist() == pytest.approx([1 / 3])
 
 
-@pytest.mark.parametrize("variant", ["paper", "first-hit"])
+@pytest.mark.parametrize("variant", ["eq5", "first-hit"])
 def test_map_matches_brute_force(variant):
     gen = torch.Generator().manual_seed(0)
     rnd = random.Random(0)
@@ -1266,13 +1266,35 @@ def test_map_never_picks_masked_position_even_with_fewer_than_k_allowed():
     logits = torch.tensor([[0.0, 10.0, 11.0, 12.0, -1.0]])
     mask = torch.tensor([[True, False, False, False, True]])
     gold = torch.tensor([2])
-    ap = mapk.average_precision_at_k(logits, gold, k=10, delta=2, mask=mask)
+    ap = mapk.average_precision_at_k(logits, gold, k=10, delta=2, mask=mask, variant="eq5")
     # ranked: 0 (in [0, 4): rel), 4 (not rel); AP = 1 / min(10, 4)
     assert ap.tolist() == pytest.approx([0.25])
     rr = mapk.average_precision_at_k(logits, gold, k=10, delta=2, mask=mask, variant="first-hit")
     assert rr.tolist() == pytest.approx([1.0])
-    none_rel = mapk.average_precision_at_k(logits, torch.tensor([3]), k=10, delta=1, mask=mask)
-    assert none_rel.tolist() == [0.0]
+    for variant in mapk.VARIANTS:
+        none_rel = mapk.average_precision_at_k(logits, torch.tensor([3]), k=10, delta=1, mask=mask,
+                                               variant=variant)
+        assert none_rel.tolist() == [0.0]
+
+
+def test_map_default_is_first_hit_and_eq5_caps_answerless_windows():
+    """DESIGN (corrected 2026-11-28): first-hit is the default. An answer-less window (gold =
+    [CLS] = 0) whose teacher puts [CLS] first scores 1.0 under first-hit but at most
+    1 / min(k, 2*delta) = 0.1 under Eq. 5 as printed (one allowed position in its window)."""
+    import inspect
+    for fn in (mapk.average_precision_at_k, mapk.map_at_k):
+        assert inspect.signature(fn).parameters["variant"].default == "first-hit"
+    assert mapk.VARIANTS[0] == "first-hit" and distill.MAP_VARIANT == "first-hit"
+    # [CLS], a 4-token question and [SEP] (positions 1-5, not allowed), then the context
+    logits = torch.tensor([[9.0, 0, 0, 0, 0, 0, 3.0, 2.0, 1.0, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]])
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    allowed[0, 1:6] = False
+    gold = torch.tensor([0])                   # the answer is not in this window: gold = [CLS]
+    assert mapk.average_precision_at_k(logits, gold, mask=allowed).tolist() == [1.0]
+    eq5 = mapk.average_precision_at_k(logits, gold, mask=allowed, variant="eq5")
+    assert eq5.tolist() == pytest.approx([0.1])    # the window [-5, 5) holds one allowed position
+    alpha = mapk.map_at_k(logits, logits, gold, gold, mask=allowed)
+    assert float(alpha) == 1.0
 
 
 def test_map_alpha_is_mean_of_start_and_end_and_has_no_grad():
@@ -1284,9 +1306,9 @@ def test_map_alpha_is_mean_of_start_and_end_and_has_no_grad():
     mask[:, 0] = True
     alpha = mapk.map_at_k(s, e, sp, ep, k=10, delta=5, mask=mask)
     assert not alpha.requires_grad and alpha.dim() == 0
-    expected_s = sum(_map_brute_ap(s[b].tolist(), int(sp[b]), 10, 5, "paper", mask[b].tolist())
+    expected_s = sum(_map_brute_ap(s[b].tolist(), int(sp[b]), 10, 5, "first-hit", mask[b].tolist())
                      for b in range(5)) / 5
-    expected_e = sum(_map_brute_ap(e[b].tolist(), int(ep[b]), 10, 5, "paper", mask[b].tolist())
+    expected_e = sum(_map_brute_ap(e[b].tolist(), int(ep[b]), 10, 5, "first-hit", mask[b].tolist())
                      for b in range(5)) / 5
     assert float(alpha) == pytest.approx((expected_s + expected_e) / 2, abs=1e-6)
     # a perfect teacher (gold first, its window next) reaches alpha = 1
@@ -1350,7 +1372,7 @@ def test_distill_loss_equals_eq4_eq6_by_hand(mode, t):
 
     tolist = lambda x: x.tolist()  # noqa: E731
     ce_h, kl_h = _distill_hand_terms(*map(tolist, (s, e, ts, te, sp, ep, allowed)), t)
-    alpha_h = sum(_map_brute_ap(row.tolist(), int(g), k, delta, "paper", m.tolist())
+    alpha_h = sum(_map_brute_ap(row.tolist(), int(g), k, delta, "first-hit", m.tolist())
                   for x, gold in ((ts, sp), (te, ep)) for row, g, m in zip(x, gold, allowed)) / (2 * 3)
     expected_coef = {"skd-map": (1, alpha_h), "skd": (1, 1), "ce": (1, 0), "skd-noce": (0, 1),
                      "skd-map-noce": (0, alpha_h)}[mode]

@@ -28,12 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, InputError, atomic_output_dir, atomic_write_json,
+from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir, atomic_write_json,
                     load_squad_examples, run_main)
 
 # -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
 MODEL = "bert-base-multilingual-cased"
-TRAIN_FILE = "data/squad/train-v1.1.json"
 OUTPUT_DIR = "runs/mbert-qa-en"
 EPOCHS, LR, BATCH_SIZE, WEIGHT_DECAY, MAX_GRAD_NORM = 3, 3e-5, 24, 0.0, 1.0
 MAX_LENGTH, STRIDE = 384, 128                 # window length and overlap of the sliding window
@@ -477,7 +476,7 @@ def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_siz
 
 
 # -------------------------------------------------------------------- offset-recovery report
-def check_offsets(xquad_dir="data/xquad", model="tiny"):
+def check_offsets(xquad_dir=XQUAD_DIR, model="tiny"):
     """Per XQuAD language: windows that hold the gold answer, the share whose gold token span maps
     back (through the offsets) to text containing the answer, and the share that is exact."""
     files = sorted(glob.glob(os.path.join(xquad_dir, "xquad.*.json")))
@@ -509,7 +508,7 @@ def check_offsets(xquad_dir="data/xquad", model="tiny"):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help=f"hub name, local dir or 'tiny' (default {MODEL})")
-    p.add_argument("--train-file", default=TRAIN_FILE)
+    p.add_argument("--train-file", default=SQUAD_TRAIN_FILE)
     p.add_argument("--dev-file", default=None, help="SQuAD v1.1 file scored after training")
     p.add_argument("--output-dir", default=OUTPUT_DIR)
     p.add_argument("--epochs", type=int, default=EPOCHS)
@@ -524,7 +523,7 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=STRIDE)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
-    p.add_argument("--xquad-dir", default="data/xquad")
+    p.add_argument("--xquad-dir", default=XQUAD_DIR)
     args = p.parse_args(argv)
     if args.check_offsets:
         print(f"{'lang':4} {'examples':>8} {'answered':>8} {'windows':>7} {'contains':>8} {'exact':>6}")
@@ -537,8 +536,8 @@ def main(argv=None):
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.stride < args.max_length:
         raise InputError("--stride must be between 0 and --max-length")
-    if args.train_file == TRAIN_FILE and not os.path.exists(TRAIN_FILE):
-        raise InputError(f"{TRAIN_FILE}: not found; run `python data/download.py squad` first")
+    if args.train_file == SQUAD_TRAIN_FILE and not os.path.exists(SQUAD_TRAIN_FILE):
+        raise InputError(f"{SQUAD_TRAIN_FILE}: not found; run `python data/download.py squad` first")
     if os.path.exists(args.output_dir) and not args.overwrite:
         raise InputError(f"{args.output_dir}: output directory exists (pass --overwrite to replace it)")
     examples = load_squad_examples(args.train_file)[:args.max_examples]

@@ -26,10 +26,9 @@ import urllib.request
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (ArgumentParser, InputError, load_squad_examples, read_json,  # noqa: E402
-                    run_main)
+from common import (DATA_DIR, LANGUAGES, TYDIQA_ID_PREFIXES, ArgumentParser,  # noqa: E402
+                    InputError, load_squad_examples, read_json, run_main)
 
-DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 CHUNK = 1 << 16
 TIMEOUT = 60  # seconds without data before a download fails
 
@@ -38,16 +37,12 @@ SQUAD_FILES = {  # file name -> (official URL, question count)
     "dev-v1.1.json": ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json", 10570),
 }
 MLQA_URL = "https://dl.fbaipublicfiles.com/MLQA/MLQA_V1.zip"
-MLQA_LANGUAGES = ["en", "es", "de", "ar", "vi", "hi", "zh"]
 # Questions of the same-language files <split>-context-<l>-question-<l>.json (MLQA paper, Table 4).
 MLQA_COUNTS = {"dev": {"en": 1148, "de": 512, "es": 500, "ar": 517, "zh": 504, "vi": 511, "hi": 507},
                "test": {"en": 11590, "de": 4517, "es": 5253, "ar": 5335, "zh": 5137, "vi": 5495,
                         "hi": 4918}}
 TYDIQA_FILE = "tydiqa-goldp-v1.1-dev.json"
 TYDIQA_URL = "https://storage.googleapis.com/tydiqa/v1.1/" + TYDIQA_FILE
-TYDIQA_LANGUAGES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi",
-                    "indonesian": "id", "korean": "ko", "russian": "ru", "swahili": "sw",
-                    "telugu": "te"}
 TYDIQA_COUNTS = {"ar": 921, "bn": 113, "en": 440, "fi": 782, "id": 565, "ko": 276, "ru": 812,
                  "sw": 499, "te": 669}  # 5,077 in all
 
@@ -168,8 +163,8 @@ def verify_mlqa(root, check_counts=True):
     """root = .../MLQA_V1 with dev/ and test/ holding the 49 pair files each."""
     total = 0
     for split in ("dev", "test"):
-        for c in MLQA_LANGUAGES:
-            for q in MLQA_LANGUAGES:
+        for c in LANGUAGES:
+            for q in LANGUAGES:
                 path = os.path.join(root, split, f"{split}-context-{c}-question-{q}.json")
                 if not os.path.isfile(path):
                     raise InputError(f"{path}: missing from the MLQA archive")
@@ -230,9 +225,9 @@ def split_tydiqa(path, check_counts=True):
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 prefix = qa["id"].split("-", 1)[0]
-                if prefix not in TYDIQA_LANGUAGES:
+                if prefix not in TYDIQA_ID_PREFIXES:
                     raise InputError(f"{path}: question id '{qa['id']}' names no known language")
-                lang = TYDIQA_LANGUAGES[prefix]
+                lang = TYDIQA_ID_PREFIXES[prefix]
                 split = out.setdefault(lang, {"version": dataset.get("version", "1.1"),
                                               "data": [], "_last": None})
                 if split["_last"] is not paragraph:  # copy the article/paragraph skeleton
