@@ -6,10 +6,11 @@ optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenize
 
     python data/download.py squad                        # once: data/squad/train-v1.1.json, dev-v1.1.json
     python train_qa.py                                   # mBERT, 3 epochs, lr 3e-5, batch 24 (Sec. 4.1)
-    python train_qa.py --dev-file data/squad/dev-v1.1.json --overwrite   # same, then SQuAD dev EM/F1
     torchrun --nproc_per_node 4 train_qa.py              # same, 4 GPUs (batch 24 = 4 x 6)
     python train_qa.py --model tiny --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny
     python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|DIR]   # offset recovery report
+    python evaluate_mlqa.py --model runs/mbert-qa-en --output-dir runs/mbert-qa-en/squad-dev \
+        --skip mlqa xquad tydiqa --dataset data/squad/dev-v1.1.json --squad   # SQuAD dev EM/F1
 
 --batch-size is the effective batch of one optimiser step: world_size x micro-batch x --grad-accum.
 On a small CPU shared with other jobs, OMP_NUM_THREADS=1 is often several times faster.
@@ -19,7 +20,6 @@ weight decay 0, Adam betas (0.9, 0.999), eps 1e-8, gradient clipping at norm 1.0
 import contextlib
 import datetime
 import glob
-import json
 import math
 import os
 import time
@@ -509,7 +509,6 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help=f"hub name, local dir or 'tiny' (default {MODEL})")
     p.add_argument("--train-file", default=SQUAD_TRAIN_FILE)
-    p.add_argument("--dev-file", default=None, help="SQuAD v1.1 file scored after training")
     p.add_argument("--output-dir", default=OUTPUT_DIR)
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--lr", type=float, default=LR)
@@ -543,9 +542,6 @@ def main(argv=None):
     examples = load_squad_examples(args.train_file)[:args.max_examples]
     if not examples:
         raise InputError(f"{args.train_file}: no examples")
-    dev = load_squad_examples(args.dev_file) if args.dev_file else None
-    if dev is not None:
-        from evaluate_mlqa import evaluate_predictions
 
     rank, world_size, device, is_master = setup_distributed()
     torch.set_float32_matmul_precision("high")      # TF32 on Ampere+ GPUs
@@ -562,10 +558,6 @@ def main(argv=None):
     if is_master:
         save_model(model, tokenizer, args.output_dir, args.overwrite, {"train_args.json": vars(args)})
         print(f"saved {args.output_dir}")
-        if dev is not None:                          # SQuAD v1.1 rules; saved first, scored after
-            metrics = evaluate_predictions(dev, predict(model, tokenizer, dev), "squad")
-            atomic_write_json(os.path.join(args.output_dir, "dev_metrics.json"), metrics)
-            print(json.dumps(metrics))
     if world_size > 1:
         torch.distributed.destroy_process_group()
 
