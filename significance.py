@@ -62,6 +62,8 @@ CONFIDENCE = 0.95           # two-sided percentile interval
 SEED = 0                    # np.random.default_rng seed; results are reproducible for a seed
 CHUNK_ELEMENTS = 8_000_000  # resamples x units per chunk: ~64 MB per [chunk, units] array of
                             # int64/float64, three alive at once, so peak memory stays < ~300 MB
+TIE_TOLERANCE = 1e-9        # score units (0..100): resampled differences this close to the
+                            # p-value's boundary |d* - d| = |d| count as reaching it (rounding)
 WILCOXON_ZERO_METHOD = "wilcox"  # scipy's default (drop zero differences), as the authors ran it
 
 
@@ -226,8 +228,9 @@ def _interval_and_p(observed, resampled, confidence):
     tail = (1 - confidence) / 2
     low, high = np.quantile(finite, [tail, 1 - tail])
     # |d* - d| >= |d|: how often the null-centred distribution (d* - d) is at least as extreme
-    # as d. For d = 0 every resample counts and p = 1.
-    extreme = np.count_nonzero(np.abs(finite - observed) >= abs(observed))
+    # as d. For d = 0 every resample counts and p = 1. Small cases put resamples exactly on the
+    # boundary (d* = 0 or 2d), where rounding must not decide.
+    extreme = np.count_nonzero(np.abs(finite - observed) >= abs(observed) - TIE_TOLERANCE)
     p = (1 + extreme) / (finite.size + 1)
     return [float(low), float(high)], float(p)
 
