@@ -32,7 +32,7 @@ Drawing instances keeps every correlation between pairs, and the aggregate's int
 
 Why not the authors' Wilcoxon test. Their (unpublished) test runs scipy's Wilcoxon signed-rank
 test on the per-example F1 differences pooled over pairs. It (a) treats the examples of all pairs
-as independent, which they are not (above), so its p-values are too small; (b) tests whether the
+as independent, which they are not (above), so its p-values are typically too small; (b) tests whether the
 per-example differences are symmetric around zero (a median-type shift; with scipy's default
 zero_method the many examples where both models agree are dropped), not whether the difference of
 pair means that the tables report is zero; and (c) in the authors' script the "XLT" selection
@@ -60,8 +60,8 @@ from common import InputError
 N_RESAMPLES = 10_000        # bootstrap resamples; the p-value's resolution is 1 / (N + 1)
 CONFIDENCE = 0.95           # two-sided percentile interval
 SEED = 0                    # np.random.default_rng seed; results are reproducible for a seed
-CHUNK_ELEMENTS = 8_000_000  # resamples x units per chunk: ~64 MB per [chunk, units] array of
-                            # int64/float64, three alive at once, so peak memory stays < ~300 MB
+CHUNK_ELEMENTS = 8_000_000  # resamples x units per chunk: 64 MB per [chunk, units] int64 or
+                            # float64 array, at most two alive at once: peak memory < ~300 MB
 TIE_TOLERANCE = 1e-9        # score units (0..100): resampled differences this close to the
                             # p-value's boundary |d* - d| = |d| count as reaching it (rounding)
 WILCOXON_ZERO_METHOD = "wilcox"  # scipy's default (drop zero differences), as the authors ran it
@@ -138,7 +138,10 @@ def _check_aggregates(aggregates, cell_names):
 def _unit_order(checked):
     """The distinct units of all cells in a fixed order (sorted when the ids can be sorted), so
     that a unit's index, and hence the resamples, do not depend on the order of the cells."""
-    distinct = dict.fromkeys(u for units, *_ in checked.values() for u in units)
+    try:
+        distinct = dict.fromkeys(u for units, *_ in checked.values() for u in units)
+    except TypeError as e:
+        raise InputError(f"unit ids must be hashable (strings, numbers): {e}") from None
     try:
         return sorted(distinct)
     except TypeError:  # ids of mixed types: first appearance

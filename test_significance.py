@@ -272,6 +272,7 @@ GOOD = {"x": (["a", "b"], [0.0, 100.0], [100.0, 100.0])}
     (dict(cells={"x": (["a"], [math.nan], [1.0])}), "cell 'x': scores must be finite"),
     (dict(cells={"x": (["a"], ["good"], [1.0])}), "cell 'x': scores must be numbers"),
     (dict(cells={"x": (["a"], [1.0])}), "cell 'x': expected"),
+    (dict(cells={"x": ([["a"]], [1.0], [2.0])}), "unit ids must be hashable"),
     (dict(cells=GOOD, aggregates={"all": ["x", "y"]}), "aggregate 'all': unknown cell 'y'"),
     (dict(cells=GOOD, aggregates={"all": []}), "aggregate 'all': no cells"),
     (dict(cells=GOOD, aggregates={"all": ["x", "x"]}), "listed twice"),
