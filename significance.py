@@ -31,11 +31,11 @@ only ~12,000 instances; intervals of G-XLT would come out too narrow and p-value
 Drawing instances keeps every correlation between pairs, and the aggregate's interval follows.
 
 Why not the authors' Wilcoxon test. Their (unpublished) test runs scipy's Wilcoxon signed-rank
-test on the per-example F1 differences pooled over pairs. It (a) treats the examples of all pairs
-as independent, which they are not (above), so its p-values are typically too small; (b) tests whether the
-per-example differences are symmetric around zero (a median-type shift; with scipy's default
-zero_method the many examples where both models agree are dropped), not whether the difference of
-pair means that the tables report is zero; and (c) in the authors' script the "XLT" selection
+test on the per-example F1 differences pooled over pairs. It (a) treats the examples of all
+pairs as independent, which they are not (above), so its p-values are typically too small; (b)
+tests whether the per-example differences are symmetric around zero (a median-type shift; with
+scipy's default zero_method the many examples where both models agree are dropped), not whether
+the difference of pair means that the tables report is zero; and (c) in the authors' script the "XLT" selection
 (same-language pairs) was applied after the scores were pooled, so its XLT p-values came from all
 pairs. `wilcoxon_p` is that test done right as far as it can be: the caller selects the XLT
 examples before calling it. It is reported for comparability; the bootstrap is the one to trust.
@@ -288,7 +288,8 @@ def align_cells(scores_a, scores_b, unit_of=None):
     same example ids. unit_of: example id -> resampling unit (default: the id itself, right for
     MLQA, whose question id is shared by an instance's pairs). Ids are sorted within a cell.
     """
-    missing = [c for c in scores_a if c not in scores_b] + [c for c in scores_b if c not in scores_a]
+    missing = [c for c in scores_a if c not in scores_b] + \
+        [c for c in scores_b if c not in scores_a]
     if missing:
         side = "B" if missing[0] in scores_a else "A"
         raise InputError(f"cell '{missing[0]}' has no scores for model {side}")

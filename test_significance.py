@@ -1,4 +1,4 @@
-"""Tests of significance.py (issue 11): `python -m pytest test_significance.py -q` (CPU, seconds)."""
+"""Tests of significance.py (issue 11): `python -m pytest test_significance.py -q` (CPU, ~1 s)."""
 import itertools
 import math
 
@@ -139,7 +139,8 @@ def test_bootstrap_distribution_matches_exact_enumeration(monkeypatch, chunk_ele
 
 
 def test_interval_and_p_come_from_the_resampled_distribution():
-    cells = {"x": ([0, 0, 1, 2, 3, 4, 5], [0, 0, 100, 50, 0, 0, 100], [100, 0, 100, 100, 0, 50, 100])}
+    cells = {"x": ([0, 0, 1, 2, 3, 4, 5], [0, 0, 100, 50, 0, 0, 100],
+                   [100, 0, 100, 100, 0, 50, 100])}
     observed, boot = sig.resample_differences(cells, n_resamples=3000, seed=5)
     r = sig.bootstrap_differences(cells, n_resamples=3000, seed=5, confidence=0.9)["x"]
     d = observed["x"]
@@ -148,7 +149,8 @@ def test_interval_and_p_come_from_the_resampled_distribution():
 
 
 def test_a_resample_on_the_p_value_boundary_counts_despite_rounding():
-    d = 0.1 * 3                   # 0.30000000000000004; a resample of 0.6 = 2d lies on |d* - d| = |d|
+    d = 0.1 * 3                   # 0.30000000000000004; a resample of 0.6 = 2d lies on the
+                                  # boundary |d* - d| = |d|
     assert abs(0.6 - d) < abs(d)  # ... but rounding puts it just inside
     _, p = sig._interval_and_p(d, np.array([0.6, 0.35]), 0.95)
     assert p == pytest.approx((1 + 1) / 3)
