@@ -35,10 +35,11 @@ test on the per-example F1 differences pooled over pairs. It (a) treats the exam
 pairs as independent, which they are not (above), so its p-values are typically too small; (b)
 tests whether the per-example differences are symmetric around zero (a median-type shift; with
 scipy's default zero_method the many examples where both models agree are dropped), not whether
-the difference of pair means that the tables report is zero; and (c) in the authors' script the "XLT" selection
-(same-language pairs) was applied after the scores were pooled, so its XLT p-values came from all
-pairs. `wilcoxon_p` is that test done right as far as it can be: the caller selects the XLT
-examples before calling it. It is reported for comparability; the bootstrap is the one to trust.
+the difference of pair means that the tables report is zero; and (c) in the authors' script the
+"XLT" selection (same-language pairs) was applied after the scores were pooled, so its XLT
+p-values came from all pairs. `wilcoxon_p` is that test done right as far as it can be: the
+caller selects the XLT examples before calling it. It is reported for comparability; the
+bootstrap is the one to trust.
 
 No correction for multiple comparisons is made: the 49 per-pair p-values are each a test of
 their own pair; about 1 in 20 pairs with no real difference will show p < 0.05.
