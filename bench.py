@@ -8,7 +8,7 @@
 Both sides run on the same cross-lingual XQuAD sample (sample.py, ntl=5, seed=3), the same model
 shape and the same random weights, in one process:
 
-  ours       distill.py's real training step (distill.forward_backward + distill.optimizer_step:
+  ours       distill.py's real training step (distill.row_passes, forward_backward, optimizer_step:
              length-grouped batches padded to their longest window, SDPA attention, Eq. 1's
              softmax over allowed positions, vectorised mAP@k, bf16 autocast and fused AdamW on
              CUDA, the teacher a persistent module synced by load_state_dict) and train_qa.predict's
@@ -258,7 +258,7 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
     teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
     optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
     scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
-    opts = distill.StepOptions(mode="skd-map", t=2.0, k=10, delta=5, map_variant="first-hit")
+    opts = distill.StepOptions(map_k=True, t=2.0)          # distill.py's defaults otherwise
     ours_batches, tokens = feed(), []
 
     def ours(n):
@@ -267,9 +267,9 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
             for _ in range(n):
                 idx = next(ours_batches)
                 tokens.append(int(lengths[idx].sum()))
-                batch = train_qa.collate(features, idx, tokenizer.pad_token_id, device)
-                distill.forward_backward(student, teacher, batch, opts,
-                                         rows=train_qa.compute_rows(device))
+                for rows, share in distill.row_passes([idx], opts.alpha_rows, device):
+                    batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
+                    distill.forward_backward(student, teacher, batch, opts, share)
                 distill.optimizer_step(student, optimizer, scheduler)
         return run
     ours(warmup)()

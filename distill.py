@@ -1,28 +1,27 @@
 """Phase 2 (paper Sec. 4.2-4.4, 5.2): self-knowledge distillation in generations, with mAP@k.
 
 Continues training mBERT-qa-en (train_qa.py) on cross-lingual samples of XQuAD (Sec. 4.2, Eq. 3).
-The teacher has the student's architecture; it starts as the initial model and at the start of
-every epoch after the first it is replaced by the student (Sec. 4.3, "generations"). It runs in
-eval mode (no dropout) without gradients. Per forward batch:
+The teacher has the student's architecture; it starts as the initial model, and at the start of
+every epoch after the first it becomes a copy of the student (Sec. 4.3, "generations"). It runs in
+eval mode (no dropout), without gradients. Per row (window) of a batch:
 
-    L = a_ce * CE(gold, p) + a_kl * t^2 * KL(p_teacher^t || p_student^t)          # Eq. 4 / Eq. 6
+    l = a_ce * CE(gold, p) + a_kl * t^2 * KL(p_teacher^t || p_student^t)          # Eq. 4 / Eq. 6
 
 each term averaged over the start and end distributions; every softmax runs over the positions
-that may hold an answer, the context tokens and [CLS] (Eq. 1); the KL uses temperature t on both
-sides and batch-mean reduction (Hinton et al.); CE is train_qa.ce_loss (Eq. 2, t = 1).
+that may hold an answer (Eq. 1: the context tokens and [CLS]; train_qa.qa_logits masks the rest).
+The loss of an optimisation step is the mean over its groups of --alpha-rows rows (default 6) of
+the group means of l: the authors' 24-row step is 4 accumulated micro-batches of 6 rows, each
+with its own alpha, computed here inside one whole-batch pass.
 
-    flags                a_ce  a_kl                                  paper
-    --map-k              1     alpha = mAP@k of the teacher (Eq. 5)  skd, mAP@k (Eq. 6)
-    (none)               1     1                                     skd (Eq. 4)
-    --ce-only            1     -- (no teacher pass at all)           w/ ce (Table 2 baseline)
-    --no-ce [--map-k]    0     1 or alpha                            w/o ce (Table 5 ablation)
-
-alpha is computed per forward batch (per device micro-batch under DDP / --grad-accum, as in the
-authors' code) from the TEACHER's logits against the gold positions, without gradients.
+    flags                a_ce  a_kl                                          paper
+    --map-k              1     alpha = mAP@k of the teacher, per row group   skd, mAP@k (Eq. 5, 6)
+    (none)               1     1                                             skd (Eq. 4)
+    --ce-only            1     -- (no teacher pass at all)                   w/ ce (Table 2)
+    --no-ce [--map-k]    0     1 or alpha                                    w/o ce (Table 5)
 
     python distill.py --ntl 5 --t 2 --map-k                   # -> runs/distill-ntl5-t2-skd-map
     python distill.py --ntl 5 --t 2                           # plain skd
-    python distill.py --ntl 5 --ce-only                       # "w/ ce" baseline
+    python distill.py --ntl 3 --ce-only                       # "w/ ce" baseline
     python distill.py --ntl 5 --t 2 --map-k --no-ce           # Table 5 ablation
     python distill.py --ntl 5 --t 2 --map-k --resume          # continue from the last checkpoint
     torchrun --nproc_per_node 4 distill.py --ntl 5 --t 2 --map-k     # DDP, batch 24 = 4 x 6
@@ -32,17 +31,19 @@ authors' code) from the TEACHER's logits against the gold positions, without gra
 pairs together, so that is about N/(1+ntl)^2 ids with all their pairs).
 
 Output directory (default runs/distill-ntl{ntl}-t{t}-{mode}; -ntl{ntl}-ce for --ce-only):
-  config.json, model.safetensors, tokenizer files   the final model, written last (HF directory,
-        loads in transformers.pipeline("question-answering")): the best-on-dev student by MLQA-dev
-        G-XLT F1 (Sec. 5.2) when --mlqa-dir holds dev files, else the last student
+  config.json, model.safetensors, tokenizer files   the final model, written last: the student
+        after the last epoch, as the authors' scripts keep it (--keep-best-epoch: the epoch with
+        the best MLQA-dev G-XLT F1 instead); loads with AutoModelForQuestionAnswering/AutoTokenizer
   train_log.jsonl    one row per optimisation step: step, epoch (1-based), lr, loss, ce, kl, alpha
+                     (alpha: the mean over the step's row groups)
   alpha.png          alpha over training, epoch boundaries marked (Fig. 4 / Fig. 7)
-  dev_metrics.jsonl  one row per epoch with MLQA-dev pairs, XLT and G-XLT (when evaluated)
+  dev_metrics.jsonl  one row per epoch with MLQA-dev pairs, XLT and G-XLT (when MLQA is present)
+  args.json          the run's options (ntl, t, mode, ...), read by evaluate_mlqa.py --sweep
   checkpoint/        config + tokenizer of the run and state.pt: student, teacher, optimiser,
         scheduler, RNG states of every rank, epochs done, step, best dev score; replaced
         atomically at the end of every epoch; --resume continues from it (same final weights as
         an uninterrupted run; bitwise on CPU). The data order is a function of (seed, epoch).
-  best-epoch{N}/     the best-on-dev student so far (moved to the top level at the end)
+  best-epoch{N}/     with --keep-best-epoch: the best student so far (the final model at the end)
 """
 import argparse
 import contextlib
@@ -59,122 +60,252 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
 
+import report
 import train_qa
-from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json, atomic_write_text,
-                    load_squad_examples, read_json, run_main)
+from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
+                    atomic_write_text, load_squad_examples, read_json, run_main)
 from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
-from map_at_k import VARIANTS, map_at_k
+from map_at_k import VARIANTS, alpha_per_row
 from sample import sample_cross_lingual
-from train_qa import (MASK_VALUE, build_features, ce_loss, collate, length_grouped_batches,
-                      load_model_and_tokenizer, make_optimizer, make_scheduler, optimizer_step,
-                      qa_logits, save_model, setup_distributed)
+from train_qa import (build_features, collate, length_grouped_batches, load_model_and_tokenizer,
+                      make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
+                      setup_distributed)
 
 # -------------------------------------------------------------------- defaults (Sec. 5.2, DESIGN)
-MODEL = "runs/mbert-qa-en"                 # phase 1's output
+MODEL = "runs/mbert-qa-en"                 # phase 1's output (train_qa.py)
 NTL, T = 5, 2.0                            # target languages per id (Eq. 3), KD temperature
-EPOCHS, LR, BATCH_SIZE, SEED = 3, 5e-5, 24, 3   # the authors' scripts: 5e-5, 6 x 4 = 24, 3 epochs
-K, DELTA, MAP_VARIANT = 10, 5, "first-hit"  # Eq. 5: top-k, window of 2*delta tokens, score
-MAX_LENGTH, STRIDE = train_qa.MAX_LENGTH, train_qa.STRIDE
+EPOCHS, LR, BATCH_SIZE, SEED = 3, 5e-5, 24, 3   # the authors' scripts (not the paper's 1e-3)
+K, DELTA, MAP_VARIANT = 10, 5, "first-hit"  # Eq. 5: top k, window of 2*delta tokens, the score
+ALPHA_ROWS = 6                             # rows per alpha: the authors' micro-batch (6 x 4 = 24)
+CPU_PASS_ROWS = 8                          # a CPU runs 6-16-row passes 1.1-1.4x faster than 24
 # options that must match for --resume (the rest, e.g. --mlqa-dir, may change)
-RESUME_KEYS = ("model", "ntl", "t", "mode", "k", "delta", "map_variant", "epochs", "lr",
-               "batch_size", "grad_accum", "seed", "max_examples", "max_length", "stride",
-               "weight_decay", "xquad_dir")
+RESUME_KEYS = ("model", "ntl", "t", "mode", "k", "delta", "map_variant", "alpha_rows", "epochs",
+               "lr", "batch_size", "grad_accum", "seed", "max_examples", "max_length", "stride",
+               "weight_decay", "xquad_dir", "keep_best_epoch", "precision")
 
 
 class NonFiniteLoss(Exception):
     """The loss became NaN/inf: the run stops, the last checkpoint stays as it was."""
 
 
-# -------------------------------------------------------------------- the loss (Eq. 4, Eq. 6)
-def mode_name(ce_only=False, map_k=False, no_ce=False):
-    if ce_only:
-        return "ce"
-    return ("skd-map" if map_k else "skd") + ("-noce" if no_ce else "")
+# -------------------------------------------------------------------- the run, as the paper reads
+def main(argv=None):
+    args = parse_args(argv)
+    out = check_output_dir(args)
+    rank, world_size, device, is_master = setup_distributed()
+    micro = rows_per_pass(args, world_size)
+    # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
+    examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
+    student, tokenizer = load_student(args, examples, out)
+    features = build_features(examples, tokenizer, args.max_length, args.stride)   # windows
+    lengths = np.array([len(x) for x in features["input_ids"]])
+    epoch_batches = lambda epoch: length_grouped_batches(  # noqa: E731 (same order on resume)
+        lengths, micro, args.seed, epoch, rank=rank, world_size=world_size)
+    steps_per_epoch = count_steps(epoch_batches(0), args.grad_accum, len(lengths))
+    if is_master and not args.resume:
+        start_output_dir(out, student, tokenizer, args)
+    barrier(world_size)
+    student.to(device).train()
+    model = ddp(student, device) if world_size > 1 else student
+    teacher = None if args.ce_only else frozen_copy(student)     # generation 0: the initial model
+    optimizer = make_optimizer(student, args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * args.epochs)
+    checkpoint = Checkpoint(out, student, teacher, optimizer, scheduler)
+    torch.manual_seed(args.seed + rank)                          # dropout stream, as train_qa
+    epoch0, step, best = checkpoint.restore(args, rank, world_size, is_master) if args.resume \
+        else (0, 0, None)
+    dev = DevSet(args.mlqa_dir or MLQA_DIR, args.precision) if is_master else None   # Sec. 5.2
+    log = RunLog(out, is_master, len(examples), len(lengths), steps_per_epoch, args, device,
+                 world_size, dev)
+    opts = step_options(args)
+    for epoch in range(epoch0, args.epochs):
+        if teacher is not None and epoch > 0:
+            teacher.load_state_dict(student.state_dict())        # Sec. 4.3: a new generation
+        bar = log.epoch_bar(epoch, steps_per_epoch)
+        for step_batches in chunks(epoch_batches(epoch), args.grad_accum):  # one optimiser step
+            passes = row_passes(step_batches, args.alpha_rows, device)
+            stats = sum(forward_backward(model, teacher,              # teacher pass, alpha (Eq. 5),
+                                         collate(features, idx, tokenizer.pad_token_id, device),
+                                         opts, share, sync=i + 1 == len(passes))   # loss (Eq. 6)
+                        for i, (idx, share) in enumerate(passes))
+            loss, ce, kl, alpha = mean_over_ranks(stats, world_size)
+            step += 1
+            check_finite(loss, step, epoch, checkpoint.state_path)
+            lr = scheduler.get_last_lr()[0]
+            optimizer_step(student, optimizer, scheduler)        # clip, AdamW, schedule
+            log.step(bar, step, epoch, lr, loss, ce, kl if teacher else None,
+                     alpha if teacher else None, sum(len(idx) for idx in step_batches) * world_size)
+        bar.close()
+        # end of epoch: MLQA-dev scores (rank 0), then the checkpoint every rank contributes to
+        metrics = dev.score(student, tokenizer, device) if dev else None
+        best = keep_best(out, args, epoch, metrics, best, student, tokenizer) if is_master else best
+        checkpoint.save(epoch + 1, step, best, run_args(args), world_size, is_master)
+        log.epoch_done(epoch, step, loss, metrics)
+        if stop_early(args, epoch, is_master):
+            break
+    else:
+        if is_master:
+            install_final_model(out, args, student, tokenizer, best, log)
+    log.close()
+    finish(world_size)
 
 
-def coefficients(mode, alpha=None):
-    """(a_ce, a_kl) of Eq. 4 for a mode; with mAP@k, a_kl = alpha (Eq. 6) and a_ce = 1."""
-    a_ce = 0.0 if mode.endswith("-noce") else 1.0
-    if mode == "ce":
-        return a_ce, 0.0
-    if mode.startswith("skd-map"):
-        if alpha is None:
-            raise ValueError("mode skd-map needs alpha (Eq. 5)")
-        return a_ce, alpha
-    return a_ce, 1.0
-
-
-def kl_term(student_logits, teacher_logits, allowed, t):
-    """t^2 * KL(p_teacher^t || p_student^t) over the allowed positions, batch mean (Eq. 4)."""
-    # Eq. 1 at temperature t: softmax over the allowed positions only
-    log_p_s = F.log_softmax(student_logits.float().masked_fill(~allowed, MASK_VALUE) / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float().masked_fill(~allowed, MASK_VALUE) / t, dim=-1)
-    terms = torch.where(allowed, log_p_t.exp() * (log_p_t - log_p_s), torch.zeros_like(log_p_s))
-    return terms.sum(dim=-1).mean() * (t * t)
-
-
-def distill_loss(start_logits, end_logits, start_positions, end_positions, allowed,
-                 teacher_start=None, teacher_end=None, t=T, a_ce=1.0, a_kl=1.0):
-    """Eq. 4 / Eq. 6 -> (loss, ce, kl); kl is None without teacher logits (the "w/ ce" mode).
-
-    CE: train_qa.ce_loss (Eq. 2), mean over the batch of (CE_start + CE_end) / 2, at t = 1.
-    KL: (KL_start + KL_end) / 2 with temperature t on both sides, x t^2, batch mean.
-    Positions where `allowed` is False are outside every softmax (Eq. 1).
-    """
-    start_logits = start_logits.float().masked_fill(~allowed, MASK_VALUE)
-    end_logits = end_logits.float().masked_fill(~allowed, MASK_VALUE)
-    ce = ce_loss(start_logits, end_logits, start_positions, end_positions)     # Eq. 2
-    if teacher_start is None:
-        return a_ce * ce, ce, None
-    kl = (kl_term(start_logits, teacher_start, allowed, t) +
-          kl_term(end_logits, teacher_end, allowed, t)) / 2
-    loss = a_kl * kl if a_ce == 0 else a_ce * ce + a_kl * kl                   # Eq. 4 / Eq. 6
-    return loss, ce, kl
-
-
-# -------------------------------------------------------------------- one training step
+# -------------------------------------------------------------------- one micro-batch (Eq. 4-6)
 class StepOptions(NamedTuple):
-    """What a training step needs to know of the run: the mode and Eq. 4-6's hyper-parameters."""
-    mode: str = "skd-map"
+    """The flags and Eq. 4-6 hyper-parameters a training step needs."""
+    map_k: bool = True                    # a_kl = alpha (Eq. 6) instead of 1 (Eq. 4)
+    no_ce: bool = False                   # a_ce = 0 (Table 5 ablation)
     t: float = T
     k: int = K
     delta: int = DELTA
     map_variant: str = MAP_VARIANT
+    alpha_rows: int = ALPHA_ROWS
+    precision: str = "auto"
 
 
-def forward_backward(model, teacher, batch, opts, scale=1.0, rows=None):
-    """One micro-batch: teacher pass (eval, no gradients), alpha of Eq. 5 from the teacher's logits
-    against the gold positions, student pass, the loss of Eq. 4 / Eq. 6, backward of scale * loss.
-    teacher is None in the "ce" mode. Returns the detached [loss, ce, kl, a_kl] (no host sync).
+def step_options(args):
+    return StepOptions(args.map_k, args.no_ce, args.t, args.k, args.delta, args.map_variant,
+                       args.alpha_rows, args.precision)
 
-    rows: run both models over slices of this many rows (train_qa.compute_rows: a CPU runs 8-row
-    slices faster than a 24-row batch). The loss and its gradient are the same: CE and KL are
-    means over the rows, and alpha, a weight per batch (Eq. 6), is computed once over all of them.
-    """
-    n = batch["input_ids"].shape[0]
-    parts = [{k: v[lo:lo + (rows or n)] for k, v in batch.items()} for lo in range(0, n, rows or n)]
-    t_logits = alpha = None
+
+def forward_backward(model, teacher, batch, opts, scale=1.0, sync=True):
+    """Sec. 4.3-4.4 on one micro-batch: the teacher's soft labels, alpha of Eq. 5 from them,
+    the student's logits, the loss of Eq. 4 / Eq. 6, backward of scale * loss. teacher None:
+    cross-entropy only ("w/ ce"). sync False: no DDP gradient all-reduce yet (accumulating).
+    Returns the detached [loss, ce, kl, alpha] x scale (no host sync)."""
+    gold = batch["start_positions"], batch["end_positions"]
+    t_start = t_end = None
+    a_kl = torch.ones(len(gold[0]), device=gold[0].device)
     if teacher is not None:
         with torch.no_grad():
-            t_logits = [qa_logits(teacher, part) for part in parts]
-        if opts.mode.startswith("skd-map"):
-            # Eq. 5 on the teacher's logits of the whole batch -> a_kl of Eq. 6
-            alpha = map_at_k(torch.cat([s for s, _ in t_logits]), torch.cat([e for _, e in t_logits]),
-                             batch["start_positions"], batch["end_positions"],
-                             opts.k, opts.delta, opts.map_variant, mask=batch["allowed"])
-    a_ce, a_kl = coefficients(opts.mode, alpha)
-    stats = torch.zeros(3, device=batch["input_ids"].device)
-    for i, part in enumerate(parts):
-        share = part["input_ids"].shape[0] / n
-        s_start, s_end = qa_logits(model, part)
-        t_start, t_end = t_logits[i] if t_logits is not None else (None, None)
-        loss, ce, kl = distill_loss(s_start, s_end, part["start_positions"], part["end_positions"],
-                                    part["allowed"], t_start, t_end, opts.t, a_ce, a_kl)
-        (loss * (scale * share)).backward()
-        stats += share * torch.stack([loss.detach(), ce.detach(),
-                                      torch.zeros_like(ce) if kl is None else kl.detach()])
-    return torch.cat([stats, torch.as_tensor(a_kl, dtype=torch.float32, device=stats.device).view(1)])
+            t_start, t_end = qa_logits(teacher, batch, opts.precision)        # soft labels
+        if opts.map_k:                                                        # Eq. 5, per group
+            a_kl = alpha_per_row(t_start, t_end, *gold, opts.alpha_rows, opts.k, opts.delta,
+                                 opts.map_variant, mask=batch["allowed"])
+    with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+        s_start, s_end = qa_logits(model, batch, opts.precision)             # Eq. 1
+        loss, ce, kl = distill_loss(s_start, s_end, *gold, t_start, t_end, opts.t,
+                                    a_ce=0.0 if opts.no_ce else 1.0, a_kl=a_kl,
+                                    group_rows=opts.alpha_rows)               # Eq. 4 / Eq. 6
+        (loss * scale).backward()
+    alpha = (group_weights(len(a_kl), opts.alpha_rows, a_kl.device) * a_kl).sum()
+    kl = torch.zeros_like(ce) if kl is None else kl
+    return torch.stack([loss.detach(), ce.detach(), kl.detach(), alpha]) * scale
+
+
+def kl_rows(student_logits, teacher_logits, t):
+    """t^2 * KL(p_teacher^t || p_student^t) of each row (Eq. 4, Hinton et al.'s t^2). Both logits
+    come Eq. 1-masked from qa_logits: a masked position has probability 0 on both sides."""
+    log_p_student = F.log_softmax(student_logits / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / t, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1) * t * t
+
+
+def group_weights(n_rows, group_rows, device):
+    """Row weights w such that sum(w * x) is the mean over groups of `group_rows` consecutive rows
+    (the last group may be shorter) of the group means of x."""
+    group = torch.arange(n_rows, device=device) // group_rows
+    sizes = torch.bincount(group)
+    return 1.0 / (len(sizes) * sizes[group])
+
+
+def distill_loss(start_logits, end_logits, start_positions, end_positions, teacher_start=None,
+                 teacher_end=None, t=T, a_ce=1.0, a_kl=1.0, group_rows=None):
+    """Eq. 4 / Eq. 6 -> (loss, ce, kl), each the mean over row groups of the group means.
+
+    Logits come from qa_logits (Eq. 1 applied). CE: Eq. 2, (CE_start + CE_end) / 2 per row at
+    t = 1. KL: (KL_start + KL_end) / 2 per row at temperature t, x t^2. a_kl: a number or one
+    weight per row (alpha of the row's group, Eq. 5). kl is None without teacher logits.
+    group_rows None: the whole batch is one group (a plain mean over rows).
+    """
+    w = group_weights(len(start_positions), group_rows or len(start_positions), start_logits.device)
+    ce = (F.cross_entropy(start_logits, start_positions, reduction="none") +
+          F.cross_entropy(end_logits, end_positions, reduction="none")) / 2           # Eq. 2
+    if teacher_start is None:
+        return a_ce * (w * ce).sum(), (w * ce).sum(), None
+    kl = (kl_rows(start_logits, teacher_start, t) + kl_rows(end_logits, teacher_end, t)) / 2
+    rows = a_kl * kl if a_ce == 0 else a_ce * ce + a_kl * kl                          # Eq. 4 / 6
+    return (w * rows).sum(), (w * ce).sum(), (w * kl).sum()
+
+
+# -------------------------------------------------------------------- batching helpers
+def rows_per_pass(args, world_size):
+    """Rows of one micro-batch per process; alpha groups must tile it."""
+    micro = args.batch_size // (world_size * args.grad_accum)
+    if micro < 1 or micro * world_size * args.grad_accum != args.batch_size:
+        raise InputError(f"--batch-size {args.batch_size} is not a multiple of world size "
+                         f"{world_size} x --grad-accum {args.grad_accum}")
+    if micro > args.alpha_rows and micro % args.alpha_rows:
+        raise InputError(f"--alpha-rows {args.alpha_rows} does not divide the {micro} rows of a "
+                         "micro-batch (--batch-size / (world size x --grad-accum))")
+    return micro
+
+
+def count_steps(batches, grad_accum, n_windows):
+    if not batches:
+        raise InputError(f"{n_windows} training windows are fewer than one batch per process "
+                         "(--batch-size, --max-examples)")
+    return math.ceil(len(batches) / grad_accum)
+
+
+def chunks(items, n):
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def row_passes(step_batches, alpha_rows, device):
+    """The model passes of one optimiser step: (row indices, share of the step's row groups).
+    A GPU takes each micro-batch whole; a CPU cuts it into passes of whole alpha groups of about
+    CPU_PASS_ROWS rows (cache-friendlier; the same loss and gradient, since every group keeps its
+    own alpha and the step's loss is the mean over groups)."""
+    cut = None if torch.device(device).type == "cuda" else \
+        alpha_rows * max(1, CPU_PASS_ROWS // alpha_rows)
+    passes = [idx[lo:lo + (cut or len(idx))] for idx in step_batches
+              for lo in range(0, len(idx), cut or len(idx))]
+    groups = [math.ceil(len(idx) / alpha_rows) for idx in passes]
+    return [(idx, g / sum(groups)) for idx, g in zip(passes, groups)]
+
+
+def frozen_copy(model):
+    """The teacher: same architecture and weights, eval mode, no gradients (Sec. 4.3)."""
+    teacher = AutoModelForQuestionAnswering.from_config(model.config).to(model.device)
+    teacher.load_state_dict(model.state_dict())
+    return teacher.eval().requires_grad_(False)
+
+
+def ddp(model, device):
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def mean_over_ranks(stats, world_size):
+    """[loss, ce, kl, alpha] of the step, averaged over the DDP processes -> Python floats."""
+    if world_size > 1:
+        torch.distributed.all_reduce(stats)
+        stats = stats / world_size
+    return stats.tolist()
+
+
+def check_finite(loss, step, epoch, state_path):
+    if not math.isfinite(loss):
+        where = (f"the last good checkpoint ({state_path}, after epoch {epoch}) is intact: "
+                 "--resume continues from it, or restart with a lower --lr") if epoch > 0 \
+            else "no checkpoint yet (first epoch): restart with --overwrite and a lower --lr"
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}, epoch {epoch + 1}; "
+                            f"stopped; {where}")
+
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def finish(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # -------------------------------------------------------------------- MLQA dev (Sec. 5.2)
@@ -191,23 +322,138 @@ def load_mlqa_dev(mlqa_dir):
     return sets
 
 
-def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None):
-    """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (q != c) means, and
+def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precision="auto"):
+    """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (all pairs) means, and
     per-context-language means: evaluate_mlqa.py's prediction and scoring of MLQA pairs.
     feature_cache: a dict kept across epochs, so MLQA dev is tokenised once per run."""
     tasks = [mlqa_task("dev", *key.split("-"), path=key, examples=examples)
              for key, examples in dev_sets.items()]
     predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev",
-                  feature_cache=feature_cache)
+                  feature_cache=feature_cache, precision=precision)
     return score_tasks(tasks)["mlqa-dev"]
 
 
+class DevSet:
+    """The per-epoch MLQA-dev evaluation: the pairs present under mlqa_dir (none: skipped),
+    tokenised once at the first evaluation."""
+
+    def __init__(self, mlqa_dir, precision):
+        self.sets = load_mlqa_dev(mlqa_dir) if os.path.isdir(mlqa_dir) else None
+        self.features, self.precision = {}, precision
+
+    def __bool__(self):
+        return self.sets is not None
+
+    def score(self, model, tokenizer, device):
+        return evaluate_dev(model, tokenizer, self.sets, device, self.features, self.precision)
+
+
 def selection_score(metrics):
-    """Sec. 5.2: the best model has the highest G-XLT F1 (XLT F1 when no G-XLT pair is present)."""
+    """The configuration selection of Sec. 5.2: G-XLT F1 (XLT F1 when no pair is present)."""
     return metrics["gxlt"]["f1"] if metrics["gxlt"]["f1"] is not None else metrics["xlt"]["f1"]
 
 
-# -------------------------------------------------------------------- checkpoints and outputs
+# -------------------------------------------------------------------- run management
+def run_args(args):
+    return {key: getattr(args, key) for key in RESUME_KEYS}
+
+
+def check_output_dir(args):
+    """A new output directory (refused if it exists, unless --overwrite), or --resume's: its
+    checkpoint must exist and its run's options match. Returns the absolute path."""
+    out = os.path.abspath(args.output_dir)
+    if os.path.exists(out) and not (args.overwrite or args.resume):
+        raise InputError(f"{args.output_dir}: output directory exists "
+                         "(pass --overwrite to replace it or --resume to continue it)")
+    if args.mlqa_dir is not None and not os.path.isdir(args.mlqa_dir):
+        raise InputError(f"{args.mlqa_dir}: MLQA directory not found (--mlqa-dir)")
+    if args.resume:
+        state_path = os.path.join(out, "checkpoint", "state.pt")
+        if not os.path.isfile(state_path):
+            raise InputError(f"{args.output_dir}: no checkpoint to resume ({state_path} not found)")
+        saved, now = read_json(os.path.join(out, "args.json")), run_args(args)
+        diff = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+        if diff:
+            raise InputError("--resume with options that differ from the checkpoint's run: " +
+                             ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                                       for k in diff))
+    elif args.model == MODEL and not os.path.isdir(MODEL):
+        raise InputError(f"{MODEL}: not found; train mBERT-qa-en first (python train_qa.py) "
+                         "or pass --model")
+    return out
+
+
+def load_student(args, examples, out):
+    """The model phase 2 starts from (every rank loads it alike; DDP broadcasts rank 0's
+    weights), or on --resume the run's own config and tokenizer (weights: Checkpoint.restore)."""
+    if args.resume:
+        ckpt_dir = os.path.join(out, "checkpoint")
+        config = AutoConfig.from_pretrained(ckpt_dir)
+        return AutoModelForQuestionAnswering.from_config(config), AutoTokenizer.from_pretrained(ckpt_dir)
+    texts = [x for ex in examples for x in (ex["question"], ex["context"])]   # for --model tiny
+    return load_model_and_tokenizer(args.model, texts=texts, seed=args.seed, require_qa_head=True)
+
+
+def start_output_dir(out, student, tokenizer, args):
+    """A fresh output directory: the run's options, config and tokenizer first."""
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    ckpt_dir = os.path.join(out, "checkpoint")
+    os.makedirs(ckpt_dir)
+    student.config.save_pretrained(ckpt_dir)
+    tokenizer.save_pretrained(ckpt_dir)
+    atomic_write_json(os.path.join(out, "args.json"), run_args(args), indent=1)
+
+
+class Checkpoint:
+    """OUTPUT_DIR/checkpoint/state.pt: student, teacher, optimiser, scheduler, every rank's RNG
+    state, epochs done, step and best dev score; replaced atomically at each epoch's end."""
+
+    def __init__(self, out, student, teacher, optimizer, scheduler):
+        self.out, self.state_path = out, os.path.join(out, "checkpoint", "state.pt")
+        self.student, self.teacher = student, teacher
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def save(self, epochs_done, step, best, run_options, world_size, is_master):
+        rngs = [rng_state()]
+        if world_size > 1:                       # every rank's RNG, so a resume continues each
+            rngs = [None] * world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if is_master:
+            save_state(self.state_path, {
+                "student": self.student.state_dict(),
+                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rngs, "epoch": epochs_done, "step": step, "best": best,
+                "world_size": world_size, "args": run_options})
+            remove_stale_best(self.out, best)
+        barrier(world_size)
+
+    def restore(self, args, rank, world_size, is_master):
+        """Weights, optimiser, schedule and RNG of the last finished epoch -> (epoch, step, best);
+        the log rows written after that checkpoint are dropped."""
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        self.student.load_state_dict(state["student"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        epoch, step, best = state["epoch"], state["step"], state["best"]
+        if state["world_size"] == world_size:
+            set_rng_state(state["rng"][rank])
+        elif is_master:
+            print(f"note: checkpoint from {state['world_size']} processes, now {world_size}: "
+                  "RNG streams restart (weights will not match an uninterrupted run exactly)")
+        if is_master:  # forget what the interrupted epoch wrote after the checkpoint
+            for name, key, last in (("train_log.jsonl", "step", step),
+                                    ("dev_metrics.jsonl", "epoch", epoch)):
+                path = os.path.join(self.out, name)
+                atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                for r in read_log(path) if r[key] <= last))
+            remove_stale_best(self.out, best)
+        return epoch, step, best
+
+
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
@@ -232,31 +478,66 @@ def save_state(path, state):
     os.replace(tmp, path)
 
 
-def plot_alpha(rows, path):
-    """Fig. 4 / Fig. 7: alpha per optimisation step, a vertical line at each epoch boundary."""
-    import report
-    rows = [r for r in rows if r.get("alpha") is not None]
-    if not rows:
-        return False
-    fig, ax = report.pyplot().subplots(figsize=(8, 4), dpi=report.DPI)
-    ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], lw=0.8)
-    for prev, row in zip(rows, rows[1:]):
-        if row["epoch"] != prev["epoch"]:
-            ax.axvline(prev["step"] + 0.5, color="gray", ls="--", lw=0.8)
-    ax.set_xlabel("optimisation step")
-    ax.set_ylabel(r"$\alpha_{kl}^{mAP@k}$")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("mAP@k coefficient during training (epochs dashed)")
-    fig.tight_layout()
-    report.save_figure(fig, path)              # atomic: temporary name, then rename
-    return True
+class RunLog:
+    """What rank 0 tells the user and writes down: a start line, a progress bar per epoch (loss,
+    alpha, windows/s, ETA), train_log.jsonl, dev_metrics.jsonl and a line per epoch."""
+
+    def __init__(self, out, is_master, n_examples, n_windows, steps_per_epoch, args, device,
+                 world_size, dev):
+        self.out, self.is_master, self.epochs = out, is_master, args.epochs
+        self.file = open(os.path.join(out, "train_log.jsonl"), "a", encoding="utf-8") \
+            if is_master else None
+        if is_master:
+            print(f"{n_examples} examples (ntl={args.ntl}) -> {n_windows} windows; mode "
+                  f"{args.mode}; {steps_per_epoch} steps/epoch x {args.epochs}; device {device} x "
+                  f"{world_size}; MLQA dev: {len(dev.sets) if dev else 'none'}" +
+                  (" pairs" if dev else "") + ("; resuming" if args.resume else ""), flush=True)
+
+    def epoch_bar(self, epoch, steps):
+        self.t0, self.windows = time.time(), 0
+        return tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
+                    disable=None if self.is_master else True, leave=False)
+
+    def step(self, bar, step, epoch, lr, loss, ce, kl, alpha, windows):
+        self.windows += windows
+        if self.is_master:
+            self.file.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss,
+                                        "ce": ce, "kl": kl, "alpha": alpha}) + "\n")
+            self.file.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", alpha="-" if alpha is None else f"{alpha:.3f}",
+                        windows_per_s=f"{self.windows / (time.time() - self.t0):.1f}",
+                        refresh=False)
+
+    def epoch_done(self, epoch, step, loss, metrics):
+        if not self.is_master:
+            return
+        if metrics is not None:
+            with open(os.path.join(self.out, "dev_metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"epoch": epoch + 1, "xlt": metrics["xlt"],
+                                    "gxlt": metrics["gxlt"], "pairs": metrics["pairs"]}) + "\n")
+        msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {loss:.4f}, " \
+              f"{time.time() - self.t0:.0f}s"
+        if metrics is not None:
+            msg += f"; MLQA dev G-XLT F1 {metrics['gxlt']['f1']:.2f}, XLT F1 " \
+                   f"{metrics['xlt']['f1']:.2f}"
+        print(msg, flush=True)
+
+    def close(self):
+        if self.file and not self.file.closed:
+            self.file.close()
 
 
-def read_log(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def keep_best(out, args, epoch, metrics, best, student, tokenizer):
+    """--keep-best-epoch: save the student as best-epoch{N}/ when its MLQA-dev selection score
+    beats the best so far. Returns the best so far ({"score", "epoch"} or None)."""
+    if not args.keep_best_epoch or metrics is None:
+        return best
+    score = selection_score(metrics)
+    if best is None or score > best["score"]:
+        best = {"score": score, "epoch": epoch + 1}
+        save_model(student, tokenizer, best_dir(out, best), overwrite=True)
+    return best
 
 
 def best_dir(out, best):
@@ -272,16 +553,62 @@ def remove_stale_best(out, best):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def install_model_dir(src, output_dir):
-    """Move the files of the HF directory `src` into output_dir, config.json last: before it
-    lands, output_dir is not a loadable model, so a crash never leaves a half-written one."""
-    names = sorted(os.listdir(src), key=lambda n: n == "config.json")
+def stop_early(args, epoch, is_master):
+    """--stop-after-epoch (tests of --resume): stop as if interrupted after this epoch."""
+    if args.stop_after_epoch is None or not args.stop_after_epoch <= epoch + 1 < args.epochs:
+        return False
+    if is_master:
+        print(f"stopped after epoch {epoch + 1} (--stop-after-epoch); --resume continues")
+    return True
+
+
+def install_final_model(out, args, student, tokenizer, best, log):
+    """Fig. 4 from the log, then the final model's files into the output directory, config.json
+    last (before it lands the directory is not a loadable model, so a crash never leaves a
+    half-written one), its MLQA-dev scores and the command that evaluates it for every table."""
+    log.close()
+    rows = read_log(os.path.join(out, "train_log.jsonl"))
+    if report.alpha_figure(rows, os.path.join(out, "alpha.png")):
+        print(f"wrote {os.path.join(args.output_dir, 'alpha.png')}")
+    if best is not None and os.path.isdir(best_dir(out, best)):
+        print(f"final model: the best on MLQA dev (epoch {best['epoch']}, G-XLT F1 "
+              f"{best['score']:.2f}; --keep-best-epoch)")
+        source = best_dir(out, best)
+    else:
+        source = os.path.join(out, ".tmp-final")
+        shutil.rmtree(source, ignore_errors=True)
+        save_model(student, tokenizer, source)
+    names = sorted(os.listdir(source), key=lambda n: n == "config.json")
     for name in names:
-        os.replace(os.path.join(src, name), os.path.join(output_dir, name))
-    shutil.rmtree(src)
+        os.replace(os.path.join(source, name), os.path.join(out, name))
+    shutil.rmtree(source)
+    print(f"saved {args.output_dir}")
+    final_epoch = best["epoch"] if best is not None else args.epochs
+    dev = [r for r in read_log(os.path.join(out, "dev_metrics.jsonl")) if r["epoch"] == final_epoch]
+    if dev:
+        g, x = dev[-1]["gxlt"], dev[-1]["xlt"]
+        print(f"MLQA dev, final model (epoch {final_epoch}): G-XLT F1 {g['f1']:.2f} / EM "
+              f"{g['exact_match']:.2f}, XLT F1 {x['f1']:.2f} / EM {x['exact_match']:.2f}")
+    baseline = f" --baseline {args.model}" if os.path.isdir(args.model) else ""
+    print(f"every table and figure for it: python evaluate_mlqa.py --model {args.output_dir} "
+          f"--output-dir {os.path.join(args.output_dir, 'eval')}{baseline}")
+
+
+def read_log(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # -------------------------------------------------------------------- command line
+def mode_name(args):
+    """The run's name for directories and logs: ce, skd, skd-map, with -noce for --no-ce."""
+    if args.ce_only:
+        return "ce"
+    return ("skd-map" if args.map_k else "skd") + ("-noce" if args.no_ce else "")
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=MODEL, help=f"mBERT-qa-en dir, hub name or 'tiny' (default {MODEL})")
@@ -292,11 +619,17 @@ def parse_args(argv=None):
     p.add_argument("--ce-only", action="store_true", help="cross-entropy only, no teacher ('w/ ce')")
     p.add_argument("--k", type=int, default=K, help="top-k of Eq. 5")
     p.add_argument("--delta", type=int, default=DELTA, help="window half-width of Eq. 5")
-    p.add_argument("--map-variant", default=MAP_VARIANT, choices=VARIANTS)
+    p.add_argument("--map-variant", default=MAP_VARIANT, choices=VARIANTS,
+                   help="first-hit (the authors' score, default) or eq5 (Eq. 5 as printed)")
+    p.add_argument("--alpha-rows", type=int, default=ALPHA_ROWS,
+                   help="rows per alpha (the authors' 6-row micro-batches); >= --batch-size: one "
+                        "alpha per batch")
+    p.add_argument("--keep-best-epoch", action="store_true",
+                   help="final model = the epoch with the best MLQA-dev G-XLT F1 (default: the last)")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--xquad-dir", default=XQUAD_DIR)
-    p.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 for dev selection (default {MLQA_DIR} "
-                                                    "when present)")
+    p.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 for the per-epoch dev scores "
+                                                    f"(default {MLQA_DIR} when present)")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="effective batch per step")
@@ -304,8 +637,10 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=train_qa.WEIGHT_DECAY)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--max-examples", type=int, default=None, help="keep the first N sampled examples")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--stride", type=int, default=STRIDE)
+    p.add_argument("--max-length", type=int, default=train_qa.MAX_LENGTH)
+    p.add_argument("--stride", type=int, default=train_qa.STRIDE)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
@@ -315,7 +650,7 @@ def parse_args(argv=None):
         raise InputError(f"--ntl must be in 0..{len(LANGUAGES) - 1}, got {args.ntl}")
     if not (math.isfinite(args.t) and args.t > 0):
         raise InputError(f"--t must be a positive number, got {args.t}")
-    for name in ("k", "delta", "epochs", "batch_size", "grad_accum", "max_length"):
+    for name in ("k", "delta", "alpha_rows", "epochs", "batch_size", "grad_accum", "max_length"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -328,225 +663,11 @@ def parse_args(argv=None):
         raise InputError("--ce-only cannot be combined with --map-k or --no-ce")
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite exclude each other")
-    args.mode = mode_name(args.ce_only, args.map_k, args.no_ce)
+    args.mode = mode_name(args)
     if args.output_dir is None:
         tag = "ce" if args.ce_only else f"t{args.t:g}-{args.mode}"
         args.output_dir = os.path.join("runs", f"distill-ntl{args.ntl}-{tag}")
     return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    out = os.path.abspath(args.output_dir)
-    ckpt_dir, state_path = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint", "state.pt")
-    log_path, dev_path = os.path.join(out, "train_log.jsonl"), os.path.join(out, "dev_metrics.jsonl")
-    run_args = {key: getattr(args, key) for key in RESUME_KEYS}
-    if os.path.exists(out) and not (args.overwrite or args.resume):
-        raise InputError(f"{args.output_dir}: output directory exists "
-                         "(pass --overwrite to replace it or --resume to continue it)")
-    if args.resume:
-        if not os.path.isfile(state_path):
-            raise InputError(f"{args.output_dir}: no checkpoint to resume ({state_path} not found)")
-        saved = read_json(os.path.join(out, "args.json"))
-        diff = [k for k in RESUME_KEYS if saved.get(k) != run_args[k]]
-        if diff:
-            raise InputError("--resume with options that differ from the checkpoint's run: " +
-                             ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {run_args[k]})"
-                                       for k in diff))
-    mlqa_dir = args.mlqa_dir or MLQA_DIR
-    if args.mlqa_dir is not None and not os.path.isdir(args.mlqa_dir):
-        raise InputError(f"{args.mlqa_dir}: MLQA directory not found (--mlqa-dir)")
-    if args.model == MODEL and not args.resume and not os.path.isdir(MODEL):
-        raise InputError(f"{MODEL}: not found; train mBERT-qa-en first (python train_qa.py) "
-                         "or pass --model")
-
-    # ---------------------------------------------------------------- data (Sec. 4.2, Eq. 3)
-    examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
-    rank, world_size, device, is_master = setup_distributed()
-    ddp = world_size > 1
-    if ddp:      # every rank has checked the output directory before the master touches it
-        torch.distributed.barrier()
-    micro = args.batch_size // (world_size * args.grad_accum)
-    if micro < 1 or micro * world_size * args.grad_accum != args.batch_size:
-        raise InputError(f"--batch-size {args.batch_size} is not a multiple of world size "
-                         f"{world_size} x --grad-accum {args.grad_accum}")
-    torch.set_float32_matmul_precision("high")
-
-    # ---------------------------------------------------------------- models (Sec. 4.3)
-    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
-    if args.resume:   # the run's own config and tokenizer; weights from state.pt below
-        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        student = AutoModelForQuestionAnswering.from_config(AutoConfig.from_pretrained(ckpt_dir))
-    else:             # every rank loads (a bad --model fails everywhere alike) ...
-        texts = [x for ex in examples for x in (ex["question"], ex["context"])]
-        student, tokenizer = load_model_and_tokenizer(args.model, texts=texts, seed=args.seed,
-                                                      require_qa_head=True)  # else one error line
-    dev_sets = load_mlqa_dev(mlqa_dir) if os.path.isdir(mlqa_dir) else None   # Sec. 5.2
-    dev_features = {}                      # MLQA dev windows, tokenised at the first evaluation
-    features = build_features(examples, tokenizer, args.max_length, args.stride)
-    per_epoch = len(length_grouped_batches([len(x) for x in features["input_ids"]], micro,
-                                           args.seed, 0, rank=rank, world_size=world_size))
-    if per_epoch == 0:
-        raise InputError(f"{len(features['input_ids'])} training windows are fewer than one batch "
-                         "per process (--batch-size, --max-examples)")
-    steps_per_epoch = math.ceil(per_epoch / args.grad_accum)
-    if not args.resume:
-        if is_master:  # a fresh output directory: config + tokenizer of the run first
-            if os.path.exists(out):
-                shutil.rmtree(out)
-            os.makedirs(ckpt_dir)
-            student.config.save_pretrained(ckpt_dir)
-            tokenizer.save_pretrained(ckpt_dir)
-            atomic_write_json(os.path.join(out, "args.json"), run_args, indent=1)
-        if ddp:       # every rank built the same tokenizer (a tiny one is a function of the
-            torch.distributed.barrier()   # text); DDP broadcasts the master's weights below
-    lengths = np.array([len(x) for x in features["input_ids"]])
-    student.to(device).train()
-    model = student
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
-    teacher = None
-    if args.mode != "ce":        # a persistent module of the same architecture, synced by copy
-        teacher = AutoModelForQuestionAnswering.from_config(student.config).to(device)
-        teacher.load_state_dict(student.state_dict())     # generation 0: the initial model
-        teacher.eval().requires_grad_(False)
-    optimizer = make_optimizer(student, args.lr, args.weight_decay)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * args.epochs)
-    torch.manual_seed(args.seed + rank)                    # dropout stream, as train_qa
-    start_epoch, step, best = 0, 0, None
-    if args.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        student.load_state_dict(state["student"])
-        if teacher is not None:
-            teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, best = state["epoch"], state["step"], state["best"]
-        if state["world_size"] == world_size:
-            set_rng_state(state["rng"][rank])
-        elif is_master:
-            print(f"note: checkpoint from {state['world_size']} processes, now {world_size}: "
-                  "RNG streams restart (weights will not match an uninterrupted run exactly)")
-        del state
-        if start_epoch >= args.epochs and os.path.isfile(os.path.join(out, "config.json")):
-            if is_master:
-                print(f"{args.output_dir}: the run is complete (epoch {start_epoch}/{args.epochs})")
-            return _finish(ddp)
-        if is_master:  # forget what the interrupted epoch wrote after the checkpoint
-            for path, key, last in ((log_path, "step", step), (dev_path, "epoch", start_epoch)):
-                atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                for r in read_log(path) if r[key] <= last))
-            remove_stale_best(out, best)
-
-    if is_master:
-        print(f"{len(examples)} examples (ntl={args.ntl}) -> {len(lengths)} windows; mode {args.mode}; "
-              f"{steps_per_epoch} steps/epoch x {args.epochs}; device {device} x {world_size}; "
-              f"MLQA dev: {len(dev_sets) if dev_sets else 'none'}" +
-              (f"; resuming after epoch {start_epoch}" if args.resume else ""))
-
-    # ---------------------------------------------------------------- training loop
-    log_file = open(log_path, "a", encoding="utf-8") if is_master else None
-    opts = StepOptions(args.mode, args.t, args.k, args.delta, args.map_variant)
-    rows = train_qa.compute_rows(device)
-    for epoch in range(start_epoch, args.epochs):
-        if teacher is not None and epoch > 0:
-            teacher.load_state_dict(student.state_dict())  # Sec. 4.3: new generation
-        student.train()
-        batches = length_grouped_batches(lengths, micro, args.seed, epoch, rank=rank,
-                                         world_size=world_size)
-        t0 = time.time()
-        for first in range(0, len(batches), args.grad_accum):
-            group = batches[first:first + args.grad_accum]
-            stats = torch.zeros(4, device=device)           # loss, ce, kl, a_kl of this step
-            for i, idx in enumerate(group):
-                batch = collate(features, idx, tokenizer.pad_token_id, device)
-                sync = model.no_sync() if ddp and i + 1 < len(group) else contextlib.nullcontext()
-                with sync:
-                    stats += forward_backward(model, teacher, batch, opts, scale=1 / len(group),
-                                              rows=rows)
-            stats /= len(group)
-            if ddp:
-                torch.distributed.all_reduce(stats)
-                stats /= world_size
-            loss_v, ce_v, kl_v, a_v = stats.tolist()
-            step += 1
-            if not math.isfinite(loss_v):
-                where = (f"the last good checkpoint ({state_path}, after epoch {epoch}) is intact: "
-                         "--resume continues from it, or restart with a lower --lr") if epoch > 0 \
-                    else "no checkpoint yet (first epoch): restart with --overwrite and a lower --lr"
-                raise NonFiniteLoss(f"non-finite loss ({loss_v}) at step {step}, epoch {epoch + 1}; "
-                                    f"stopped; {where}")
-            lr = scheduler.get_last_lr()[0]
-            optimizer_step(student, optimizer, scheduler)
-            if is_master:
-                log_file.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss_v,
-                                           "ce": ce_v, "kl": None if teacher is None else kl_v,
-                                           "alpha": None if teacher is None else a_v}) + "\n")
-                log_file.flush()
-
-        # ------------------------------------------------------------ end of epoch: dev, checkpoint
-        metrics = None
-        if is_master and dev_sets:
-            metrics = evaluate_dev(student, tokenizer, dev_sets, device, dev_features)
-            score = selection_score(metrics)
-            improved = best is None or score > best["score"]
-            if improved:
-                best = {"score": score, "epoch": epoch + 1}
-                save_model(student, tokenizer, best_dir(out, best), overwrite=True)
-            with open(dev_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "xlt": metrics["xlt"], "gxlt": metrics["gxlt"],
-                                    "pairs": metrics["pairs"], "best": improved}) + "\n")
-        rngs = [None] * world_size
-        if ddp:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if is_master:
-            save_state(state_path, {
-                "student": student.state_dict(),
-                "teacher": teacher.state_dict() if teacher is not None else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rngs, "epoch": epoch + 1, "step": step, "best": best,
-                "world_size": world_size, "args": run_args})
-            remove_stale_best(out, best)
-            msg = f"epoch {epoch + 1}/{args.epochs}: step {step}, loss {loss_v:.4f}, " \
-                  f"{time.time() - t0:.0f}s"
-            if metrics is not None:
-                msg += f"; MLQA dev G-XLT F1 {metrics['gxlt']['f1']}, XLT F1 {metrics['xlt']['f1']}"
-            print(msg, flush=True)
-        if ddp:
-            torch.distributed.barrier()
-        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
-                and epoch + 1 < args.epochs:
-            if log_file:
-                log_file.close()
-            if is_master:
-                print(f"stopped after epoch {epoch + 1} (--stop-after-epoch); --resume continues")
-            return _finish(ddp)
-    if log_file:
-        log_file.close()
-
-    # ---------------------------------------------------------------- final model
-    if is_master:
-        if plot_alpha(read_log(log_path), os.path.join(out, "alpha.png")):
-            print(f"wrote {os.path.join(args.output_dir, 'alpha.png')}")
-        if best is not None and os.path.isdir(best_dir(out, best)):
-            print(f"final model: best on MLQA dev (epoch {best['epoch']}, score {best['score']:.2f})")
-            install_model_dir(best_dir(out, best), out)
-        else:
-            staging = os.path.join(out, ".tmp-final")
-            shutil.rmtree(staging, ignore_errors=True)
-            save_model(student, tokenizer, staging)
-            install_model_dir(staging, out)
-        print(f"saved {args.output_dir}")
-    _finish(ddp)
-
-
-def _finish(ddp):
-    if ddp:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def cli():

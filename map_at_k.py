@@ -28,7 +28,8 @@ variant="eq5": Eq. 5 as printed,
     and a confident teacher whose other top-10 positions lie outside the window scores 0.1; a
     batch holding such rows can never reach alpha = 1, which is why Fig. 4 cannot come from it.
 
-The coefficient of Eq. 6 is the average of the start and end alphas: `map_at_k`.
+The coefficient of Eq. 6 is the average of the start and end alphas: `map_at_k` for a batch,
+`alpha_per_row` for groups of rows (the authors' 6-row micro-batches).
 Everything runs under torch.no_grad: alpha is a weight on the KL term, never a path for
 gradients. No Python loop over examples or ranks.
 """
@@ -80,3 +81,20 @@ def map_at_k(start_logits, end_logits, start_positions, end_positions, k=10, del
     ap_start = average_precision_at_k(start_logits, start_positions, k, delta, variant, mask)
     ap_end = average_precision_at_k(end_logits, end_positions, k, delta, variant, mask)
     return (ap_start.mean() + ap_end.mean()) / 2
+
+
+@torch.no_grad()
+def alpha_per_row(start_logits, end_logits, start_positions, end_positions, group_rows, k=10,
+                  delta=5, variant="first-hit", mask=None):
+    """alpha of Eq. 6 for each group of `group_rows` consecutive rows (the last may be shorter),
+    given to every row of its group -> float tensor [B].
+
+    The authors' 24-row step is 4 accumulated micro-batches of 6 rows, each with its own alpha;
+    group_rows=6 reproduces that inside one whole-batch pass (DESIGN, corrected 2026-11-28), and
+    group_rows >= B gives one alpha for the batch, `map_at_k`'s value, on every row.
+    """
+    ap = (average_precision_at_k(start_logits, start_positions, k, delta, variant, mask) +
+          average_precision_at_k(end_logits, end_positions, k, delta, variant, mask)) / 2
+    group = torch.arange(len(ap), device=ap.device) // group_rows
+    sums = torch.zeros(int(group[-1]) + 1, device=ap.device).index_add_(0, group, ap)
+    return (sums / torch.bincount(group))[group]

@@ -1,4 +1,4 @@
-"""Tables and figures of the paper from metrics dictionaries (no model, no data set here).
+"""Tables and figures of the paper from metrics dictionaries (no model, no data set, no scoring here).
 
 Everything is a function of what `evaluate_mlqa.py --model` writes to `OUT/metrics.json` (and, for
 Table 1, of n-best answer lists); `evaluate_mlqa.py` calls these to write the figures and
@@ -16,13 +16,17 @@ What maps to what in the paper:
   Table 2 / 5       MLQA G-XLT and XLT means (+ XQuAD / TyDiQA XLT)            summary_markdown
   Table 3           per-context-language means over question languages        summarize_pairs
   Table 4           XQuAD el ru tr th, TyDiQA-GoldP per language              summary_markdown
+  Fig. 4 / Fig. 7   alpha over training steps (distill.py's train_log.jsonl)        alpha_figure
   Fig. 5 / Fig. 11  MLQA-dev G-XLT and XLT F1 / EM against ntl, one line per mode   sweep_report
   Fig. 6 / Fig. 10  MLQA-dev G-XLT F1 / EM over temperature t x ntl, one per mode   sweep_report
 
-All averages are unweighted means over language pairs, as the paper reports them (XLT: the 7
-pairs with q == c; G-XLT: the 42 pairs with q != c). Every file is written under a temporary name
-and renamed into place.
+All averages are unweighted means over language pairs, as the paper reports them: XLT over the 7
+pairs with q == c; G-XLT over ALL 49 pairs (Table 2's G-XLT is the mean of Table 3's per-context
+means, e.g. mBERT-qa-en dev (59.3 + 55.1 + 49.5 + 43.3 + 48.5 + 44.2 + 48.1) / 7 = 49.7, and the
+authors' scores.py averages all 49 rows); `gxlt_cross` is the extra mean over the 42 pairs with
+q != c only. Every file is written under a temporary name and renamed into place.
 """
+import json
 import math
 import os
 import tempfile
@@ -31,11 +35,11 @@ import numpy as np
 
 from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_write_text,
                     read_json)
+from significance import seed_summary
 
 METRICS = {"f1": "F1", "exact_match": "EM"}
 FIGSIZE = (6.0, 5.0)  # inches per heat-map panel; PNG pixels = FIGSIZE * DPI
 DPI = 100
-HIDDEN_KNOWLEDGE_K = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,15 +63,16 @@ def _mean(values):
 
 
 def summarize_pairs(pairs, languages=LANGUAGES):
-    """XLT (q == c), G-XLT (q != c) and per-context-language means (Table 3: the mean over the
-    question languages, the same-language pair included) of both metrics. A mean over no pair is
-    None."""
-    out = {"xlt": {}, "gxlt": {}, "per_context": {c: {} for c in languages}}
+    """XLT (the q == c pairs), G-XLT (all pairs), G-XLT q != c only (`gxlt_cross`) and
+    per-context-language means (Table 3: the mean over the question languages, the same-language
+    pair included) of both metrics. A mean over no pair is None."""
+    out = {"xlt": {}, "gxlt": {}, "gxlt_cross": {}, "per_context": {c: {} for c in languages}}
     for metric in METRICS:
         m = pair_matrix(pairs, metric, languages)
         diagonal = np.eye(len(languages), dtype=bool)
         out["xlt"][metric] = _mean(m[diagonal].tolist())
-        out["gxlt"][metric] = _mean(m[~diagonal].tolist())
+        out["gxlt"][metric] = _mean(m.ravel().tolist())               # all 49 pairs (Table 2)
+        out["gxlt_cross"][metric] = _mean(m[~diagonal].tolist())
         for j, c in enumerate(languages):
             out["per_context"][c][metric] = _mean(m[:, j].tolist())
     return out
@@ -155,6 +160,26 @@ def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
     return save_figure(fig, path)
 
 
+def alpha_figure(rows, path):
+    """Fig. 4 / Fig. 7: alpha per optimisation step (distill.py's train_log.jsonl rows), a dashed
+    line at each epoch boundary. Returns False (nothing drawn) for a run without alpha."""
+    rows = [r for r in rows if r.get("alpha") is not None]
+    if not rows:
+        return False
+    fig, ax = pyplot().subplots(figsize=(8, 4), dpi=DPI)
+    ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], lw=0.8)
+    for prev, row in zip(rows, rows[1:]):
+        if row["epoch"] != prev["epoch"]:
+            ax.axvline(prev["step"] + 0.5, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel(r"$\alpha_{kl}^{mAP@k}$")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("mAP@k coefficient during training (epochs dashed)")
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
+
+
 def _split_title(split):
     return {"mlqa-dev": "MLQA-dev", "mlqa-test": "MLQA-test"}.get(split, split)
 
@@ -198,59 +223,6 @@ def difference_heatmaps(metrics, baseline, out_dir, splits=("mlqa-dev", "mlqa-te
 
 
 # ----------------------------------------------------------------------------------------------
-# Hidden knowledge in the top-k answers (Sec. 4.1, Table 1)
-
-def first_correct_rank(candidates, gold_answers, answer_lang, criterion="em", f1_threshold=50.0):
-    """1-based rank of the first candidate that is correct, or None.
-
-    Correct = exact match with some gold answer (criterion "em"), or, with criterion "f1", a
-    token F1 >= f1_threshold (in percent, like the reported scores) with some gold answer; both
-    under the official MLQA rules of the answer (context) language ("squad": SQuAD v1.1 rules).
-    """
-    from evaluate_mlqa import exact_match_score, f1_score  # late: evaluate_mlqa imports report
-    if criterion not in ("em", "f1"):
-        raise InputError(f"hidden knowledge: unknown criterion '{criterion}' (em or f1)")
-    for rank, text in enumerate(candidates, start=1):
-        if criterion == "em":
-            ok = any(exact_match_score(text, g, answer_lang) for g in gold_answers)
-        else:
-            ok = any(100.0 * f1_score(text, g, answer_lang) >= f1_threshold for g in gold_answers)
-        if ok:
-            return rank
-    return None
-
-
-def hidden_knowledge_counts(records, k=HIDDEN_KNOWLEDGE_K, criterion="em", f1_threshold=50.0,
-                            languages=LANGUAGES):
-    """Table 1: per question language, how many examples have their FIRST correct answer at
-    rank r = 1..k of the model's n-best list.
-
-    records: iterable of {"question_lang", "context_lang", "nbest": [answer texts, rank 1
-    first], "answers": [gold texts]}; the answer language (scoring rules) is the context
-    language. Returns {"k", "criterion", "f1_threshold" (criterion f1 only), "languages",
-    "counts": {q: [count at rank 1, ..., rank k]}, "n": {q: examples}, "not_in_top_k": {q: n}}.
-    """
-    counts, totals, missing = {}, {}, {}
-    for rec in records:
-        q = rec["question_lang"]
-        counts.setdefault(q, [0] * k)
-        totals[q] = totals.get(q, 0) + 1
-        rank = first_correct_rank(rec["nbest"][:k], rec["answers"], rec["context_lang"],
-                                  criterion, f1_threshold)
-        if rank is None:
-            missing[q] = missing.get(q, 0) + 1
-        else:
-            counts[q][rank - 1] += 1
-    order = [q for q in languages if q in counts] + sorted(q for q in counts if q not in languages)
-    out = {"k": k, "criterion": criterion, "languages": order,
-           "counts": {q: counts[q] for q in order}, "n": {q: totals[q] for q in order},
-           "not_in_top_k": {q: missing.get(q, 0) for q in order}}
-    if criterion == "f1":
-        out["f1_threshold"] = f1_threshold
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Markdown summary (Tables 1 to 5)
 
 def _fmt(scores, metrics=("f1", "exact_match")):
@@ -270,9 +242,12 @@ def _table(header, rows):
 
 
 def _split_means(split_metrics):
-    """xlt / gxlt / per_context of an MLQA split, recomputed from the pairs when absent."""
-    derived = summarize_pairs(split_metrics.get("pairs", {}))
-    return {key: split_metrics.get(key) or derived[key] for key in derived}
+    """xlt / gxlt / gxlt_cross / per_context of an MLQA split, always recomputed from its pairs
+    (a metrics.json written before 2026-11-28 holds a 42-pair gxlt)."""
+    if not split_metrics.get("pairs"):
+        return {key: split_metrics.get(key) or {} for key in ("xlt", "gxlt", "gxlt_cross",
+                                                              "per_context")}
+    return summarize_pairs(split_metrics["pairs"])
 
 
 def _pair_langs(pairs, default):
@@ -286,39 +261,63 @@ def summary_markdown(runs, title="Evaluation summary"):
     runs: list of (name, metrics) where metrics is what `evaluate_mlqa.py --model` writes. Cells
     are 'F1/EM'; '-' where a model was not evaluated on that data."""
     runs = list(runs)
-    out = [f"# {title}", ""]
     splits = [s for s in ("mlqa-dev", "mlqa-test") if any(s in m for _, m in runs)]
-    has_xquad = any("xquad" in m for _, m in runs)
-    has_tydiqa = any("tydiqa" in m for _, m in runs)
+    sections = [_averages_section(runs, splits), _per_context_section(runs, splits),
+                _pairs_section(runs, splits), _zero_shot_section(runs, "xquad", "XQuAD",
+                                                                 XQUAD_ZERO_SHOT),
+                _zero_shot_section(runs, "tydiqa", "TyDiQA-GoldP", TYDIQA_ZERO_SHOT),
+                _hidden_knowledge_section(runs), _other_datasets_section(runs)]
+    return "\n".join([f"# {title}", ""] + [line for sec in sections for line in sec]).rstrip() + "\n"
 
-    def xlt(m, key):
-        if key not in m:
-            return None
-        return m[key].get("xlt") or same_language_summary(m[key]["pairs"])
 
-    if splits or has_xquad or has_tydiqa:
-        header, rows = ["model"], []
+def _xlt(metrics, key):
+    """XQuAD / TyDiQA XLT of one model, or None when it was not evaluated on that data."""
+    if key not in metrics:
+        return None
+    return metrics[key].get("xlt") or same_language_summary(metrics[key]["pairs"])
+
+
+def _averages_section(runs, splits):
+    """Tables 2 and 5: MLQA G-XLT (all 49 pairs), XLT, and the zero-shot XLT means."""
+    has = {key: any(key in m for _, m in runs) for key in ("xquad", "tydiqa")}
+    if not (splits or any(has.values())):
+        return []
+    header = ["model"]
+    for s in splits:
+        header += [f"{_split_title(s)} G-XLT", f"{_split_title(s)} XLT",
+                   f"{_split_title(s)} G-XLT q!=c"]
+    header += ["XQuAD XLT"] * has["xquad"] + ["TyDiQA-GoldP XLT"] * has["tydiqa"]
+    rows = []
+    for name, m in runs:
+        row = [name]
         for s in splits:
-            header += [f"{_split_title(s)} G-XLT", f"{_split_title(s)} XLT"]
-        header += ["XQuAD XLT"] * has_xquad + ["TyDiQA-GoldP XLT"] * has_tydiqa
-        for name, m in runs:
-            row = [name]
-            for s in splits:
-                means = _split_means(m[s]) if s in m else {}
-                row += [_fmt(means.get("gxlt")), _fmt(means.get("xlt"))]
-            row += [_fmt(xlt(m, "xquad"))] * has_xquad + [_fmt(xlt(m, "tydiqa"))] * has_tydiqa
-            rows.append(row)
-        out += ["## Averages, F1/EM (Tables 2 and 5)", "",
-                "G-XLT: mean over the 42 MLQA pairs with question language != context language; "
-                "XLT: mean over the same-language pairs.", "", _table(header, rows), ""]
+            means = _split_means(m[s]) if s in m else {}
+            row += [_fmt(means.get("gxlt")), _fmt(means.get("xlt")), _fmt(means.get("gxlt_cross"))]
+        row += [_fmt(_xlt(m, "xquad"))] * has["xquad"] + [_fmt(_xlt(m, "tydiqa"))] * has["tydiqa"]
+        rows.append(row)
+    return ["## Averages, F1/EM (Tables 2 and 5)", "",
+            "G-XLT: mean over all 49 MLQA (question, context) language pairs, as the paper's Table 2 "
+            "(= the mean of Table 3's per-context means); XLT: mean over the 7 same-language pairs; "
+            "G-XLT q!=c: the 42 pairs with different languages only (not in the paper).", "",
+            _table(header, rows), ""]
 
+
+def _per_context_section(runs, splits):
+    """Table 3: per context (answer) language, the mean over the 7 question languages."""
+    out = []
     for s in splits:
         rows = [[name] + [_fmt(_split_means(m[s])["per_context"].get(c)) if s in m else "-"
                           for c in LANGUAGES] for name, m in runs]
         out += [f"## {_split_title(s)} per context language, F1/EM (Table 3)", "",
-                "Mean over the 7 question languages for each context (answer) language.", "",
-                _table(["model"] + LANGUAGES, rows), ""]
+                "Mean over the 7 question languages for each context (answer) language, both "
+                "metrics alike (the paper's EM column is not this mean: its mean equals Table 2's "
+                "XLT EM).", "", _table(["model"] + LANGUAGES, rows), ""]
+    return out
 
+
+def _pairs_section(runs, splits):
+    """Fig. 1 / Fig. 8 as tables: the 7x7 F1 and EM matrices of every model."""
+    out = []
     for s in splits:
         for name, m in runs:
             if s not in m:
@@ -331,22 +330,28 @@ def summary_markdown(runs, title="Evaluation summary"):
                 out += [f"### {_split_title(s)} {METRICS[metric]} by pair, {name} ({fig})", "",
                         "Rows: question language; columns: context language.", "",
                         _table(["q \\ c"] + LANGUAGES, rows), ""]
+    return out
 
-    for key, label, default in (("xquad", "XQuAD", XQUAD_ZERO_SHOT),
-                                ("tydiqa", "TyDiQA-GoldP", TYDIQA_ZERO_SHOT)):
-        if not any(key in m for _, m in runs):
-            continue
-        langs = []
-        for _, m in runs:
-            for l in _pair_langs(m.get(key, {}).get("pairs", {}), default):
-                if l not in langs:
-                    langs.append(l)
-        rows = [[name, _fmt(xlt(m, key))] +
-                [_fmt(m[key]["pairs"].get(f"{l}-{l}")) if key in m else "-" for l in langs]
-                for name, m in runs]
-        out += [f"## {label} zero-shot, F1/EM (Table 4)", "", _table(["model", "XLT"] + langs, rows),
-                ""]
 
+def _zero_shot_section(runs, key, label, default_languages):
+    """Table 4: XQuAD el ru tr th and TyDiQA-GoldP, per language."""
+    if not any(key in m for _, m in runs):
+        return []
+    langs = []
+    for _, m in runs:
+        for lang in _pair_langs(m.get(key, {}).get("pairs", {}), default_languages):
+            if lang not in langs:
+                langs.append(lang)
+    rows = [[name, _fmt(_xlt(m, key))] +
+            [_fmt(m[key]["pairs"].get(f"{l}-{l}")) if key in m else "-" for l in langs]
+            for name, m in runs]
+    return [f"## {label} zero-shot, F1/EM (Table 4)", "", _table(["model", "XLT"] + langs, rows), ""]
+
+
+def _hidden_knowledge_section(runs):
+    """Table 1: the rank of the first correct answer among each model's top k, by question
+    language (counted by evaluate_mlqa.hidden_knowledge_counts)."""
+    out = []
     for name, m in runs:
         hk = m.get("hidden-knowledge")
         if not hk:
@@ -355,21 +360,24 @@ def summary_markdown(runs, title="Evaluation summary"):
         rows = [[r + 1] + [hk["counts"][q][r] for q in langs] for r in range(hk["k"])]
         rows.append([f"not in top {hk['k']}"] + [hk["not_in_top_k"][q] for q in langs])
         rows.append(["examples"] + [hk["n"][q] for q in langs])
-        rule = ("exact match" if hk["criterion"] == "em"
-                else f"F1 >= {hk.get('f1_threshold')}")
+        rule = {"em": "exact match with any gold answer",
+                "raw": "the raw string equal to the first gold answer (the authors' count)"}.get(
+            hk["criterion"], f"F1 >= {hk.get('f1_threshold')} with any gold answer")
         out += [f"## Hidden knowledge on {_split_title(hk.get('split', 'mlqa-dev'))}, {name} "
                 "(Table 1)", "",
                 f"Examples whose first correct answer ({rule}) is at rank r of the top "
-                f"{hk['k']}, by question language.", "",
-                _table(["rank"] + langs, rows), ""]
+                f"{hk['k']}, by question language.", "", _table(["rank"] + langs, rows), ""]
+    return out
 
+
+def _other_datasets_section(runs):
+    """Files scored with --dataset: one row each."""
     others = [(name, key, v) for name, m in runs for key, v in m.items()
               if isinstance(v, dict) and "f1" in v and "pairs" not in v]
-    if others:
-        rows = [[name, key, _fmt(v), v.get("n", "-")] for name, key, v in others]
-        out += ["## Other data sets, F1/EM", "", _table(["model", "data set", "F1/EM", "n"], rows),
-                ""]
-    return "\n".join(out).rstrip() + "\n"
+    if not others:
+        return []
+    rows = [[name, key, _fmt(v), v.get("n", "-")] for name, key, v in others]
+    return ["## Other data sets, F1/EM", "", _table(["model", "data set", "F1/EM", "n"], rows), ""]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,94 +395,149 @@ def run_mode(args):
     return mode + ("-noce" if args.get("no_ce") else "")
 
 
-def _best_dev_row(path):
-    """distill.py's dev_metrics.jsonl -> the MLQA-dev metrics of its best-on-dev epoch (the
-    model it keeps: the last row marked best, else the highest G-XLT F1)."""
-    import json
+def _final_dev_row(path, keep_best_epoch):
+    """distill.py's dev_metrics.jsonl -> the MLQA-dev metrics of the epoch the run kept as its
+    final model: the last epoch, or with --keep-best-epoch the first epoch of the highest G-XLT
+    F1 (all 49 pairs, recomputed from the pairs)."""
     try:
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
-    rows = [r for r in rows if isinstance(r, dict) and "pairs" in r]
+    rows = [r for r in rows if isinstance(r, dict) and "pairs" in r and "epoch" in r]
     if not rows:
         raise InputError(f"{path}: no epoch with MLQA-dev pairs")
-    marked = [r for r in rows if r.get("best")]
-    row = marked[-1] if marked else max(rows, key=lambda r: (r.get("gxlt") or {}).get("f1") or 0)
-    return {"mlqa-dev": {key: row[key] for key in ("pairs", "xlt", "gxlt") if key in row},
-            "epoch": row.get("epoch")}
+    if keep_best_epoch:
+        row = max(rows, key=lambda r: (summarize_pairs(r["pairs"])["gxlt"]["f1"] or 0.0,
+                                       -r["epoch"]))
+    else:
+        row = max(rows, key=lambda r: r["epoch"])
+    return {"mlqa-dev": {"pairs": row["pairs"]}, "epoch": row["epoch"]}
 
 
-def load_run(run_dir):
-    """One sweep point: {"name", "dir", "mode", "ntl", "t", "metrics"}.
-
-    metrics: `<run>/metrics.json`, else `<run>/eval/metrics.json` (evaluate_mlqa.py --model RUN
-    --output-dir RUN/eval), else the best epoch of distill.py's own `<run>/dev_metrics.jsonl`
-    (MLQA-dev only). Configuration: `<run>/args.json` (distill.py writes it: ntl, t, mode), else
-    args.json in the model directory named by metrics.json's "model" entry."""
-    metrics_path = None
+def _find_run_files(run_dir):
+    """(metrics path, args.json path) of a sweep point; metrics: `<run>/metrics.json`, else
+    `<run>/eval/metrics.json`, else distill.py's `<run>/dev_metrics.jsonl`."""
     for candidate in ("metrics.json", os.path.join("eval", "metrics.json"), "dev_metrics.jsonl"):
-        if os.path.isfile(os.path.join(run_dir, candidate)):
-            metrics_path = os.path.join(run_dir, candidate)
+        metrics_path = os.path.join(run_dir, candidate)
+        if os.path.isfile(metrics_path):
             break
-    if metrics_path is None:
+    else:
         raise InputError(f"{run_dir}: no metrics.json nor dev_metrics.jsonl (run: python "
                          f"evaluate_mlqa.py --model {run_dir} --output-dir "
                          f"{os.path.join(run_dir, 'eval')})")
+    args_path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(args_path) and metrics_path.endswith(".json"):
+        model = read_json(metrics_path).get("model") if isinstance(read_json(metrics_path),
+                                                                   dict) else None
+        if isinstance(model, str):
+            args_path = os.path.join(model, "args.json")
+    if not os.path.isfile(args_path):
+        raise InputError(f"{run_dir}: no args.json with the run's ntl and t")
+    return metrics_path, args_path
+
+
+def load_run(run_dir):
+    """One sweep point: {"name", "dir", "mode", "ntl", "t", "seed", "selection", "config",
+    "metrics"}. Metrics and args.json as _find_run_files finds them; "selection" names the
+    epoch the run kept (the last, or the best on MLQA dev with --keep-best-epoch); "config" is
+    every option of args.json but the seed (runs that differ only in their seed share it)."""
+    metrics_path, args_path = _find_run_files(run_dir)
+    args = read_json(args_path)
+    if not isinstance(args, dict) or "ntl" not in args:
+        raise InputError(f"{args_path}: missing field 'ntl'")
+    keep_best = bool(args.get("keep_best_epoch"))
     if metrics_path.endswith(".jsonl"):
-        metrics = _best_dev_row(metrics_path)
+        metrics = _final_dev_row(metrics_path, keep_best)
     else:
         metrics = read_json(metrics_path)
     if not isinstance(metrics, dict):
         raise InputError(f"{metrics_path}: expected a JSON object")
-    args_path = os.path.join(run_dir, "args.json")
-    if not os.path.isfile(args_path) and isinstance(metrics.get("model"), str):
-        args_path = os.path.join(metrics["model"], "args.json")
-    if not os.path.isfile(args_path):
-        raise InputError(f"{run_dir}: no args.json with the run's ntl and t")
-    args = read_json(args_path)
-    if not isinstance(args, dict) or "ntl" not in args:
-        raise InputError(f"{args_path}: missing field 'ntl'")
     if "mlqa-dev" not in metrics:
         raise InputError(f"{metrics_path}: missing field 'mlqa-dev' (evaluate on MLQA dev)")
-    t = args.get("t")
     mode = run_mode(args)
-    if mode == "ce" or t is None:  # cross-entropy only: the temperature plays no part
-        t = None
-    return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir,
-            "mode": mode, "ntl": int(args["ntl"]),
-            "t": None if t is None else float(t), "metrics": metrics}
+    t = None if mode == "ce" or args.get("t") is None else float(args["t"])  # ce: no temperature
+    selection = "best epoch" if keep_best else "last epoch"
+    if metrics.get("epoch") is not None:
+        selection += f" ({metrics['epoch']})"
+    config = {k: v for k, v in args.items() if k != "seed"}
+    return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "mode": mode,
+            "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
+            "config": json.dumps(config, sort_keys=True), "metrics": metrics}
 
 
 def _num(x):
     return "-" if x is None else (f"{x:g}" if isinstance(x, float) else str(x))
 
 
-def sweep_markdown(runs):
-    """Every run (sorted by mode, ntl, t) and the best on MLQA-dev G-XLT F1 per mode (the model
-    selection of Sec. 5.2)."""
-    runs = sorted(runs, key=lambda r: (r["mode"], r["ntl"], -1 if r["t"] is None else r["t"],
-                                       r["name"]))
-    has_test = any("mlqa-test" in r["metrics"] for r in runs)
-    header = ["run", "mode", "ntl", "t", "MLQA-dev G-XLT", "MLQA-dev XLT"]
-    header += ["MLQA-test G-XLT", "MLQA-test XLT"] * has_test
+def _run_value(run, split, key, metric):
+    """One run's MLQA mean (key: gxlt, xlt) on a split, or None when not evaluated there."""
+    if split not in run["metrics"]:
+        return None
+    return _split_means(run["metrics"][split])[key].get(metric)
 
-    def row(r):
-        dev = _split_means(r["metrics"]["mlqa-dev"])
-        cells = [r["name"], r["mode"], r["ntl"], _num(r["t"]), _fmt(dev["gxlt"]), _fmt(dev["xlt"])]
-        if has_test:
-            test = _split_means(r["metrics"]["mlqa-test"]) if "mlqa-test" in r["metrics"] else {}
-            cells += [_fmt(test.get("gxlt")), _fmt(test.get("xlt"))]
-        return cells
+
+def seed_groups(runs):
+    """Runs that differ only in --seed, together (same args.json but for the seed), sorted by
+    mode, ntl, t: [[run, ...], ...]."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r["config"], []).append(r)
+    order = lambda g: (g[0]["mode"], g[0]["ntl"], -1 if g[0]["t"] is None else g[0]["t"],  # noqa
+                       g[0]["name"])
+    return sorted((sorted(g, key=lambda r: (r["seed"] is None, r["seed"] or 0, r["name"]))
+                   for g in groups.values()), key=order)
+
+
+def _group_stat(group, split, key, metric):
+    """seed_summary of one mean over a group's runs (None: no run evaluated there)."""
+    values = [v for v in (_run_value(r, split, key, metric) for r in group) if v is not None]
+    return seed_summary(values) if values else None
+
+
+def _fmt_seeds(group, split, key):
+    """'F1/EM' of a group; with several seeds 'mean±sd' each (n is its own column)."""
+    stats = [_group_stat(group, split, key, m) for m in METRICS]
+    if all(st is None for st in stats):
+        return "-"
+    return "/".join("-" if st is None else f"{st['mean']:.1f}" +
+                    ("" if st["std"] is None else f"±{st['std']:.1f}") for st in stats)
+
+
+def sweep_markdown(runs):
+    """Every run; then per configuration (runs that differ only in --seed merged: mean±sd over
+    the seeds, n) and the best configuration per mode on MLQA-dev G-XLT F1 (the mean over its
+    seeds): the model selection of Sec. 5.2 that gives Table 2's rows."""
+    groups = seed_groups(runs)
+    splits = ["mlqa-dev"] + ["mlqa-test"] * any("mlqa-test" in r["metrics"] for r in runs)
+    scores = [f"{_split_title(s)} {label}" for s in splits for label in ("G-XLT", "XLT")]
+    per_run = [[r["name"], r["mode"], r["ntl"], _num(r["t"]), _num(r["seed"]), r["selection"]] +
+               [_fmt(_split_means(r["metrics"][s]).get(key)) if s in r["metrics"] else "-"
+                for s in splits for key in ("gxlt", "xlt")]
+               for g in groups for r in g]
+
+    def group_row(g):
+        names = g[0]["name"] if len(g) == 1 else f"{g[0]['name']} (+{len(g) - 1})"
+        return [names, g[0]["mode"], g[0]["ntl"], _num(g[0]["t"]), len(g),
+                g[0]["selection"].split(" (")[0]] + \
+            [_fmt_seeds(g, s, key) for s in splits for key in ("gxlt", "xlt")]
 
     best = {}
-    for r in runs:
-        f1 = _split_means(r["metrics"]["mlqa-dev"])["gxlt"]["f1"]
-        if f1 is not None and (r["mode"] not in best or f1 > best[r["mode"]][0]):
-            best[r["mode"]] = (f1, r)
-    out = ["# Sweep summary (F1/EM)", "", _table(header, [row(r) for r in runs]), "",
-           "## Best on MLQA-dev G-XLT F1, per mode (Sec. 5.2 model selection; Table 2)", "",
-           _table(header, [row(best[m][1]) for m in sorted(best)]), ""]
+    for g in groups:
+        st = _group_stat(g, "mlqa-dev", "gxlt", "f1")
+        if st is not None and (g[0]["mode"] not in best or st["mean"] > best[g[0]["mode"]][0]):
+            best[g[0]["mode"]] = (st["mean"], g)
+    group_header = ["configuration", "mode", "ntl", "t", "seeds", "final model"] + scores
+    out = ["# Sweep summary (F1/EM)", "",
+           "G-XLT: mean over all 49 MLQA pairs; XLT: the 7 same-language pairs. Final model: the "
+           "epoch each run kept (the last, or the best on MLQA dev with --keep-best-epoch).", "",
+           _table(["run", "mode", "ntl", "t", "seed", "final model"] + scores, per_run), ""]
+    if any(len(g) > 1 for g in groups):
+        out += ["## Per configuration: mean±sd over seeds", "",
+                "Runs whose args.json differ only in the seed; sd is the sample standard "
+                "deviation (n - 1).", "", _table(group_header, [group_row(g) for g in groups]), ""]
+    out += ["## Best on MLQA-dev G-XLT F1, per mode (Sec. 5.2 model selection; Table 2)", "",
+            _table(group_header, [group_row(best[m][1]) for m in sorted(best)]), ""]
     return "\n".join(out)
 
 
@@ -487,12 +550,13 @@ def _fig5_t(runs, mode):
     ts = [r["t"] for r in sel]
     top = max(ts.count(t) for t in ts)
     tied = [r for r in sel if ts.count(r["t"]) == top]
-    return max(tied, key=lambda r: _split_means(r["metrics"]["mlqa-dev"])["gxlt"]["f1"] or 0.0)["t"]
+    return max(tied, key=lambda r: _run_value(r, "mlqa-dev", "gxlt", "f1") or 0.0)["t"]
 
 
 def ntl_figure(runs, path, metric="f1", t=None):
     """Fig. 5 (F1) / Fig. 11 (EM): MLQA-dev G-XLT and XLT against ntl, one line per mode, at
-    temperature t (default: per mode, see _fig5_t; the ce mode has no temperature)."""
+    temperature t (default: per mode, see _fig5_t; the ce mode has no temperature). Several
+    seeds of a point: their mean, with the standard deviation as an error bar."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 2, FIGSIZE[1]), dpi=DPI)
     for ax, key, label in ((axes[0], "gxlt", "G-XLT"), (axes[1], "xlt", "XLT")):
@@ -500,17 +564,21 @@ def ntl_figure(runs, path, metric="f1", t=None):
             mode_t = _fig5_t(runs, mode)
             if t is not None and mode_t is not None:
                 mode_t = float(t)
-            points = sorted((r["ntl"], _split_means(r["metrics"]["mlqa-dev"])[key][metric])
-                            for r in runs if r["mode"] == mode and r["t"] == mode_t)
-            points = [(x, y) for x, y in points if y is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o",
-                        label=mode if mode_t is None else f"{mode} (t={mode_t:g})")
+            by_ntl = {}
+            for r in runs:
+                value = _run_value(r, "mlqa-dev", key, metric)
+                if r["mode"] == mode and r["t"] == mode_t and value is not None:
+                    by_ntl.setdefault(r["ntl"], []).append(value)
+            if by_ntl:
+                xs = sorted(by_ntl)
+                stats = [seed_summary(by_ntl[x]) for x in xs]
+                ax.errorbar(xs, [st["mean"] for st in stats], yerr=[st["std"] or 0.0 for st in stats],
+                            marker="o", capsize=3,
+                            label=mode if mode_t is None else f"{mode} (t={mode_t:g})")
         ax.set_xlabel("number of target languages ntl")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(f"MLQA-dev {label} {METRICS[metric]}")
-        ax.set_title(f"{label} {METRICS[metric]} vs ntl")
+        ax.set_title(f"{label} {METRICS[metric]} vs ntl (error bars: sd over seeds)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -519,15 +587,19 @@ def ntl_figure(runs, path, metric="f1", t=None):
 
 
 def temperature_ntl_matrix(runs, mode, metric="f1"):
-    """(ts, ntls, matrix[t, ntl]) of MLQA-dev G-XLT for one mode; NaN where no run."""
+    """(ts, ntls, matrix[t, ntl]) of MLQA-dev G-XLT for one mode (the mean over seeds); NaN
+    where no run."""
     sel = [r for r in runs if r["mode"] == mode and r["t"] is not None]
     ts = sorted({r["t"] for r in sel})
     ntls = sorted({r["ntl"] for r in sel})
-    m = np.full((len(ts), len(ntls)), np.nan)
+    cells = {}
     for r in sel:
-        value = _split_means(r["metrics"]["mlqa-dev"])["gxlt"][metric]
+        value = _run_value(r, "mlqa-dev", "gxlt", metric)
         if value is not None:
-            m[ts.index(r["t"]), ntls.index(r["ntl"])] = value
+            cells.setdefault((ts.index(r["t"]), ntls.index(r["ntl"])), []).append(value)
+    m = np.full((len(ts), len(ntls)), np.nan)
+    for (i, j), values in cells.items():
+        m[i, j] = float(np.mean(values))
     return ts, ntls, m
 
 

@@ -1360,15 +1360,27 @@ def _distill_small_batch(seed=0, B=3, L=7):
     return s, e, ts, te, sp, ep, allowed
 
 
+def _distill_flags(mode):
+    """The command-line flags of a mode name (distill.mode_name's inverse)."""
+    return dict(ce_only=mode == "ce", map_k="map" in mode, no_ce=mode.endswith("-noce"))
+
+
+def _eq1(x, allowed):
+    """Eq. 1's mask as train_qa.qa_logits applies it."""
+    return x.masked_fill(~allowed, qa.MASK_VALUE)
+
+
 @pytest.mark.parametrize("mode", ["skd-map", "skd", "ce", "skd-noce", "skd-map-noce"])
 @pytest.mark.parametrize("t", [1.0, 2.0, 0.5])
 def test_distill_loss_equals_eq4_eq6_by_hand(mode, t):
     s, e, ts, te, sp, ep, allowed = _distill_small_batch()
+    flags = _distill_flags(mode)
     k, delta = 10, 2
     alpha = mapk.map_at_k(ts, te, sp, ep, k=k, delta=delta, mask=allowed)
-    a_ce, a_kl = distill.coefficients(mode, alpha if "map" in mode else None)
-    teacher = (None, None) if mode == "ce" else (ts, te)
-    loss, ce, kl = distill.distill_loss(s, e, sp, ep, allowed, *teacher, t=t, a_ce=a_ce, a_kl=a_kl)
+    a_ce, a_kl = 0.0 if flags["no_ce"] else 1.0, alpha if flags["map_k"] else 1.0
+    teacher = (None, None) if flags["ce_only"] else (_eq1(ts, allowed), _eq1(te, allowed))
+    loss, ce, kl = distill.distill_loss(_eq1(s, allowed), _eq1(e, allowed), sp, ep, *teacher,
+                                        t=t, a_ce=a_ce, a_kl=a_kl)
 
     tolist = lambda x: x.tolist()  # noqa: E731
     ce_h, kl_h = _distill_hand_terms(*map(tolist, (s, e, ts, te, sp, ep, allowed)), t)
@@ -1376,7 +1388,8 @@ def test_distill_loss_equals_eq4_eq6_by_hand(mode, t):
                   for x, gold in ((ts, sp), (te, ep)) for row, g, m in zip(x, gold, allowed)) / (2 * 3)
     expected_coef = {"skd-map": (1, alpha_h), "skd": (1, 1), "ce": (1, 0), "skd-noce": (0, 1),
                      "skd-map-noce": (0, alpha_h)}[mode]
-    assert (float(a_ce), float(a_kl)) == pytest.approx(expected_coef, abs=1e-6)
+    if mode != "ce":
+        assert (float(a_ce), float(a_kl)) == pytest.approx(expected_coef, abs=1e-6)
     assert float(ce) == pytest.approx(ce_h, rel=1e-5)
     if mode == "ce":
         assert kl is None
@@ -1387,58 +1400,150 @@ def test_distill_loss_equals_eq4_eq6_by_hand(mode, t):
         assert float(loss) == pytest.approx(a * ce_h + b * kl_h, rel=1e-5)
 
 
+class _FixedLogits(torch.nn.Module):
+    """A 'model' whose start/end logits are given tensors (the batch's shape must match)."""
+
+    def __init__(self, start, end):
+        super().__init__()
+        self.start, self.end = start, end
+
+    def forward(self, input_ids, **_):
+        return types.SimpleNamespace(start_logits=self.start, end_logits=self.end)
+
+
+def _distill_logits_through_qa_logits(start, end, allowed):
+    batch = {"input_ids": torch.zeros(allowed.shape, dtype=torch.long), "allowed": allowed,
+             "token_type_ids": torch.zeros(allowed.shape, dtype=torch.long),
+             "attention_mask": torch.ones(allowed.shape, dtype=torch.long)}
+    return qa.qa_logits(_FixedLogits(start, end), batch)
+
+
 def test_distill_loss_ignores_masked_positions_and_padding():
     s, e, ts, te, sp, ep, allowed = _distill_small_batch(seed=1)
     s.requires_grad_(True)
-    loss, _, kl = distill.distill_loss(s, e, sp, ep, allowed, ts, te, t=2.0)
+    # Eq. 1 is applied once, by qa_logits; the loss takes its logits as they are
+    s_m, e_m = _distill_logits_through_qa_logits(s, e, allowed)
+    t_m = _distill_logits_through_qa_logits(ts, te, allowed)
+    loss, _, kl = distill.distill_loss(s_m, e_m, sp, ep, *t_m, t=2.0)
     loss.backward()
     assert float(kl.detach()) > 0
     assert torch.all(s.grad[~allowed] == 0) and torch.any(s.grad[allowed] != 0)
     # garbage at masked positions and extra padding columns change nothing
     junk = lambda x: torch.where(allowed, x, torch.full_like(x, 50.0))  # noqa: E731
     pad = lambda x, v: torch.cat([x, torch.full((x.shape[0], 4), v, dtype=x.dtype)], 1)  # noqa: E731
-    loss2, _, _ = distill.distill_loss(pad(junk(s.detach()), 9.0), pad(junk(e), -3.0), sp, ep,
-                                       pad(allowed, False), pad(junk(ts), 7.0), pad(junk(te), 1.0), t=2.0)
+    wide = pad(allowed, False)
+    s2 = _distill_logits_through_qa_logits(pad(junk(s.detach()), 9.0), pad(junk(e), -3.0), wide)
+    t2 = _distill_logits_through_qa_logits(pad(junk(ts), 7.0), pad(junk(te), 1.0), wide)
+    loss2, _, _ = distill.distill_loss(*s2, sp, ep, *t2, t=2.0)
     assert float(loss2) == pytest.approx(float(loss.detach()), rel=1e-6)
-    # identical teacher and student: KL = 0; KL scales as t^2 x KL at temperature t
-    _, _, zero = distill.distill_loss(s.detach(), e, sp, ep, allowed, s.detach(), e, t=3.0)
+    # identical teacher and student: KL = 0
+    same = _distill_logits_through_qa_logits(s.detach(), e, allowed)
+    _, _, zero = distill.distill_loss(*same, sp, ep, *same, t=3.0)
     assert float(zero) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_distill_kl_is_torch_kl_div_batchmean_and_the_explicit_sum():
+    """kl_rows is F.kl_div(log p_student, log p_teacher, log_target=True) x t^2 per row; its mean
+    equals reduction="batchmean", and the explicit sum over allowed positions of
+    p_teacher (log p_teacher - log p_student) (the formula before 2026-11-28)."""
+    s, e, ts, te, sp, ep, allowed = _distill_small_batch(seed=2)
+    for t in (0.5, 1.0, 2.0, 4.0):
+        stu, tea = _eq1(s, allowed), _eq1(ts, allowed)
+        rows = distill.kl_rows(stu, tea, t)
+        batchmean = torch.nn.functional.kl_div(
+            torch.log_softmax(stu / t, -1), torch.log_softmax(tea / t, -1), log_target=True,
+            reduction="batchmean") * t * t
+        log_s = torch.log_softmax(stu / t, -1)
+        log_t = torch.log_softmax(tea / t, -1)
+        explicit = torch.where(allowed, log_t.exp() * (log_t - log_s), torch.zeros_like(log_s))
+        assert float(rows.mean()) == pytest.approx(float(batchmean), rel=1e-6)
+        torch.testing.assert_close(rows, explicit.sum(-1) * t * t, rtol=1e-5, atol=1e-6)
+
+
+def _distill_tiny_batch(n_examples=7, seed=1):
+    """A tiny student and teacher (different weights, eval mode: no dropout) and one collated
+    batch of real XQuAD windows."""
+    ex = load_squad_examples(os.path.join(DISTILL_XQUAD_DIR, "xquad.en.json"))[:n_examples]
+    texts = [x for e in ex for x in (e["question"], e["context"])]
+    model, tok = qa.load_model_and_tokenizer("tiny", texts=texts, seed=seed)
+    teacher, _ = qa.load_model_and_tokenizer("tiny", texts=texts, seed=seed + 1)
+    feats = qa.build_features(ex, tok)
+    return model.eval(), teacher.eval(), feats, tok
+
+
+def _distill_grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
 @pytest.mark.parametrize("mode", ["skd-map", "skd", "ce", "skd-map-noce"])
-def test_distill_row_slices_give_the_same_loss_and_gradient(mode):
-    """forward_backward(rows=3) (the CPU path) equals one pass over the whole batch: CE and KL
-    are row means and alpha is computed once per batch (Eq. 6)."""
-    import train_qa
-    from common import load_squad_examples
-    ex = load_squad_examples(os.path.join(os.path.dirname(__file__), "data", "xquad",
-                                          "xquad.en.json"))[:7]
-    model, tok = train_qa.load_model_and_tokenizer(
-        "tiny", texts=[x for e in ex for x in (e["question"], e["context"])], seed=1)
-    model.eval()                                   # no dropout: both passes see the same function
-    teacher, _ = train_qa.load_model_and_tokenizer(
-        "tiny", texts=[x for e in ex for x in (e["question"], e["context"])], seed=2)
-    teacher = None if mode == "ce" else teacher.eval()
-    feats = train_qa.build_features(ex, tok)
-    batch = train_qa.collate(feats, list(range(len(feats["input_ids"]))), tok.pad_token_id, "cpu")
-    opts = distill.StepOptions(mode=mode, t=2.0)
-    results = []
-    for rows in (None, 3):
-        model.zero_grad()
-        stats = distill.forward_backward(model, teacher, batch, opts, rows=rows)
-        results.append((stats, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (s1, g1), (s2, g2) = results
-    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
-    assert len(g1) == len(g2) > 0
-    for a, b in zip(g1, g2):
+def test_distill_cpu_row_passes_give_the_same_loss_and_gradient(mode):
+    """row_passes (the CPU path: passes of whole alpha groups, each collated on its own) equals
+    one pass over the whole micro-batch: the step's loss is a mean over row groups, each group
+    keeps its own alpha (Eq. 6)."""
+    model, teacher, feats, tok = _distill_tiny_batch()
+    teacher = None if mode == "ce" else teacher
+    flags = _distill_flags(mode)
+    opts = distill.StepOptions(map_k=flags["map_k"], no_ce=flags["no_ce"], t=2.0, alpha_rows=3)
+    idx = np.arange(len(feats["input_ids"]))
+    assert len(idx) > 6                                   # more than one CPU pass
+    model.zero_grad()
+    whole = distill.forward_backward(model, teacher, qa.collate(feats, idx, tok.pad_token_id, "cpu"),
+                                     opts)
+    g_whole = _distill_grads(model)
+    model.zero_grad()
+    passes = distill.row_passes([idx], opts.alpha_rows, "cpu")
+    assert len(passes) > 1 and sum(share for _, share in passes) == pytest.approx(1.0)
+    cut = sum(distill.forward_backward(model, teacher, qa.collate(feats, p, tok.pad_token_id, "cpu"),
+                                       opts, share) for p, share in passes)
+    torch.testing.assert_close(whole, cut, atol=1e-5, rtol=1e-5)
+    g_cut = _distill_grads(model)
+    assert len(g_whole) == len(g_cut) > 0
+    for a, b in zip(g_whole, g_cut):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_distill_coefficients_need_alpha_for_map_modes():
-    with pytest.raises(ValueError):
-        distill.coefficients("skd-map", None)
-    assert distill.mode_name(ce_only=True) == "ce"
-    assert distill.mode_name(map_k=True, no_ce=True) == "skd-map-noce"
+def test_distill_alpha_per_6_rows_equals_4_accumulated_micro_batches():
+    """DESIGN (corrected 2026-11-28): the authors' 24-row step is 4 accumulated 6-row
+    micro-batches, each with its own alpha; --alpha-rows 6 computes that inside one 24-row pass
+    (same loss and gradients). --alpha-rows 24 is one alpha for the batch (map_at_k's), i.e.
+    loss = mean CE + alpha * mean KL."""
+    model, teacher, feats, tok = _distill_tiny_batch(n_examples=24, seed=5)
+    idx = np.arange(24)
+    batch = qa.collate(feats, idx, tok.pad_token_id, "cpu")
+    opts = distill.StepOptions(map_k=True, t=2.0, alpha_rows=6)
+    model.zero_grad()
+    whole = distill.forward_backward(model, teacher, batch, opts)
+    g_whole = _distill_grads(model)
+    model.zero_grad()
+    micro = sum(distill.forward_backward(model, teacher,
+                                         qa.collate(feats, idx[i:i + 6], tok.pad_token_id, "cpu"),
+                                         opts, scale=1 / 4) for i in range(0, 24, 6))
+    torch.testing.assert_close(whole, micro, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_whole, _distill_grads(model)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # the four groups' alphas differ on this batch, so per-group alpha is not per-batch alpha
+    with torch.no_grad():
+        t_start, t_end = qa.qa_logits(teacher, batch)
+        s_start, s_end = qa.qa_logits(model, batch)
+    gold = batch["start_positions"], batch["end_positions"]
+    per_row = mapk.alpha_per_row(t_start, t_end, *gold, 6, mask=batch["allowed"])
+    assert len(set(per_row.tolist())) > 1
+    # --alpha-rows 24: today's per-batch alpha
+    alpha = mapk.map_at_k(t_start, t_end, *gold, mask=batch["allowed"])
+    torch.testing.assert_close(mapk.alpha_per_row(t_start, t_end, *gold, 24, mask=batch["allowed"]),
+                               alpha.expand(24))
+    stats = distill.forward_backward(model, teacher, batch, opts._replace(alpha_rows=24))
+    _, ce, kl = distill.distill_loss(s_start, s_end, *gold, t_start, t_end, t=2.0)
+    assert float(stats[0]) == pytest.approx(float(ce + alpha * kl), rel=1e-5)
+    assert float(stats[3]) == pytest.approx(float(alpha), rel=1e-6)
+
+
+def test_distill_defaults_are_first_hit_and_6_row_groups():
+    args = distill.parse_args(["--model", "tiny"])
+    assert args.map_variant == "first-hit" and args.alpha_rows == 6 and not args.keep_best_epoch
+    assert distill.StepOptions().map_variant == "first-hit" and distill.StepOptions().alpha_rows == 6
+    assert distill.mode_name(distill.parse_args(["--ce-only"])) == "ce"
+    assert distill.mode_name(distill.parse_args(["--map-k", "--no-ce"])) == "skd-map-noce"
 
 
 # ---------------------------------------------------------------- distill.py: runs (tiny model, CPU)
@@ -1496,7 +1601,7 @@ class _DistillFakeDev:
     def __init__(self):
         self.epoch = 0
 
-    def __call__(self, model, tokenizer, dev_sets, device, features=None):
+    def __call__(self, model, tokenizer, dev_sets, device, features=None, precision="auto"):
         f1 = self.scores[self.epoch]
         self.epoch += 1
         return {"pairs": {k: {"f1": f1, "exact_match": 0.0, "n": 1} for k in dev_sets},
@@ -1530,7 +1635,10 @@ def distill_runs(tmp_path_factory):
         assert _distill_main(base + ["--resume", "--stop-after-epoch", "2"])[0] == 0
         runs["states"].append(_distill_state(part))
         assert _distill_main(base + ["--resume"])[0] == 0
-    runs["full"], runs["part"] = full, part
+        fake.epoch = 0
+        best = str(root / "best")
+        assert _distill_main(argv + ["--output-dir", best, "--keep-best-epoch"])[0] == 0
+    runs["full"], runs["part"], runs["best"] = full, part, best
     return runs
 
 
@@ -1563,17 +1671,30 @@ def test_distill_teacher_is_previous_epochs_student(distill_runs):
     assert not _distill_same(s1["teacher"], s2["teacher"])
 
 
-def test_distill_keeps_best_on_dev_model(distill_runs):
+def test_distill_final_model_is_the_last_epoch_even_when_an_earlier_scored_higher(distill_runs):
+    """DESIGN (corrected 2026-11-28): the final model is the last epoch's student, as the
+    authors' scripts keep it, although epoch 2 has the best MLQA-dev score here (10, 30, 20)."""
     full = distill_runs["full"]
-    final = _distill_weights(full)
-    s3 = _distill_state(full)
+    final, s3 = _distill_weights(full), _distill_state(full)
+    assert s3["best"] is None
+    assert all(torch.equal(final[k], s3["student"][k]) for k in final)
+    assert not all(torch.equal(final[k], s3["teacher"][k]) for k in final)   # not epoch 2's
+    rows = distill.read_log(os.path.join(full, "dev_metrics.jsonl"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["gxlt"]["f1"] for r in rows] == [10.0, 30.0, 20.0]
+    assert not [p for p in os.listdir(full) if p.startswith("best-epoch")]
+
+
+def test_distill_keep_best_epoch_keeps_the_best_on_dev_model(distill_runs):
+    best = distill_runs["best"]
+    final, s3 = _distill_weights(best), _distill_state(best)
     assert s3["best"] == {"score": 30.0, "epoch": 2}
     # the best epoch is 2: the final model is the student after epoch 2 (= epoch 3's teacher)
     assert all(torch.equal(final[k], s3["teacher"][k]) for k in final)
     assert not all(torch.equal(final[k], s3["student"][k]) for k in final)
-    rows = distill.read_log(os.path.join(full, "dev_metrics.jsonl"))
-    assert [r["best"] for r in rows] == [True, True, False]
-    assert not [p for p in os.listdir(full) if p.startswith("best-epoch")]
+    assert not [p for p in os.listdir(best) if p.startswith("best-epoch")]
+    # the same run otherwise: the same last student as the run without the flag
+    assert _distill_same(s3["student"], _distill_state(distill_runs["full"])["student"])
 
 
 def test_distill_model_dir_loads_and_dev_evaluation_scores_it(distill_runs):
@@ -1594,7 +1715,10 @@ def test_distill_model_dir_loads_and_dev_evaluation_scores_it(distill_runs):
         direct = evaluate_predictions(examples, preds, key.split("-")[1], report_unanswered=False)
         assert metrics["pairs"][key] == direct
     assert metrics["xlt"]["f1"] == metrics["pairs"]["en-en"]["f1"]
-    assert metrics["gxlt"]["f1"] == metrics["pairs"]["en-de"]["f1"]
+    # G-XLT: the mean over all pairs present (49 in MLQA), the same-language pair included
+    assert metrics["gxlt"]["f1"] == pytest.approx(
+        (metrics["pairs"]["en-en"]["f1"] + metrics["pairs"]["en-de"]["f1"]) / 2)
+    assert metrics["gxlt_cross"]["f1"] == metrics["pairs"]["en-de"]["f1"]
 
 
 def test_distill_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, capsys):
@@ -1626,9 +1750,9 @@ def test_distill_ce_only_runs_no_teacher(tmp_path):
     calls = []
     real = distill.qa_logits
 
-    def counting(model, batch):
+    def counting(model, batch, *args):
         calls.append(model.training)
-        return real(model, batch)
+        return real(model, batch, *args)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distill, "qa_logits", counting)
@@ -1737,10 +1861,13 @@ def test_eval_pair_means_xlt_gxlt_per_context():
     pairs = _eval_fake_pairs()
     s = report.summarize_pairs(pairs)
     diag = [11.0 * i for i in range(7)]
+    every = [10.0 * i + j for i in range(7) for j in range(7)]
     off = [10.0 * i + j for i in range(7) for j in range(7) if i != j]
     assert s["xlt"]["f1"] == pytest.approx(sum(diag) / 7)
-    assert s["gxlt"]["f1"] == pytest.approx(sum(off) / 42)
-    assert s["gxlt"]["exact_match"] == pytest.approx(sum(off) / 84)
+    # G-XLT: the mean over ALL 49 pairs (DESIGN, corrected 2026-11-28); gxlt_cross: q != c only
+    assert s["gxlt"]["f1"] == pytest.approx(sum(every) / 49)
+    assert s["gxlt"]["exact_match"] == pytest.approx(sum(every) / 98)
+    assert s["gxlt_cross"]["f1"] == pytest.approx(sum(off) / 42)
     # Table 3: mean over the question languages for each context language (column means)
     for j, c in enumerate(EVAL_LANGS):
         assert s["per_context"][c]["f1"] == pytest.approx(sum(10.0 * i + j for i in range(7)) / 7)
@@ -1748,7 +1875,44 @@ def test_eval_pair_means_xlt_gxlt_per_context():
     assert m[3, 5] == 35.0  # row = question language ar, column = context language hi
     del pairs["ar-hi"]
     assert np.isnan(report.pair_matrix(pairs, "f1")[3, 5])
-    assert report.summarize_pairs(pairs)["gxlt"]["f1"] == pytest.approx((sum(off) - 35) / 41)
+    assert report.summarize_pairs(pairs)["gxlt"]["f1"] == pytest.approx((sum(every) - 35) / 48)
+    assert report.summarize_pairs(pairs)["gxlt_cross"]["f1"] == pytest.approx((sum(off) - 35) / 41)
+
+
+def test_eval_gxlt_is_the_mean_of_49_pairs_set_by_hand():
+    """Pair scores set by hand: 7 same-language pairs at 70, 42 others at 49 + (a small
+    per-pair offset). G-XLT = mean of the 49, equal to the mean of the 7 per-context means."""
+    pairs = {}
+    for i, q in enumerate(EVAL_LANGS):
+        for j, c in enumerate(EVAL_LANGS):
+            f1 = 70.0 if q == c else 49.0 + (i - j) / 10
+            pairs[f"{q}-{c}"] = {"f1": f1, "exact_match": f1 / 2, "n": 5}
+    s = report.summarize_pairs(pairs)
+    assert s["gxlt"]["f1"] == pytest.approx((7 * 70.0 + 42 * 49.0) / 49)   # offsets cancel
+    assert s["gxlt_cross"]["f1"] == pytest.approx(49.0)
+    assert s["xlt"]["f1"] == pytest.approx(70.0)
+    per_context = [s["per_context"][c]["f1"] for c in EVAL_LANGS]
+    assert s["gxlt"]["f1"] == pytest.approx(sum(per_context) / 7)
+
+
+# The paper's Table 3 F1 (MLQA-dev, per context language) and Table 2 (G-XLT F1, XLT F1)
+PAPER_TABLE3_DEV_F1 = {"mBERT-qa-en": [59.3, 55.1, 49.5, 43.3, 48.5, 44.2, 48.1],
+                       "w/ skd": [68.6, 65.4, 57.7, 52.1, 58.9, 54.9, 56.2],
+                       "w/ skd, mAP@k": [68.4, 64.8, 57.7, 53.3, 58.9, 54.4, 57.1],
+                       "w/ ce": [66.7, 63.6, 56.3, 50.7, 56.1, 53.6, 55.3]}
+PAPER_TABLE2_DEV = {"mBERT-qa-en": (49.7, 59.7), "w/ skd": (59.1, 64.1),
+                    "w/ skd, mAP@k": (59.2, 64.7), "w/ ce": (57.5, 62.2)}
+
+
+def test_eval_paper_table3_gives_table2_gxlt_over_49_pairs_not_42():
+    """The README's worked check: the mean of Table 3's per-context means (= the 49-pair mean)
+    is Table 2's G-XLT for all four dev rows; the 42-pair mean, (49 G - 7 XLT) / 42, is not."""
+    for model, columns in PAPER_TABLE3_DEV_F1.items():
+        gxlt, xlt = PAPER_TABLE2_DEV[model]
+        mean49 = sum(columns) / 7
+        assert round(mean49, 1) == gxlt, model
+        mean42 = (49 * mean49 - 7 * xlt) / 42
+        assert abs(mean42 - gxlt) > 0.7, model
 
 
 def test_eval_heatmaps_are_pngs_of_the_right_size(tmp_path):
@@ -1788,17 +1952,17 @@ def test_eval_hidden_knowledge_counts_by_hand():
         {"question_lang": "zh", "context_lang": "zh", "nbest": ["错"] * 10 + ["对"],
          "answers": ["对"]},
     ]
-    hk = report.hidden_knowledge_counts(recs, k=10)
+    hk = evaluate_mlqa.hidden_knowledge_counts(recs, k=10)
     assert hk["languages"] == ["en", "zh"]
     assert hk["counts"]["en"] == [1, 0, 1, 0, 0, 0, 0, 0, 0, 0]
     assert hk["counts"]["zh"] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
     assert hk["n"] == {"en": 3, "zh": 3}
     assert hk["not_in_top_k"] == {"en": 1, "zh": 1}
-    f1 = report.hidden_knowledge_counts(recs, k=10, criterion="f1", f1_threshold=50.0)
+    f1 = evaluate_mlqa.hidden_knowledge_counts(recs, k=10, criterion="f1", f1_threshold=50.0)
     assert f1["counts"]["zh"][:2] == [2, 0]  # "red dog barks" has F1 0.8 with "red dog"
     assert f1["counts"]["en"][:3] == [1, 0, 1]
     assert f1["f1_threshold"] == 50.0
-    strict = report.hidden_knowledge_counts(recs, k=10, criterion="f1", f1_threshold=90.0)
+    strict = evaluate_mlqa.hidden_knowledge_counts(recs, k=10, criterion="f1", f1_threshold=90.0)
     assert strict["counts"]["zh"][:2] == [1, 1]
 
 
@@ -1813,8 +1977,10 @@ def test_eval_summary_markdown_mirrors_tables():
     text = report.summary_markdown([("model-a", metrics)])
     s = report.summarize_pairs(metrics["mlqa-dev"]["pairs"])
     row = f"| model-a | {s['gxlt']['f1']:.1f}/{s['gxlt']['exact_match']:.1f} | " \
-          f"{s['xlt']['f1']:.1f}/{s['xlt']['exact_match']:.1f} | 65.0/45.0 |"
-    assert row in text  # Tables 2/5: MLQA-dev G-XLT, XLT, XQuAD XLT
+          f"{s['xlt']['f1']:.1f}/{s['xlt']['exact_match']:.1f} | " \
+          f"{s['gxlt_cross']['f1']:.1f}/{s['gxlt_cross']['exact_match']:.1f} | 65.0/45.0 |"
+    assert row in text  # Tables 2/5: MLQA-dev G-XLT (49 pairs), XLT, G-XLT q!=c, XQuAD XLT
+    assert "all 49 MLQA" in text
     assert "| model-a | 65.0/45.0 | 60.0/40.0 | 70.0/50.0 |" in text  # Table 4
     assert "| 1 | 7 |" in text and "| 2 | 3 |" in text  # Table 1
     assert "| model-a | mydata | 12.5/2.5 | 4 |" in text
@@ -1856,31 +2022,61 @@ def test_eval_sweep_report_table_and_figures(tmp_path):
     assert _eval_png_size(str(out / "fig5_ntl_f1.png")) == (2 * w, h)
     assert _eval_png_size(str(out / "fig6_t_ntl_f1_skd.png")) == (w, h)
     assert (out / "sweep.md").read_text() == text
-    assert "| skd-n3-t2 | skd | 3 | 2 | 45.0/22.5 | 57.0/28.5 |" in text
+    # G-XLT over 49 pairs: (42 x 45 + 7 x 57) / 49 = 46.7; EM half of it
+    assert "| skd-n3-t2 | skd | 3 | 2 | - | last epoch | 46.7/23.4 | 57.0/28.5 |" in text
+    assert "Per configuration" not in text          # one seed per configuration: no seed table
     best = text.split("Best on MLQA-dev")[1]  # per mode: highest G-XLT F1
-    assert "| map-n5-t2 | skd-map | 5 | 2 |" in best and "| ce-n5 | ce |" in best
+    assert "| map-n5-t2 | skd-map | 5 | 2 | 1 | last epoch |" in best and "| ce-n5 | ce |" in best
     assert "skd-n1" not in best
     ts, ntls, m = report.temperature_ntl_matrix([report.load_run(r) for r in runs], "skd-map")
     assert ts == [1.0, 2.0] and ntls == [1, 3, 5]
-    assert m[1, 2] == pytest.approx(48.0)
+    assert m[1, 2] == pytest.approx((42 * 48.0 + 7 * 56.0) / 49)    # G-XLT over all 49 pairs
 
 
 def test_eval_sweep_reads_distill_run_dirs(tmp_path):
     """A distill.py output directory as it is: args.json with "mode", dev_metrics.jsonl (one row
-    per epoch, the best-on-dev one marked), no metrics.json."""
-    d = tmp_path / "distill-ntl3-t2-skd-map"
-    d.mkdir()
-    (d / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd-map-noce"}))
-    rows = []
-    for epoch, (offset, best) in enumerate([(0.0, True), (3.0, True), (1.0, False)], start=1):
-        pairs = _eval_fake_pairs(offset)
-        rows.append(json.dumps({"epoch": epoch, "pairs": pairs, "best": best,
-                                **report.summarize_pairs(pairs)}))
-    (d / "dev_metrics.jsonl").write_text("\n".join(rows) + "\n")
-    run = report.load_run(str(d))
-    assert run["mode"] == "skd-map-noce" and run["ntl"] == 3 and run["t"] == 2.0
-    assert run["metrics"]["mlqa-dev"]["pairs"]["en-en"]["f1"] == 3.0  # epoch 2, the last best
-    assert "| distill-ntl3-t2-skd-map | skd-map-noce | 3 | 2 |" in report.sweep_markdown([run])
+    per epoch), no metrics.json. The run's final model is its last epoch, or with
+    --keep-best-epoch the epoch with the best MLQA-dev G-XLT F1; the table names which."""
+    for keep_best, name in ((False, "last"), (True, "best")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd-map-noce",
+                                                 "keep_best_epoch": keep_best, "seed": 3}))
+        rows = []
+        for epoch, offset in enumerate([0.0, 3.0, 1.0], start=1):
+            pairs = _eval_fake_pairs(offset)
+            rows.append(json.dumps({"epoch": epoch, "pairs": pairs, **report.summarize_pairs(pairs)}))
+        (d / "dev_metrics.jsonl").write_text("\n".join(rows) + "\n")
+    last, best = report.load_run(str(tmp_path / "last")), report.load_run(str(tmp_path / "best"))
+    assert last["mode"] == "skd-map-noce" and last["ntl"] == 3 and last["t"] == 2.0
+    assert last["metrics"]["mlqa-dev"]["pairs"]["en-en"]["f1"] == 1.0  # epoch 3, the last
+    assert best["metrics"]["mlqa-dev"]["pairs"]["en-en"]["f1"] == 3.0  # epoch 2, the best
+    text = report.sweep_markdown([last, best])
+    assert "| last | skd-map-noce | 3 | 2 | 3 | last epoch (3) |" in text
+    assert "| best | skd-map-noce | 3 | 2 | 3 | best epoch (2) |" in text
+
+
+def test_eval_sweep_groups_seeds_mean_sd_n(tmp_path):
+    """Runs that differ only in --seed: one configuration row with mean±sd and n; the best per
+    mode is chosen on the mean; Fig. 5 is drawn with error bars."""
+    runs = []
+    for seed, gxlt in ((1, 40.0), (2, 42.0), (3, 44.0)):
+        d = _eval_fake_run(tmp_path, f"map-s{seed}", {"map_k": True, "seed": seed}, 5, 2.0,
+                           gxlt, 60.0)
+        runs.append(d)
+    runs.append(_eval_fake_run(tmp_path, "skd-one", {"map_k": False, "seed": 1}, 5, 2.0, 45.0, 61.0))
+    loaded = [report.load_run(r) for r in runs]
+    groups = report.seed_groups(loaded)
+    assert sorted(len(g) for g in groups) == [1, 3]
+    text = report.sweep_markdown(loaded)
+    seeds = text.split("Per configuration")[1].split("Best on")[0]
+    # G-XLT over 49 pairs = (42 g + 7 x 60) / 49: mean over g = 42 -> 44.57; sd = 2 x 42/49
+    mean, sd = (42 * 42.0 + 7 * 60.0) / 49, 2.0 * 42 / 49
+    assert f"| map-s1 (+2) | skd-map | 5 | 2 | 3 | last epoch | {mean:.1f}±{sd:.1f}/" in seeds
+    assert f"| skd-one | skd | 5 | 2 | 1 | last epoch | {(42 * 45 + 7 * 61) / 49:.1f}/" in seeds
+    out = tmp_path / "out"
+    _, paths = report.sweep_report(runs, str(out))
+    assert os.path.getsize(out / "fig5_ntl_f1.png") > 1000
 
 
 def test_eval_sweep_missing_args_is_input_error(tmp_path):
@@ -2042,7 +2238,7 @@ def test_eval_model_mode_hidden_knowledge(eval_env, eval_run):
                 assert texts[0] == preds[ex_id]  # rank 1 is the prediction
                 records.append({"question_lang": q, "context_lang": c, "nbest": texts,
                                 "answers": golds[ex_id]})
-    again = report.hidden_knowledge_counts(records)
+    again = evaluate_mlqa.hidden_knowledge_counts(records)
     assert again["counts"] == hk["counts"]
     em_top1 = sum(metrics["mlqa-dev"]["pairs"][f"{q}-{c}"]["exact_match"] * EVAL_N_IDS / 100
                   for q in EVAL_LANGS for c in EVAL_LANGS)

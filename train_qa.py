@@ -283,17 +283,18 @@ def collate(features, indices, pad_token_id, device):
 
 
 # -------------------------------------------------------------------- model output and loss
-def autocast(device):
+def autocast(device, precision="auto"):
     """bf16 autocast on CUDA, nothing on CPU (CPU runs stay exact and repeatable)."""
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and precision != "fp32":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def qa_logits(model, batch):
+def qa_logits(model, batch, precision="auto"):
     """Start/end logits, float32 [B, L]; disallowed positions (question, [SEP], padding) are
-    MASK_VALUE, so a softmax over them is Eq. 1's softmax over the context tokens (+ [CLS])."""
-    with autocast(batch["input_ids"].device):
+    MASK_VALUE, so a softmax over them is Eq. 1's softmax over the context tokens (+ [CLS]).
+    This is the one place where Eq. 1's mask is applied: the losses take these logits as they are."""
+    with autocast(batch["input_ids"].device, precision):
         out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                     attention_mask=batch["attention_mask"])
     mask = ~batch["allowed"]
@@ -420,22 +421,15 @@ def extract_spans(start_logits, end_logits, allowed, n_best=N_BEST, max_answer_t
             e_idx.gather(1, flat % k).masked_fill(none, 0))
 
 
-CPU_ROWS = 8   # rows per model pass on a CPU: 8-16 ran 1.1-1.4x faster than 24-64 (cache-bound;
-               # bench.py's tiny and small shapes on a 2-core machine); a GPU takes whole batches
-
-
 def eval_batch_size(device):
-    """Inference batch: 128 windows on a GPU, 2 x CPU_ROWS on a CPU (no backward: 16 was best)."""
-    return 128 if torch.device(device).type == "cuda" else 2 * CPU_ROWS
-
-
-def compute_rows(device):
-    """Training: rows per model pass within a batch (distill.forward_backward); None = all."""
-    return None if torch.device(device).type == "cuda" else CPU_ROWS
+    """Inference batch: 128 windows on a GPU, 16 on a CPU (cache-bound: 8-16 rows per pass ran
+    1.1-1.4x faster than 24-64 in bench.py's tiny and small shapes on a 2-core machine)."""
+    return 128 if torch.device(device).type == "cuda" else 16
 
 
 @torch.inference_mode()
-def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_size=1, features=None):
+def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_size=1, features=None,
+            precision="auto"):
     """id -> answer text: the best span over all windows of the example, cut from the original
     context by character offsets. n_best_size > 1: id -> list of up to n distinct answer texts,
     best first (paper Table 1). Examples without any valid span get "" (or [])."""
@@ -452,7 +446,7 @@ def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_siz
     lengths = [len(x) for x in features["input_ids"]]
     for idx in length_grouped_batches(lengths, batch_size or eval_batch_size(device), 0, 0, shuffle=False):
         batch = collate(features, idx, tokenizer.pad_token_id, device)
-        s, a, b = extract_spans(*qa_logits(model, batch), batch["allowed"], top=top)
+        s, a, b = extract_spans(*qa_logits(model, batch, precision), batch["allowed"], top=top)
         scores[idx, :s.shape[1]], starts[idx, :s.shape[1]], ends[idx, :s.shape[1]] = \
             s.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
     char_s = np.stack([features["offsets"][f][starts[f], 0] for f in range(n)]) if n else starts
