@@ -43,10 +43,12 @@ import sys
 import unicodedata
 from collections import Counter
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import report
+import significance
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, TYDIQA_FILE, TYDIQA_ID_PREFIXES, TYDIQA_ZERO_SHOT,
                     XQUAD_DIR, XQUAD_ZERO_SHOT, ArgumentParser, InputError, atomic_output_dir,
@@ -148,22 +150,17 @@ def _questions(examples_or_dataset, name):
             yield item, item["id"]
 
 
-def evaluate_predictions(examples_or_dataset, predictions, lang, report_unanswered=True,
-                         name="dataset"):
-    """Official-equivalent scores of `predictions` ({id: text}) -> {"exact_match", "f1", "n"}.
-
-    `lang` is the answer (context) language, or "squad" for the SQuAD v1.1 rules. Unanswered
-    questions score 0 and, with report_unanswered, are named on stderr like the official scripts.
-    `name` (e.g. the dataset's path) starts the message of an InputError.
-    """
+def question_scores(examples_or_dataset, predictions, lang, report_unanswered=True,
+                    name="dataset"):
+    """(id, EM, F1) of every question in file order, each in 0..1 (the max over its gold
+    answers); an unanswered question scores (0, 0) and, with report_unanswered, is named on
+    stderr like the official scripts."""
     _check_lang(lang)
-    em = f1 = 0.0
-    total = 0
     for qa, qid in _questions(examples_or_dataset, name):
-        total += 1
         if qid not in predictions:
             if report_unanswered:
                 print(f"Unanswered question {qid} will receive score 0.", file=sys.stderr)
+            yield qid, 0.0, 0.0
             continue
         prediction = predictions[qid]
         if not isinstance(prediction, str):
@@ -173,8 +170,23 @@ def evaluate_predictions(examples_or_dataset, predictions, lang, report_unanswer
         golds = [a["text"] for a in qa["answers"]]
         if not golds:
             raise InputError(f"{name}: question '{qid}' has no gold answers")
-        em += max(exact_match_score(prediction, g, lang) for g in golds)
-        f1 += max(f1_score(prediction, g, lang) for g in golds)
+        yield (qid, max(exact_match_score(prediction, g, lang) for g in golds),
+               max(f1_score(prediction, g, lang) for g in golds))
+
+
+def evaluate_predictions(examples_or_dataset, predictions, lang, report_unanswered=True,
+                         name="dataset"):
+    """Official-equivalent scores of `predictions` ({id: text}) -> {"exact_match", "f1", "n"}.
+
+    `lang` is the answer (context) language, or "squad" for the SQuAD v1.1 rules. Unanswered
+    questions score 0. `name` (e.g. the dataset's path) starts the message of an InputError.
+    Summed in file order and divided once, as the official scripts do (the same last decimal).
+    """
+    em = f1 = 0.0
+    total = 0
+    for _, q_em, q_f1 in question_scores(examples_or_dataset, predictions, lang,
+                                         report_unanswered, name):
+        em, f1, total = em + q_em, f1 + q_f1, total + 1
     if total == 0:
         raise InputError(f"{name}: no questions to score")
     return {"exact_match": 100.0 * em / total, "f1": 100.0 * f1 / total, "n": total}
@@ -461,7 +473,7 @@ def _model_name(path):
     return os.path.basename(os.path.normpath(path)) or path
 
 
-def model_mode(args):
+def _check_model_args(args):
     if args.files:
         raise InputError("--model takes no positional files")
     if args.dataset and not (args.lang or args.squad):
@@ -475,57 +487,83 @@ def model_mode(args):
     if os.path.exists(args.output_dir) and not args.overwrite:
         raise InputError(f"{args.output_dir}: output directory exists (pass --overwrite to "
                          "replace it)")
-    skip, notes = set(args.skip or ()), []
-    baseline = _load_baseline(args.baseline) if args.baseline else None
 
-    def collect():
-        tasks = []
-        if "mlqa" not in skip:
-            tasks += _mlqa_tasks(args.mlqa_dir or MLQA_DIR, args.mlqa_dir is not None,
-                                 args.split, notes)
-        if "xquad" not in skip:
-            tasks += _xquad_tasks(args.xquad_dir or XQUAD_DIR, args.xquad_dir is not None,
-                                  args.xquad_langs, notes)
-        if "tydiqa" not in skip:
-            tasks += _tydiqa_tasks(args.tydiqa_file or TYDIQA_FILE, args.tydiqa_file is not None,
-                                   args.tydiqa_langs, notes)
-        if args.dataset:
-            name = os.path.basename(args.dataset)
-            name = name[:-5] if name.endswith(".json") else name
-            tasks.append({"group": name, "key": None, "lang": SQUAD if args.squad else args.lang,
-                          "nbest": False, "path": args.dataset,
-                          "examples": load_squad_examples(args.dataset)})
-        return tasks
 
-    tasks = collect()
+def _collect_tasks(args, notes):
+    """The tasks of every requested data set present (model mode)."""
+    skip, tasks = set(args.skip or ()), []
+    if "mlqa" not in skip:
+        tasks += _mlqa_tasks(args.mlqa_dir or MLQA_DIR, args.mlqa_dir is not None, args.split,
+                             notes)
+    if "xquad" not in skip:
+        tasks += _xquad_tasks(args.xquad_dir or XQUAD_DIR, args.xquad_dir is not None,
+                              args.xquad_langs, notes)
+    if "tydiqa" not in skip:
+        tasks += _tydiqa_tasks(args.tydiqa_file or TYDIQA_FILE, args.tydiqa_file is not None,
+                               args.tydiqa_langs, notes)
+    if args.dataset:
+        name = os.path.basename(args.dataset)
+        name = name[:-5] if name.endswith(".json") else name
+        tasks.append({"group": name, "key": None, "lang": SQUAD if args.squad else args.lang,
+                      "nbest": False, "path": args.dataset,
+                      "examples": load_squad_examples(args.dataset)})
     if not tasks:
         raise InputError("nothing to evaluate: no data set found or requested")
+    return tasks
+
+
+def _data_sources(args, tasks):
+    """Where the evaluated data sets came from (metrics.json "data"), so that --compare finds
+    their gold answers again."""
+    groups = {t["group"] for t in tasks}
+    sources = {"mlqa": args.mlqa_dir or MLQA_DIR, "xquad": args.xquad_dir or XQUAD_DIR,
+               "tydiqa": args.tydiqa_file or TYDIQA_FILE}
+    return {name: os.path.abspath(path) for name, path in sources.items()
+            if any(g == name or g.startswith(name + "-") for g in groups)}
+
+
+def model_mode(args):
+    """--model DIR --output-dir OUT: predict, score, write predictions, metrics.json, Fig. 1/8,
+    summary.md; with --baseline, Fig. 3/9 and the significance of the difference."""
+    _check_model_args(args)
+    notes = []
+    baseline = _load_baseline(args.baseline) if args.baseline else None
+    tasks = _collect_tasks(args, notes)
+    name = _model_name(args.model)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         kw = dict(batch_size=args.batch_size, device=args.device, precision=args.precision,
                   hidden_criterion=args.hidden_knowledge, hidden_f1=args.hidden_knowledge_f1)
         fresh = [{k: v for k, v in t.items() if k != "predictions"} for t in tasks]
-        metrics = evaluate_model(args.model, tmp, tasks, desc=_model_name(args.model), **kw)
-        runs = [(_model_name(args.model), metrics)]
-        report.pair_heatmaps(metrics, tmp, name=_model_name(args.model))
+        metrics = evaluate_model(args.model, tmp, tasks, desc=name, **kw)
+        metrics["data"] = _data_sources(args, tasks)
+        runs, comparisons = [(name, metrics)], []
+        report.pair_heatmaps(metrics, tmp, name=name)
         if args.baseline:
             base_name = _model_name(args.baseline if baseline is None or
                                     not isinstance(baseline.get("model"), str)
                                     else baseline["model"])
+            base_name += " (baseline)" if base_name == name else ""
             if baseline is None:   # a model directory: evaluate it on the same data
                 base_dir = os.path.join(tmp, "baseline")
                 baseline = evaluate_model(args.baseline, base_dir, fresh, desc=base_name, **kw)
+                baseline["data"] = metrics["data"]
                 atomic_write_json(os.path.join(base_dir, "metrics.json"), baseline, indent=1)
-            if base_name == runs[0][0]:
-                base_name += " (baseline)"
+                base_predictions = _task_predictions(fresh)
+            else:
+                base_predictions = _saved_predictions_or_note(args.baseline, baseline, notes)
             runs.append((base_name, baseline))
-            if not report.difference_heatmaps(metrics, baseline, tmp, name=runs[0][0],
-                                              baseline_name=base_name):
+            comparisons = _baseline_significance(args, tasks, base_predictions, base_name, name)
+            _write_significance(tmp, comparisons, args)
+            marks = report.significant_pairs(comparisons[0]) if comparisons else None
+            if not report.difference_heatmaps(metrics, baseline, tmp, name=name,
+                                              baseline_name=base_name, marks=marks):
                 _note(notes, "no MLQA split in both the model's and the baseline's metrics: "
                              "no difference heat map")
         if notes:
             metrics["notes"] = notes
         atomic_write_json(os.path.join(tmp, "metrics.json"), metrics, indent=1)
         text = report.summary_markdown(runs, title=f"Evaluation of {args.model}")
+        text += report.significance_markdown(comparisons)
         if notes:
             text += "\n" + "\n".join(f"- note: {n}" for n in notes) + "\n"
         atomic_write_text(os.path.join(tmp, "summary.md"), text)
@@ -534,18 +572,28 @@ def model_mode(args):
 
 
 def compare_mode(args):
-    """--compare EVAL ...: one summary.md with a row per model in every table (Tables 1-5)."""
-    runs = []
-    for path in args.compare:
-        metrics = _load_baseline(path)
-        if metrics is None:
-            raise InputError(f"{path}: a model directory; evaluate it first (--model {path} "
-                             "--output-dir DIR) and compare DIR")
-        name = metrics.get("model") if isinstance(metrics.get("model"), str) else path
-        runs.append((_model_name(name), metrics))
-    text = report.summary_markdown(runs, title="Comparison")
+    """--compare EVAL ... [--baseline EVAL]: one summary.md with a row per model in every table
+    (Tables 1-5), seed variance of runs that differ only in --seed, and significance.json: each
+    model against the baseline (else against the first), paired bootstrap over instances."""
+    runs = [_compared(path) for path in args.compare]
+    baseline = _compared(args.baseline) if args.baseline else None
+    _unique_names(([baseline] if baseline else []) + runs)
+    pairs = [(baseline, r) for r in runs] if baseline else [(runs[0], r) for r in runs[1:]]
+    comparisons = [] if args.bootstrap == 0 else \
+        [compare_two(a, b, _gold_for(a, b, args), args.bootstrap, args.bootstrap_seed)
+         for a, b in pairs]
+    shown = ([baseline] if baseline else []) + runs
+    text = report.summary_markdown([(r["name"], r["metrics"]) for r in shown], title="Comparison")
+    text += report.seed_variance_markdown([(r["name"], r["metrics"], report.run_config(
+        r["metrics"])) for r in shown])
+    text += report.significance_markdown(comparisons)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         atomic_write_text(os.path.join(tmp, "summary.md"), text)
+        _write_significance(tmp, comparisons, args)
+        for (a, b), comparison in zip(pairs, comparisons):
+            report.difference_heatmaps(b["metrics"], a["metrics"], tmp, name=b["name"],
+                                       baseline_name=a["name"], marks=report.significant_pairs(
+                                           comparison), suffix="_" + _safe(b["name"]))
     print(text, end="")
 
 
@@ -554,6 +602,179 @@ def sweep_mode(args):
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         text, _ = report.sweep_report(args.sweep, tmp, fig5_t=args.fig5_t)
     print(text, end="")
+
+
+# ----------------------------------------------------------------------------------------------
+# Is a difference real? (issue 11) The paired bootstrap of significance.py over MLQA instances
+#
+# Per-example F1/EM are recomputed from each evaluation's saved predictions with the rules above,
+# on the data files the evaluation used (the same --mlqa-dir / --xquad-dir / --tydiqa-file
+# options). An MLQA instance keeps its id in all 49 pair files, so resampling ids keeps the
+# correlation between pairs; XQuAD ids are shared across its languages alike.
+
+def example_scores(examples, predictions, lang):
+    """{id: (F1, EM)} of every question, each in 0..100 (unanswered: 0)."""
+    return {qid: (100.0 * f1, 100.0 * em) for qid, em, f1 in
+            question_scores(examples, predictions, lang, report_unanswered=False)}
+
+
+def _tested_groups(metrics):
+    """{group: [keys]} of the data sets with language pairs (MLQA splits, XQuAD, TyDiQA)."""
+    return {group: sorted(value["pairs"]) for group, value in metrics.items()
+            if isinstance(value, dict) and "pairs" in value}
+
+
+def _aggregates(group, keys):
+    """The means a comparison reports: MLQA G-XLT (all pairs), XLT (q == c) and G-XLT q != c;
+    XQuAD and TyDiQA XLT (all their same-language pairs)."""
+    same = [k for k in keys if k.split("-")[0] == k.split("-")[1]]
+    if not group.startswith("mlqa-"):
+        return {"xlt": same}
+    return {"gxlt": list(keys), "xlt": same, "gxlt_cross": [k for k in keys if k not in same]}
+
+
+def compare_two(a, b, gold, n_resamples, seed):
+    """B - A on every data set in `gold` ({group: {key: (examples, lang)}}): {"a", "b",
+    group: {metric: {"pairs": {key: result}, aggregate: result}}} where a result is
+    significance.bootstrap_differences' (diff, ci, p, n, units, mean_a, mean_b) and, for the
+    aggregates, the Wilcoxon p of the per-example differences of their pairs (the authors' test,
+    with the XLT selection made before the test)."""
+    out = {"a": a["name"], "b": b["name"]}
+    for group, pairs in gold.items():
+        scores = {side: {key: example_scores(examples, run["predictions"][group][key], lang)
+                         for key, (examples, lang) in pairs.items()}
+                  for side, run in (("a", a), ("b", b))}
+        aggregates = _aggregates(group, list(pairs))
+        out[group] = {}
+        for m, metric in enumerate(("f1", "exact_match")):
+            cells = significance.align_cells(
+                *({key: {qid: v[m] for qid, v in scores[side][key].items()} for key in pairs}
+                  for side in ("a", "b")))
+            result = significance.bootstrap_differences(cells, aggregates, n_resamples, seed)
+            for name, members in aggregates.items():
+                if members:
+                    result[name]["wilcoxon_p"] = significance.wilcoxon_p(
+                        np.concatenate([cells[k][1] for k in members]),
+                        np.concatenate([cells[k][2] for k in members]))
+            out[group][metric] = {"pairs": {k: result[k] for k in pairs},
+                                  **{name: result[name] for name in aggregates if aggregates[name]}}
+    return out
+
+
+def _compared(path):
+    """A --compare / --baseline input: {"name", "metrics", "dir"} (dir: the evaluation directory
+    holding predictions/, or None for a bare metrics.json elsewhere)."""
+    metrics = _load_baseline(path)
+    if metrics is None:
+        raise InputError(f"{path}: a model directory; evaluate it first (--model {path} "
+                         "--output-dir DIR) and compare DIR")
+    name = metrics.get("model") if isinstance(metrics.get("model"), str) else path
+    eval_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return {"name": _model_name(name), "metrics": metrics, "dir": eval_dir, "path": path}
+
+
+def _unique_names(runs):
+    seen = {}
+    for run in runs:
+        seen[run["name"]] = seen.get(run["name"], 0) + 1
+        if seen[run["name"]] > 1:
+            run["name"] += f" ({seen[run['name']]})"
+
+
+def _safe(name):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _saved_predictions(run, groups):
+    """The predictions files of an evaluation directory: {group: {key: {id: text}}}."""
+    out = {}
+    for group, keys in groups.items():
+        out[group] = {}
+        for key in keys:
+            path = os.path.join(run["dir"], "predictions", group, f"{key}.json")
+            if not os.path.isfile(path):
+                raise InputError(f"{path}: not found; significance needs the saved predictions of "
+                                 f"{run['path']} (or pass --bootstrap 0 to compare tables only)")
+            out[group][key] = read_predictions(path)
+    return out
+
+
+def _gold_for(a, b, args):
+    """The gold examples of the data sets both evaluations scored (their predictions loaded into
+    a and b); refuses evaluations with nothing in common or with different pairs."""
+    ga, gb = _tested_groups(a["metrics"]), _tested_groups(b["metrics"])
+    common = [g for g in ga if g in gb]
+    if not common:
+        raise InputError(f"{a['path']} ({' '.join(ga) or 'no data set'}) and {b['path']} "
+                         f"({' '.join(gb) or 'no data set'}) share no evaluated data set or split")
+    for g in common:
+        if ga[g] != gb[g]:
+            raise InputError(f"{g}: {a['path']} and {b['path']} scored different pairs "
+                             f"({' '.join(ga[g])} vs {' '.join(gb[g])})")
+    groups = {g: ga[g] for g in common}
+    a["predictions"], b["predictions"] = _saved_predictions(a, groups), _saved_predictions(b, groups)
+    recorded = a["metrics"].get("data") or {}           # where the evaluation read its data
+    source = lambda name, option, default: option or recorded.get(name) or default  # noqa: E731
+    tasks, notes = [], []
+    splits = [g.split("-", 1)[1] for g in groups if g.startswith("mlqa-")]
+    if splits:
+        tasks += _mlqa_tasks(source("mlqa", args.mlqa_dir, MLQA_DIR), True, splits, notes)
+    if "xquad" in groups:
+        tasks += _xquad_tasks(source("xquad", args.xquad_dir, XQUAD_DIR), True,
+                              [k.split("-")[0] for k in groups["xquad"]], notes)
+    if "tydiqa" in groups:
+        tasks += _tydiqa_tasks(source("tydiqa", args.tydiqa_file, TYDIQA_FILE), True,
+                               [k.split("-")[0] for k in groups["tydiqa"]], notes)
+    return {g: {t["key"]: (t["examples"], t["lang"]) for t in tasks if t["group"] == g}
+            for g in groups}
+
+
+def _task_predictions(tasks):
+    """{group: {key: {id: text}}} of predicted tasks (--dataset files left out)."""
+    out = {}
+    for t in tasks:
+        if t["key"] is not None:
+            out.setdefault(t["group"], {})[t["key"]] = t["predictions"]
+    return out
+
+
+def _saved_predictions_or_note(path, metrics, notes):
+    """A baseline given as metrics.json / evaluation directory: its saved predictions, or None
+    (with a note) when they are not beside it."""
+    run = {"dir": path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
+           "path": path}
+    try:
+        return _saved_predictions(run, _tested_groups(metrics))
+    except InputError:
+        _note(notes, f"no saved predictions beside {path}: no significance, and the difference "
+                     "maps carry no marks")
+        return None
+
+
+def _baseline_significance(args, tasks, base_predictions, base_name, name):
+    """Model mode with --baseline: the model (B) against the baseline (A) on the data sets both
+    have, from the tasks just predicted."""
+    if base_predictions is None or args.bootstrap == 0:
+        return []
+    gold = {t["group"]: {} for t in tasks if t["key"] is not None and t["group"] in base_predictions}
+    for t in tasks:
+        if t["group"] in gold and t["key"] in base_predictions[t["group"]]:
+            gold[t["group"]][t["key"]] = (t["examples"], t["lang"])
+    a = {"name": base_name, "predictions": base_predictions}
+    b = {"name": name, "predictions": _task_predictions(tasks)}
+    return [compare_two(a, b, gold, args.bootstrap, args.bootstrap_seed)] if gold else []
+
+
+def _write_significance(out_dir, comparisons, args):
+    if comparisons:
+        atomic_write_json(os.path.join(out_dir, "significance.json"), {
+            "method": {"test": "paired bootstrap over instances (ids shared across pairs), "
+                               "percentile interval, null-centred two-sided p",
+                       "resamples": args.bootstrap, "seed": args.bootstrap_seed,
+                       "confidence": significance.CONFIDENCE,
+                       "wilcoxon": "scipy.stats.wilcoxon on per-example differences, XLT "
+                                   "selection before the test (for comparability only)"},
+            "comparisons": comparisons}, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,8 +819,12 @@ def main(argv=None):
     m.add_argument("--fig5-t", type=float, default=None,
                    help="temperature of the Fig. 5 curves (default: most common per mode)")
     m.add_argument("--compare", nargs="+", metavar="EVAL",
-                   help="metrics.json files (or evaluation directories): one summary.md with a "
-                        "row per model")
+                   help="evaluation directories (or their metrics.json): one summary.md with a "
+                        "row per model, and each model's difference to --baseline (else to the "
+                        "first) with its 95%% confidence interval (significance.json)")
+    m.add_argument("--bootstrap", type=int, default=significance.N_RESAMPLES,
+                   help="resamples of the paired bootstrap (0: tables only, no significance)")
+    m.add_argument("--bootstrap-seed", type=int, default=significance.SEED)
     args = parser.parse_args(argv)
 
     modes = [name for name in ("model", "sweep", "compare") if getattr(args, name)]
@@ -608,6 +833,8 @@ def main(argv=None):
             parser.error(" and ".join(f"--{m}" for m in modes) + " are separate modes")
         if not args.output_dir:
             parser.error(f"--{modes[0]} needs --output-dir")
+        if args.bootstrap < 0:
+            parser.error("--bootstrap must be 0 (no significance) or a number of resamples")
         args.split = list(dict.fromkeys(args.split))
         return {"model": model_mode, "sweep": sweep_mode, "compare": compare_mode}[modes[0]](args)
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_write_text,
                     read_json)
+import significance
 from significance import seed_summary
 
 METRICS = {"f1": "F1", "exact_match": "EM"}
@@ -116,17 +117,18 @@ def save_figure(fig, path):
 
 def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
                    xlabel="context language", ylabel="question language", diverging=False,
-                   fmt="{:.1f}", suptitle=None):
+                   fmt="{:.1f}", suptitle=None, marks=None):
     """One PNG with one annotated heat map per panel, side by side.
 
     panels: list of (title, 2-D array); NaN cells stay blank. Each panel has its own colour range
     (the paper's Fig. 6: "minimum and maximum values are relative to each figure"); with
     diverging, the range is symmetric around 0 (red = worse, green = better: Fig. 3 and 9).
+    marks: per panel a set of (row, column) cells to dot (a difference whose CI excludes 0).
     """
     plt = pyplot()
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(FIGSIZE[0] * n, FIGSIZE[1]), dpi=DPI, squeeze=False)
-    for ax, (title, matrix) in zip(axes[0], panels):
+    for p, (ax, (title, matrix)) in enumerate(zip(axes[0], panels)):
         matrix = np.asarray(matrix, dtype=float)
         finite = matrix[np.isfinite(matrix)]
         if diverging:
@@ -154,6 +156,14 @@ def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
                     ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center",
                             fontsize=8, color="white" if dark else "black")
+        if marks is not None:
+            cells = sorted(marks[p])
+            ax.scatter([j + 0.32 for _, j in cells], [i - 0.3 for i, _ in cells], s=10, c="black",
+                       marker="o", label="95% CI of the difference excludes 0")
+            ax.legend(handles=[plt.Line2D([], [], ls="", marker="o", ms=3, c="black",
+                                          label="95% CI of the difference excludes 0 (paired "
+                                                "bootstrap)")],
+                      loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, fontsize=7)
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
@@ -181,7 +191,8 @@ def alpha_figure(rows, path):
 
 
 def _split_title(split):
-    return {"mlqa-dev": "MLQA-dev", "mlqa-test": "MLQA-test"}.get(split, split)
+    return {"mlqa-dev": "MLQA-dev", "mlqa-test": "MLQA-test", "xquad": "XQuAD",
+            "tydiqa": "TyDiQA-GoldP"}.get(split, split)
 
 
 def pair_heatmaps(metrics, out_dir, splits=("mlqa-dev", "mlqa-test"), name=""):
@@ -205,10 +216,12 @@ def difference_matrix(pairs, baseline_pairs, metric="f1"):
 
 
 def difference_heatmaps(metrics, baseline, out_dir, splits=("mlqa-dev", "mlqa-test"),
-                        name="model", baseline_name="baseline"):
-    """Fig. 3 (F1) and Fig. 9 (EM): model minus baseline, one panel per split both have.
+                        name="model", baseline_name="baseline", marks=None, suffix=""):
+    """Fig. 3 (F1) and Fig. 9 (EM): model minus baseline, one panel per split both have. marks
+    ({split: {metric: pair keys}}, see significant_pairs): cells whose 95% CI excludes 0 get a
+    dot, explained in a legend.
 
-    Returns the paths written: out_dir/fig3_mlqa_f1_diff.png, out_dir/fig9_mlqa_em_diff.png."""
+    Returns the paths written: out_dir/fig3_mlqa_f1_diff{suffix}.png, .../fig9_mlqa_em_diff..."""
     present = [s for s in splits if s in metrics and s in baseline]
     if not present:
         return []
@@ -217,9 +230,22 @@ def difference_heatmaps(metrics, baseline, out_dir, splits=("mlqa-dev", "mlqa-te
         panels = [(f"{_split_title(s)} {METRICS[metric]}: {name} - {baseline_name}",
                    difference_matrix(metrics[s]["pairs"], baseline[s]["pairs"], metric))
                   for s in present]
-        paths.append(heatmap_figure(panels, os.path.join(out_dir, f"{fig}_mlqa_{stem}_diff.png"),
-                                    diverging=True, fmt="{:+.1f}"))
+        cells = None if marks is None else [
+            {(LANGUAGES.index(k.split("-")[0]), LANGUAGES.index(k.split("-")[1]))
+             for k in marks.get(s, {}).get(metric, ())} for s in present]
+        paths.append(heatmap_figure(panels, os.path.join(out_dir,
+                                                         f"{fig}_mlqa_{stem}_diff{suffix}.png"),
+                                    diverging=True, fmt="{:+.1f}", marks=cells))
     return paths
+
+
+def significant_pairs(comparison):
+    """{split: {metric: {pair keys whose 95% CI of B - A excludes 0}}} of a compare_two result."""
+    if not comparison:
+        return None
+    return {split: {metric: {key for key, r in value[metric]["pairs"].items()
+                             if significance.excludes_zero(r)} for metric in METRICS}
+            for split, value in comparison.items() if split.startswith("mlqa-")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,6 +406,90 @@ def _other_datasets_section(runs):
     return ["## Other data sets, F1/EM", "", _table(["model", "data set", "F1/EM", "n"], rows), ""]
 
 
+def _p(p):
+    return "-" if p is None else (f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}")
+
+
+def _signed(x):
+    return f"{x:+.1f}"
+
+
+def significance_markdown(comparisons):
+    """Each comparison of evaluate_mlqa.compare_two as markdown: the means with B - A, its 95%
+    confidence interval and p-values, then the MLQA pair differences with the significant ones
+    starred. Empty when there is no comparison."""
+    if not comparisons:
+        return ""
+    out = ["", "## Is the difference real? B - A with its 95% confidence interval", "",
+           "Paired bootstrap over instances (an MLQA instance's pairs, and an XQuAD question's "
+           "languages, are resampled together, so their correlation is kept): the difference of "
+           "the means the tables report, its 95% percentile interval and a two-sided p-value. "
+           "Wilcoxon p: the authors' signed-rank test on per-example differences (XLT pairs "
+           "selected before the test), for comparability only: it counts the correlated pairs "
+           "of an instance as independent examples. Per-pair p-values are not corrected for "
+           "the 49 comparisons.", ""]
+    labels = {"gxlt": "G-XLT", "xlt": "XLT", "gxlt_cross": "G-XLT q!=c"}
+    for c in comparisons:
+        rows = []
+        for group in [g for g in c if g not in ("a", "b")]:
+            for key in [k for k in labels if k in c[group]["f1"]]:
+                for metric in METRICS:
+                    r = c[group][metric][key]
+                    rows.append([_split_title(group), labels[key], METRICS[metric],
+                        f"{r['mean_a']:.1f}", f"{r['mean_b']:.1f}", _signed(r["diff"]),
+                        f"[{_signed(r['ci'][0])}, {_signed(r['ci'][1])}]", _p(r["p"]),
+                        _p(r.get("wilcoxon_p"))])
+        out += [f"### {c['b']} (B) - {c['a']} (A)", "",
+                _table(["data", "mean", "metric", "A", "B", "B - A", "95% CI", "p", "Wilcoxon p"],
+                       rows), ""]
+        for group in [g for g in c if g.startswith("mlqa-")]:
+            pairs = c[group]["f1"]["pairs"]
+            matrix = [[q] + [(_signed(pairs[f"{q}-{l}"]["diff"]) +
+                              ("*" if significance.excludes_zero(pairs[f"{q}-{l}"]) else ""))
+                             if f"{q}-{l}" in pairs else "-" for l in LANGUAGES] for q in LANGUAGES]
+            out += [f"#### {_split_title(group)} F1 by pair, B - A (* 95% CI excludes 0)", "",
+                    _table(["q \\ c"] + LANGUAGES, matrix), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def seed_variance_markdown(rows):
+    """Compared models whose runs differ only in --seed (rows: (name, metrics, configuration
+    key or None)): mean±sd over the seeds and n of every average. Empty without such a group."""
+    groups = {}
+    for name, metrics, config in rows:
+        if config is not None:
+            groups.setdefault(config, []).append((name, metrics))
+    groups = [g for g in groups.values() if len(g) > 1]
+    if not groups:
+        return ""
+    columns = [(s, key) for s in ("mlqa-dev", "mlqa-test") for key in ("gxlt", "xlt")
+               if any(s in m for g in groups for _, m in g)]
+    columns += [(s, "xlt") for s in ("xquad", "tydiqa") if any(s in m for g in groups for _, m in g)]
+
+    def mean_of(metrics, split, key, metric):
+        if split not in metrics:
+            return None
+        means = _split_means(metrics[split]) if split.startswith("mlqa-") else \
+            {"xlt": _xlt(metrics, split)}
+        return (means.get(key) or {}).get(metric)
+
+    table = []
+    for g in groups:
+        cells = []
+        for split, key in columns:
+            stats = [[v for v in (mean_of(m, split, key, metric) for _, m in g) if v is not None]
+                     for metric in METRICS]
+            cells.append("/".join(f"{seed_summary(v)['mean']:.1f}±{seed_summary(v)['std']:.1f}"
+                                  if len(v) > 1 else "-" for v in stats))
+        table.append([", ".join(name for name, _ in g), len(g)] + cells)
+    header = ["runs (same configuration, other seeds)", "n"] + [
+        f"{_split_title(s)} {'G-XLT' if k == 'gxlt' else 'XLT'}" for s, k in columns]
+    return "\n".join(["", "## Seed variance: mean±sd over runs that differ only in --seed", "",
+                      "sd: the sample standard deviation (n - 1). A difference between two "
+                      "configurations smaller than a few sd of either is within seed noise.", "",
+                      _table(header, table), ""])
+
+
 # ----------------------------------------------------------------------------------------------
 # Hyper-parameter sweeps (Sec. 7.2 and 7.3: Fig. 5, 6, 10, 11)
 
@@ -460,10 +570,26 @@ def load_run(run_dir):
     selection = "best epoch" if keep_best else "last epoch"
     if metrics.get("epoch") is not None:
         selection += f" ({metrics['epoch']})"
-    config = {k: v for k, v in args.items() if k != "seed"}
     return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "mode": mode,
             "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
-            "config": json.dumps(config, sort_keys=True), "metrics": metrics}
+            "config": _config_key(args), "metrics": metrics}
+
+
+def _config_key(args):
+    """A run's configuration: its args.json without the seed (runs that differ only in --seed
+    share it)."""
+    return json.dumps({k: v for k, v in args.items() if k != "seed"}, sort_keys=True)
+
+
+def run_config(metrics):
+    """The configuration of the distill.py run behind an evaluation (args.json in the model
+    directory metrics.json names), or None for a model without one (e.g. mBERT-qa-en)."""
+    model = metrics.get("model")
+    path = os.path.join(model, "args.json") if isinstance(model, str) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    args = read_json(path)
+    return _config_key(args) if isinstance(args, dict) else None
 
 
 def _num(x):

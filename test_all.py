@@ -2277,6 +2277,132 @@ def test_eval_model_mode_baseline_model_difference(eval_env, eval_run, capsys):
     assert "| model |" in table3 and "| other |" in table3
 
 
+def _eval_fake_eval_dir(root, name, eval_env, answer_pairs=(), model=None):
+    """An evaluation directory as --model writes it, without a model: predictions/mlqa-dev/ with
+    the gold answer on the pairs in `answer_pairs` and "" elsewhere, metrics.json scored from
+    them, and where its MLQA data came from."""
+    import evaluate_mlqa
+    d = root / name
+    pairs = {}
+    for q in EVAL_LANGS:
+        for c in EVAL_LANGS:
+            examples = common.load_squad_examples(
+                os.path.join(eval_env["mlqa"], "dev", f"dev-context-{c}-question-{q}.json"))
+            preds = {ex["id"]: ex["answers"][0]["text"] if f"{q}-{c}" in answer_pairs else ""
+                     for ex in examples}
+            common.atomic_write_json(str(d / "predictions" / "mlqa-dev" / f"{q}-{c}.json"), preds)
+            pairs[f"{q}-{c}"] = evaluate_mlqa.evaluate_predictions(examples, preds, c)
+    metrics = {"model": model or str(root / f"model-{name}"), "data": {"mlqa": eval_env["mlqa"]},
+               "mlqa-dev": {"pairs": pairs, **report.summarize_pairs(pairs)}}
+    common.atomic_write_json(str(d / "metrics.json"), metrics)
+    return str(d)
+
+
+def test_eval_compare_writes_significance_and_marks_summary(eval_env, tmp_path, capsys):
+    """B answers the en-en and de-es pairs right, A nothing: B - A is 100 on those pairs (its CI
+    excludes 0), 0 with p = 1 and CI [0, 0] on the other 47; G-XLT 200/49, XLT 100/7."""
+    a = _eval_fake_eval_dir(tmp_path, "a", eval_env)
+    b = _eval_fake_eval_dir(tmp_path, "b", eval_env, answer_pairs=("en-en", "de-es"))
+    out = tmp_path / "cmp"
+    _eval_main(["--compare", a, b, "--output-dir", str(out), "--bootstrap", "2000"])
+    printed = capsys.readouterr().out
+    sig = json.loads((out / "significance.json").read_text())
+    assert sig["method"]["resamples"] == 2000
+    (c,) = sig["comparisons"]
+    assert (c["a"], c["b"]) == ("model-a", "model-b")
+    f1 = c["mlqa-dev"]["f1"]
+    assert set(f1["pairs"]) == {f"{q}-{l}" for q in EVAL_LANGS for l in EVAL_LANGS}
+    for key, r in f1["pairs"].items():
+        if key in ("en-en", "de-es"):
+            assert r["diff"] == 100.0 and r["ci"] == [100.0, 100.0] and r["p"] < 0.01
+        else:
+            assert r["diff"] == 0.0 and r["ci"] == [0.0, 0.0] and r["p"] == 1.0
+    assert f1["gxlt"]["diff"] == pytest.approx(200 / 49)
+    assert f1["xlt"]["diff"] == pytest.approx(100 / 7)
+    assert f1["gxlt_cross"]["diff"] == pytest.approx(100 / 42)
+    assert f1["gxlt"]["ci"][0] > 0 and f1["gxlt"]["p"] < 0.05
+    assert 0 <= f1["xlt"]["wilcoxon_p"] <= 1
+    assert c["mlqa-dev"]["exact_match"]["gxlt"]["diff"] == pytest.approx(200 / 49)
+    summary = (out / "summary.md").read_text()
+    assert summary == printed and "Is the difference real?" in summary
+    assert "| MLQA-dev | G-XLT | F1 | 0.0 | 4.1 | +4.1 |" in summary
+    assert "| en | +100.0* | +0.0 |" in summary          # the starred pair of the F1 matrix
+    for name in ("fig3_mlqa_f1_diff_model-b.png", "fig9_mlqa_em_diff_model-b.png"):
+        assert os.path.getsize(out / name) > 1000
+    # the same evaluation twice: no difference anywhere
+    same = tmp_path / "same"
+    _eval_main(["--compare", a, a, "--output-dir", str(same), "--bootstrap", "500"])
+    (c,) = json.loads((same / "significance.json").read_text())["comparisons"]
+    for metric in ("f1", "exact_match"):
+        for r in [c["mlqa-dev"][metric]["gxlt"], c["mlqa-dev"][metric]["xlt"],
+                  *c["mlqa-dev"][metric]["pairs"].values()]:
+            assert r["diff"] == 0.0 and r["p"] == 1.0 and r["ci"] == [0.0, 0.0]
+
+
+def test_eval_compare_bad_input_is_one_line(eval_env, tmp_path, capsys):
+    a = _eval_fake_eval_dir(tmp_path, "a", eval_env)
+    b = _eval_fake_eval_dir(tmp_path, "b", eval_env, answer_pairs=("en-en",))
+    # another data set only: nothing in common
+    other = tmp_path / "xq"
+    common.atomic_write_json(str(other / "metrics.json"), {"model": "x", "xquad": {"pairs": {
+        "el-el": {"f1": 1.0, "exact_match": 1.0, "n": 4}}}})
+    # a split of the same data set with other pairs
+    fewer = json.loads(open(os.path.join(b, "metrics.json")).read())
+    del fewer["mlqa-dev"]["pairs"]["ar-hi"]
+    common.atomic_write_json(str(tmp_path / "fewer" / "metrics.json"), fewer)
+    missing = tmp_path / "b" / "predictions" / "mlqa-dev" / "zh-vi.json"
+    for argv, needle in (([a, str(other)], "share no evaluated data set"),
+                         ([a, str(tmp_path / "fewer")], "different pairs"),
+                         ([a, b], "zh-vi.json: not found")):
+        if needle.startswith("zh-vi"):
+            missing.unlink()
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--compare", *argv, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not (tmp_path / "o").exists()
+    # --bootstrap 0: the tables alone, predictions not needed
+    _eval_main(["--compare", a, b, "--output-dir", str(tmp_path / "o"), "--bootstrap", "0"])
+    assert not (tmp_path / "o" / "significance.json").exists()
+
+
+def test_eval_difference_heatmap_marks_significant_cells_with_a_legend(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    pairs = _eval_fake_pairs()
+    base = {"mlqa-dev": {"pairs": _eval_fake_pairs(-1.0)}}
+    marks = {"mlqa-dev": {"f1": {"en-en", "ar-hi", "zh-es"}, "exact_match": set()}}
+    report.difference_heatmaps({"mlqa-dev": {"pairs": pairs}}, base, str(tmp_path), marks=marks)
+    f1_fig, em_fig = figures
+    (ax,) = f1_fig.axes[:1]
+    dots = ax.collections[-1]                     # the scatter of marks, drawn last
+    offsets = sorted(map(tuple, np.round(dots.get_offsets(), 2)))
+    # (column + 0.32, row - 0.3) of en-en (0, 0), ar-hi (row 3, column 5), zh-es (6, 1)
+    assert offsets == sorted([(0.32, -0.3), (5.32, 2.7), (1.32, 5.7)])
+    assert "95% CI" in ax.get_legend().get_texts()[0].get_text()
+    assert len(em_fig.axes[0].collections[-1].get_offsets()) == 0     # EM: nothing marked
+    assert report.significant_pairs({"mlqa-dev": {m: {"pairs": {
+        "en-en": {"ci": [0.5, 2.0]}, "en-de": {"ci": [-1.0, 2.0]}}} for m in ("f1", "exact_match")},
+        "a": "A", "b": "B"})["mlqa-dev"]["f1"] == {"en-en"}
+
+
+def test_eval_compare_groups_runs_that_differ_only_in_seed(eval_env, tmp_path, capsys):
+    dirs = []
+    for seed, answered in ((1, ("en-en",)), (2, ("en-en", "de-de")), (3, ())):
+        run = tmp_path / f"run-s{seed}"
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps({"ntl": 5, "t": 2.0, "mode": "skd-map",
+                                                   "seed": seed}))
+        dirs.append(_eval_fake_eval_dir(tmp_path, f"eval-s{seed}", eval_env, answered, str(run)))
+    _eval_main(["--compare", *dirs, "--output-dir", str(tmp_path / "o"), "--bootstrap", "200"])
+    text = capsys.readouterr().out
+    section = text.split("## Seed variance")[1].split("##")[0]
+    # G-XLT F1 per seed: 100/49, 200/49, 0 -> mean 2.04, sd 2.04
+    assert "| run-s1, run-s2, run-s3 | 3 | 2.0±2.0/" in section
+    assert len(json.loads((tmp_path / "o" / "significance.json").read_text())["comparisons"]) == 2
+
+
 def test_eval_model_mode_missing_data_and_dataset(eval_env, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     # an explicitly requested MLQA directory that is missing: exit 2, the download command named
