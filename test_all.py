@@ -2260,12 +2260,20 @@ def test_eval_model_mode_baseline_model_difference(eval_env, eval_run, capsys):
         assert _eval_png_size(str(out / name)) == (w, h)
     assert "| model |" in printed and "| other |" in printed
     assert json.loads((out / "metrics.json").read_text())["mlqa-dev"] == metrics["mlqa-dev"]
+    # the difference carries its uncertainty: significance.json, model (B) - baseline (A)
+    (c,) = json.loads((out / "significance.json").read_text())["comparisons"]
+    assert (c["b"], c["a"]) == ("model", "other")
+    diff = metrics["mlqa-dev"]["gxlt"]["f1"] - base["mlqa-dev"]["gxlt"]["f1"]
+    assert c["mlqa-dev"]["f1"]["gxlt"]["diff"] == pytest.approx(diff)
+    assert c["mlqa-dev"]["f1"]["gxlt"]["ci"][0] <= diff <= c["mlqa-dev"]["f1"]["gxlt"]["ci"][1]
+    assert "Is the difference real?" in printed
     # a baseline given as metrics.json (no second model run)
     out3 = eval_env["root"] / "vs-json"
     _eval_main(["--model", eval_env["other"], "--output-dir", str(out3), "--mlqa-dir",
                 eval_env["mlqa"], "--split", "dev", "--skip", "xquad", "tydiqa",
                 "--baseline", str(out1 / "metrics.json")])
     assert not (out3 / "baseline").exists() and (out3 / "fig3_mlqa_f1_diff.png").exists()
+    assert (out3 / "significance.json").exists()        # from the predictions saved beside it
     assert json.loads((out3 / "metrics.json").read_text())["mlqa-dev"] == base["mlqa-dev"]
     # --compare: one summary with a row per model
     capsys.readouterr()
