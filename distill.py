@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import prepare
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json, atomic_write_text,
                     load_squad_examples, read_json, run_main)
@@ -309,6 +310,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
+    prepare.add_arguments(p)                  # --no-prepare (and test-only overrides)
     args = p.parse_args(argv)
 
     if not 0 <= args.ntl <= len(LANGUAGES) - 1:
@@ -356,6 +358,7 @@ def main(argv=None):
     mlqa_dir = args.mlqa_dir or MLQA_DIR
     if args.mlqa_dir is not None and not os.path.isdir(args.mlqa_dir):
         raise InputError(f"{args.mlqa_dir}: MLQA directory not found (--mlqa-dir)")
+    prepare.prepare_inputs(args)        # default --model missing: download data, build phase 1
     if args.model == MODEL and not args.resume and not os.path.isdir(MODEL):
         raise InputError(f"{MODEL}: not found; train mBERT-qa-en first (python train_qa.py) "
                          "or pass --model")
