@@ -81,7 +81,7 @@ def prepare_inputs(args):
     """Fetch and build what `missing` names, once across concurrent runs; see the docstring."""
     if args.model != PHASE1_DIR:          # --model DIR or tiny: the user's own model, nothing to do
         return
-    rank, world_size, device, is_master = train_qa.setup_distributed()
+    _, world_size, device, is_master = train_qa.setup_distributed()
     need = share(missing(args) if is_master else None, world_size)  # one decision for all ranks
     if not need:
         return
@@ -106,8 +106,9 @@ def prepare_inputs(args):
                       f"from: {phase1_args.model or train_qa.MODEL} on SQuAD v1.1, "
                       f"{phase1_args.epochs} epochs{duration(phase1_args, device, world_size)}; "
                       "--model DIR to use another)", flush=True)
+            names = (["squad"] if "model" in need else []) + (["mlqa"] if "mlqa" in need else [])
             try:
-                for name in (["squad"] if "model" in need else []) + (["mlqa"] if "mlqa" in need else []):
+                for name in names:
                     fetch(name, args.data_base_url)
             except InputError as e:
                 error = str(e)
