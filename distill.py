@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
 
+import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
@@ -95,6 +96,7 @@ class NonFiniteLoss(Exception):
 def main(argv=None):
     args = parse_args(argv)
     out = check_output_dir(args)
+    prepare.prepare_inputs(args)         # the default --model missing: fetch data, build phase 1
     rank, world_size, device, is_master = setup_distributed()
     micro = rows_per_pass(args, world_size)
     # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
@@ -105,9 +107,7 @@ def main(argv=None):
     epoch_batches = lambda epoch: length_grouped_batches(  # noqa: E731 (same order on resume)
         lengths, micro, args.seed, epoch, rank=rank, world_size=world_size)
     steps_per_epoch = count_steps(epoch_batches(0), args.grad_accum, len(lengths))
-    if is_master and not args.resume:
-        start_output_dir(out, student, tokenizer, args)
-    barrier(world_size)
+    start_output_dir(out, student, tokenizer, args, is_master, world_size)
     student.to(device).train()
     model = ddp(student, device) if world_size > 1 else student
     teacher = None if args.ce_only else frozen_copy(student)     # generation 0: the initial model
@@ -115,8 +115,7 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, steps_per_epoch * args.epochs)
     checkpoint = Checkpoint(out, student, teacher, optimizer, scheduler)
     torch.manual_seed(args.seed + rank)                          # dropout stream, as train_qa
-    epoch0, step, best = checkpoint.restore(args, rank, world_size, is_master) if args.resume \
-        else (0, 0, None)
+    epoch0, step, best = checkpoint.restore(args, rank, world_size, is_master)
     dev = DevSet(args.mlqa_dir or MLQA_DIR, args.precision) if is_master else None   # Sec. 5.2
     log = RunLog(out, is_master, len(examples), len(lengths), steps_per_epoch, args, device,
                  world_size, dev)
@@ -134,10 +133,8 @@ def main(argv=None):
             loss, ce, kl, alpha = mean_over_ranks(stats, world_size)
             step += 1
             check_finite(loss, step, epoch, checkpoint.state_path)
-            lr = scheduler.get_last_lr()[0]
+            log.step(bar, step, epoch, scheduler.get_last_lr()[0], loss, ce, kl, alpha, step_batches)
             optimizer_step(student, optimizer, scheduler)        # clip, AdamW, schedule
-            log.step(bar, step, epoch, lr, loss, ce, kl if teacher else None,
-                     alpha if teacher else None, sum(len(idx) for idx in step_batches) * world_size)
         bar.close()
         # end of epoch: MLQA-dev scores (rank 0), then the checkpoint every rank contributes to
         metrics = dev.score(student, tokenizer, device) if dev else None
@@ -377,9 +374,6 @@ def check_output_dir(args):
             raise InputError("--resume with options that differ from the checkpoint's run: " +
                              ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
                                        for k in diff))
-    elif args.model == MODEL and not os.path.isdir(MODEL):
-        raise InputError(f"{MODEL}: not found; train mBERT-qa-en first (python train_qa.py) "
-                         "or pass --model")
     return out
 
 
@@ -394,15 +388,19 @@ def load_student(args, examples, out):
     return load_model_and_tokenizer(args.model, texts=texts, seed=args.seed, require_qa_head=True)
 
 
-def start_output_dir(out, student, tokenizer, args):
-    """A fresh output directory: the run's options, config and tokenizer first."""
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    ckpt_dir = os.path.join(out, "checkpoint")
-    os.makedirs(ckpt_dir)
-    student.config.save_pretrained(ckpt_dir)
-    tokenizer.save_pretrained(ckpt_dir)
-    atomic_write_json(os.path.join(out, "args.json"), run_args(args), indent=1)
+def start_output_dir(out, student, tokenizer, args, is_master, world_size):
+    """A new run's output directory (rank 0): the run's options, config and tokenizer first.
+    Every rank has checked the directory (check_output_dir) before rank 0 touches it."""
+    barrier(world_size)
+    if is_master and not args.resume:
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        ckpt_dir = os.path.join(out, "checkpoint")
+        os.makedirs(ckpt_dir)
+        student.config.save_pretrained(ckpt_dir)
+        tokenizer.save_pretrained(ckpt_dir)
+        atomic_write_json(os.path.join(out, "args.json"), run_args(args), indent=1)
+    barrier(world_size)
 
 
 class Checkpoint:
@@ -430,8 +428,11 @@ class Checkpoint:
         barrier(world_size)
 
     def restore(self, args, rank, world_size, is_master):
-        """Weights, optimiser, schedule and RNG of the last finished epoch -> (epoch, step, best);
-        the log rows written after that checkpoint are dropped."""
+        """--resume: weights, optimiser, schedule and RNG of the last finished epoch -> (epochs
+        done, step, best); the log rows written after that checkpoint are dropped. A new run:
+        (0, 0, None)."""
+        if not args.resume:
+            return 0, 0, None
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         self.student.load_state_dict(state["student"])
         if self.teacher is not None:
@@ -485,6 +486,7 @@ class RunLog:
     def __init__(self, out, is_master, n_examples, n_windows, steps_per_epoch, args, device,
                  world_size, dev):
         self.out, self.is_master, self.epochs = out, is_master, args.epochs
+        self.teacher, self.world_size = not args.ce_only, world_size
         self.file = open(os.path.join(out, "train_log.jsonl"), "a", encoding="utf-8") \
             if is_master else None
         if is_master:
@@ -498,8 +500,9 @@ class RunLog:
         return tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
                     disable=None if self.is_master else True, leave=False)
 
-    def step(self, bar, step, epoch, lr, loss, ce, kl, alpha, windows):
-        self.windows += windows
+    def step(self, bar, step, epoch, lr, loss, ce, kl, alpha, step_batches):
+        self.windows += sum(len(idx) for idx in step_batches) * self.world_size
+        kl, alpha = (kl, alpha) if self.teacher else (None, None)      # "w/ ce": no teacher
         if self.is_master:
             self.file.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss,
                                         "ce": ce, "kl": kl, "alpha": alpha}) + "\n")
@@ -644,6 +647,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
+    prepare.add_arguments(p)                 # --no-prepare (and test-only overrides)
     args = p.parse_args(argv)
 
     if not 0 <= args.ntl <= len(LANGUAGES) - 1:

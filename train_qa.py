@@ -348,9 +348,10 @@ def setup_distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    # rank 0 alone evaluates MLQA dev at an epoch's end while the others wait: allow an hour
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                         timeout=datetime.timedelta(hours=1))
+    if not torch.distributed.is_initialized():   # a second call (distill.py after phase 1) reuses it
+        # rank 0 alone evaluates MLQA dev at an epoch's end while the others wait: allow an hour
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=1))
     return rank, world_size, device, rank == 0
 
 
@@ -499,7 +500,7 @@ def check_offsets(xquad_dir=XQUAD_DIR, model="tiny"):
 
 
 # -------------------------------------------------------------------- command line
-def main(argv=None):
+def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help=f"hub name, local dir or 'tiny' (default {MODEL})")
     p.add_argument("--train-file", default=SQUAD_TRAIN_FILE)
@@ -517,13 +518,26 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
     p.add_argument("--xquad-dir", default=XQUAD_DIR)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.check_offsets:
         print(f"{'lang':4} {'examples':>8} {'answered':>8} {'windows':>7} {'contains':>8} {'exact':>6}")
         for r in check_offsets(args.xquad_dir, args.model or "tiny"):
             print(f"{r['lang']:4} {r['examples']:8d} {r['answered']:8d} {r['windows']:7d} "
                   f"{100 * r['contains']:7.2f}% {100 * r['exact']:5.2f}%")
         return
+    run(args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run(args):
+    """Phase 1 from parse_args' options: check, train, save (the master, atomically). Under torchrun
+    it joins the process group, or the one already initialised, and leaves it open: distill.py
+    runs phase 1 this way inside its own process (prepare.py) before phase 2."""
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -552,8 +566,6 @@ def main(argv=None):
     if is_master:
         save_model(model, tokenizer, args.output_dir, args.overwrite, {"train_args.json": vars(args)})
         print(f"saved {args.output_dir}")
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
