@@ -30,7 +30,8 @@ with its own alpha, computed here inside one whole-batch pass.
 --max-examples N keeps the first N sampled examples (the sample lists each XQuAD id's (1+ntl)^2
 pairs together, so that is about N/(1+ntl)^2 ids with all their pairs).
 
-Output directory (default runs/distill-ntl{ntl}-t{t}-{mode}; -ntl{ntl}-ce for --ce-only):
+Output directory (default runs/distill-ntl{ntl}-t{t}-{mode}; -ntl{ntl}-ce for --ce-only; then
+-seed{N} for a --seed other than 3):
   config.json, model.safetensors, tokenizer files   the final model, written last: the student
         after the last epoch, as the authors' scripts keep it (--keep-best-epoch: the epoch with
         the best MLQA-dev G-XLT F1 instead); loads with AutoModelForQuestionAnswering/AutoTokenizer
@@ -670,7 +671,8 @@ def parse_args(argv=None):
     args.mode = mode_name(args)
     if args.output_dir is None:
         tag = "ce" if args.ce_only else f"t{args.t:g}-{args.mode}"
-        args.output_dir = os.path.join("runs", f"distill-ntl{args.ntl}-{tag}")
+        seed = "" if args.seed == SEED else f"-seed{args.seed}"    # seed runs side by side
+        args.output_dir = os.path.join("runs", f"distill-ntl{args.ntl}-{tag}{seed}")
     return args
 
 
