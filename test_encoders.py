@@ -88,6 +88,38 @@ def test_enc_xlmr_windows_equal_the_tokenizers_overflow_windows(lang):
     assert exact / len(held) > 0.95
 
 
+def test_enc_xlm_roberta_tokenizer_class_windows_and_predictions(tmp_path):
+    """A directory laid out like xlm-roberta-base (a SentencePiece Unigram vocabulary, tokenizer_class
+    XLMRobertaTokenizer, XLMRobertaForQuestionAnswering) loads with transformers' own XLM-R tokenizer
+    class; its windows are that tokenizer's overflow windows and the answers context substrings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    ex = enc_examples("de", 300)
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
+    tok.train_from_iterator(qa_texts(ex), trainers.UnigramTrainer(
+        vocab_size=2000, special_tokens=qa.XLMR_SPECIAL_TOKENS, unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    path = tmp_path / "xlmr"
+    qa.build_tiny_model("tiny-xlmr", fast).save_pretrained(path)
+    fast.save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="XLMRobertaTokenizer")))
+    model, tokenizer = qa.load_model_and_tokenizer(str(path))
+    assert type(tokenizer).__name__.startswith("XLMRobertaTokenizer") and tokenizer.is_fast
+    ours = qa.build_features(ex, tokenizer, 128, 32)
+    ref = list(_qa_overflow_windows(ex, tokenizer, 128, 32))
+    assert len(ref) == len(ours["input_ids"])
+    for f, (sample, ids, _, ctx, offsets) in enumerate(ref):
+        assert ours["example_index"][f] == sample and ours["input_ids"][f].tolist() == ids
+        assert (ours["allowed"][f][1:] == ctx[1:]).all() and (ours["offsets"][f] == offsets).all()
+    pred = qa.predict(model, tokenizer, ex[:40], device="cpu")
+    assert all(pred[e["id"]] and pred[e["id"]] in e["context"] for e in ex[:40])
+
+
 def test_enc_tiny_xlmr_tokenizer_is_a_function_of_the_text():
     texts = qa_texts(enc_examples("de", 200) + enc_examples("zh", 200))
     a, b = qa.train_tiny_xlmr_tokenizer(texts), qa.train_tiny_xlmr_tokenizer(list(reversed(texts)) + texts)

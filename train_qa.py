@@ -8,13 +8,16 @@ optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenize
     python train_qa.py                                   # mBERT, 3 epochs, lr 3e-5, batch 24 (Sec. 4.1)
     torchrun --nproc_per_node 4 train_qa.py              # same, 4 GPUs (batch 24 = 4 x 6)
     python train_qa.py --model tiny --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny
-    python train_qa.py --model tiny-xlmr ...               # the same with a tiny XLM-R (RoBERTa template)
-    python train_qa.py --model xlm-roberta-base --precision bf16   # any encoder with a fast tokenizer
-    python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|DIR]   # offset recovery report
+    python train_qa.py --model tiny-xlmr --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny-xlmr
+    python train_qa.py --model xlm-roberta-base --output-dir runs/xlmr-qa-en   # any encoder, fast tokenizer
+    python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|tiny-xlmr|DIR]   # offset report
     python evaluate_mlqa.py --model runs/mbert-qa-en --output-dir runs/mbert-qa-en/squad-dev \
         --skip mlqa xquad tydiqa --dataset data/squad/dev-v1.1.json --squad   # SQuAD dev EM/F1
 
 --batch-size is the effective batch of one optimiser step: world_size x micro-batch x --grad-accum.
+--precision auto (default) is bf16 autocast on CUDA and fp32 on a CPU; bf16 opts a CPU into autocast.
+Questions are cut to their first --max-query-length tokens (64, the authors' value).
+Any encoder with a fast tokenizer works: windows follow the tokenizer's own pair template.
 On a small CPU shared with other jobs, OMP_NUM_THREADS=1 is often several times faster.
 Hyper-parameters the paper leaves at the Hugging Face defaults keep them: no warm-up, linear decay,
 weight decay 0, Adam betas (0.9, 0.999), eps 1e-8, gradient clipping at norm 1.0.
@@ -121,17 +124,19 @@ def tiny_tokenizer(name, texts):
 def build_tiny_model(name, tokenizer):
     """A randomly initialised QA model of TINY_CONFIG's size (draws from torch's global RNG):
     `tiny` a BERT with two token types, `tiny-xlmr` an XLM-R with one."""
-    from transformers import BertConfig, BertForQuestionAnswering, XLMRobertaConfig, XLMRobertaForQuestionAnswering
+    from transformers import (BertConfig, BertForQuestionAnswering, XLMRobertaConfig,
+                              XLMRobertaForQuestionAnswering)
     if name == "tiny":
         config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             attn_implementation="sdpa", **TINY_CONFIG)
         return BertForQuestionAnswering(config)
-    # RoBERTa numbers positions from pad_token_id + 1: the table needs 512 + pad + 1 rows (514 in
-    # xlm-roberta-base) for 512 tokens
+    # RoBERTa numbers positions from pad_token_id + 1: 512 tokens need 512 + pad + 1 rows (514 in
+    # xlm-roberta-base)
     pad = tokenizer.pad_token_id
-    config = XLMRobertaConfig(vocab_size=len(tokenizer), pad_token_id=pad, bos_token_id=tokenizer.cls_token_id,
-                              eos_token_id=tokenizer.sep_token_id, type_vocab_size=1, attn_implementation="sdpa",
-                              **dict(TINY_CONFIG, max_position_embeddings=tokenizer.model_max_length + pad + 1))
+    dims = dict(TINY_CONFIG, max_position_embeddings=TINY_CONFIG["max_position_embeddings"] + pad + 1)
+    config = XLMRobertaConfig(vocab_size=len(tokenizer), pad_token_id=pad, type_vocab_size=1,
+                              bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                              attn_implementation="sdpa", **dims)
     return XLMRobertaForQuestionAnswering(config)
 
 
@@ -303,7 +308,7 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
             offsets = np.zeros((n, 2), dtype=np.int32)
             offsets[head:head + hi - lo] = c_off[lo:hi]
             allowed = ctx.copy()
-            allowed[0] = True                           # [CLS] / <s>: the label of a window without the answer
+            allowed[0] = True                           # [CLS] / <s>: label of a window without the answer
             out["allowed"].append(allowed)
             out["offsets"].append(offsets)
             out["example_index"].append(i)
@@ -622,7 +627,8 @@ def check_offsets(xquad_dir=XQUAD_DIR, model="tiny"):
 # -------------------------------------------------------------------- command line
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help=f"hub name, local dir, 'tiny' or 'tiny-xlmr' (default {MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"hub name, local dir, 'tiny' or 'tiny-xlmr' (default {MODEL})")
     p.add_argument("--train-file", default=SQUAD_TRAIN_FILE)
     p.add_argument("--output-dir", default=OUTPUT_DIR)
     p.add_argument("--epochs", type=int, default=EPOCHS)
@@ -636,7 +642,8 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=MAX_LENGTH)
     p.add_argument("--stride", type=int, default=STRIDE)
     p.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="question tokens kept")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on a CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
     p.add_argument("--xquad-dir", default=XQUAD_DIR)
@@ -647,7 +654,8 @@ def main(argv=None):
             print(f"{r['lang']:4} {r['examples']:8d} {r['answered']:8d} {r['windows']:7d} "
                   f"{100 * r['contains']:7.2f}% {100 * r['exact']:5.2f}%")
         return
-    for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples", "max_query_length"):
+    for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples",
+                 "max_query_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.stride < args.max_length:
