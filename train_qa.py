@@ -92,8 +92,8 @@ def train_tiny_xlmr_tokenizer(texts, vocab_size=TINY_VOCAB_SIZE):
     spaces; the RoBERTa pair template <s> q </s></s> c </s>, one token type. Punctuation is split
     off words (8000 pieces learnt on little text would merge "Broncos," and cut answers inexactly).
 
-    BPE rather than XLM-R's Unigram: the `tokenizers` Unigram trainer breaks ties in hash-map order
-    (a different vocabulary per run) and is ~15x slower; BPE over the words' characters (no
+    BPE rather than XLM-R's Unigram: the `tokenizers` Unigram trainer gave a different vocabulary
+    from run to run on the same text, and ran ~15x slower; BPE over the words' characters (no
     continuing-subword prefix, the alphabet numbered in sorted order) is a function of the text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
