@@ -2,6 +2,7 @@
 
     python bench.py --quick --json                # CPU, the tiny shape, about a minute; last line = JSON
     python bench.py --quick --json --shape small  # CPU, a larger shape (hidden 256, 4 layers), minutes
+    python bench.py --quick --json --precision bf16   # CPU: ours in fp32 and under bf16 autocast (AMX)
     python bench.py --shape mbert-base            # the real mBERT-base dimensions (GPU), random weights
     python bench.py --shape mbert-base --json --steps 20 --reps 5
 
@@ -21,10 +22,14 @@ shape and the same random weights, in one process:
 
 Throughput is windows ("features") per second; warm-up steps are excluded; each side is timed over
 several repetitions and the median is reported. On CUDA, MFU (model FLOPs of the real, unpadded
-tokens over the GPU's dense bf16 peak) and peak memory are reported too.
+tokens over the GPU's dense bf16 peak) and peak memory are reported too. With --precision bf16
+on a CPU, ours is timed twice, in fp32 (a CPU's default) and under bf16 autocast: the rows
+ours_bf16_fps, bf16_over_fp32 (the ratio of the two) and bf16_same_answers (evaluation answers
+equal to fp32's).
 """
 import contextlib
 import copy
+import functools
 import json
 import math
 import statistics
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 
 import distill
 import train_qa
-from common import XQUAD_DIR, ArgumentParser, run_main
+from common import XQUAD_DIR, ArgumentParser, InputError, run_main
 from map_at_k import map_at_k
 from sample import sample_cross_lingual
 
@@ -141,13 +146,22 @@ def _legacy_final_text(context, a, b):
     candidate's whole words are re-tokenised with BERT's basic tokenizer and the two texts are
     aligned character by character. The answer returned is the offsets' span, as ours, so both
     sides give comparable answers (legacy's rebuilt text differs in spacing for some scripts)."""
-    from transformers.models.bert.tokenization_bert import BasicTokenizer
     left = context.rfind(" ", 0, a) + 1
     right = context.find(" ", b)
     orig = context[left:right if right >= 0 else len(context)]
-    tokens = " ".join(BasicTokenizer(do_lower_case=False).tokenize(orig))
+    tokens = " ".join(_basic_tokenizer().tokenize(orig))
     _strip_spaces_map(orig), _strip_spaces_map(tokens)
     return context[a:b]
+
+
+@functools.lru_cache(maxsize=1)
+def _basic_tokenizer():
+    """BERT's basic (pre-)tokenizer, cased, as the legacy post-processing builds it."""
+    try:
+        from transformers.models.bert.tokenization_bert import BasicTokenizer
+    except ImportError:         # transformers 5.x keeps it in the legacy module only
+        from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
+    return BasicTokenizer(do_lower_case=False)
 
 
 def reference_predict(model, features, examples, device):
@@ -246,34 +260,47 @@ def _reset_peak(device):
     return torch.cuda.memory_allocated()
 
 
-def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size):
+def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size, bf16=False):
+    """Training rows: ours (distill.py's step at the device's default precision: bf16 autocast on
+    CUDA, fp32 on a CPU) and the reference; with bf16 on a CPU, ours under bf16 autocast too."""
     lengths = np.array([len(x) for x in features["input_ids"]])
     batches = [b for b in train_qa.length_grouped_batches(lengths, batch_size, 3, 0)
                if len(b) == batch_size]
     feed = lambda: (batches[i % len(batches)] for i in range(10 ** 9))  # noqa: E731
+    tokens = {}
 
-    # ours: distill.py's code path, --map-k mode
+    def ours_side(name, precision):
+        """distill.py's code path, --map-k mode (its defaults otherwise: first-hit, 6-row alpha
+        groups), each side with its own models from the same weights, at `precision`."""
+        student = build_models(shape, tokenizer, device, "sdpa").train()
+        teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
+        optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
+        scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
+        opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)
+        stream, tokens[name] = feed(), []
+
+        def steps_of(n):
+            def run():
+                teacher.load_state_dict(student.state_dict())      # one generation sync per rep
+                for _ in range(n):
+                    idx = next(stream)
+                    tokens[name].append(int(lengths[idx].sum()))
+                    for rows, share in distill.row_passes([idx], opts.alpha_rows, device):
+                        batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
+                        distill.forward_backward(student, teacher, batch, opts, share)
+                    distill.optimizer_step(student, optimizer, scheduler)
+            return run
+        return steps_of, student
+
     base = _reset_peak(device)
-    student = build_models(shape, tokenizer, device, "sdpa").train()
-    teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
-    optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
-    scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
-    opts = distill.StepOptions(map_k=True, t=2.0)          # distill.py's defaults otherwise
-    ours_batches, tokens = feed(), []
-
-    def ours(n):
-        def run():
-            teacher.load_state_dict(student.state_dict())          # one generation sync per rep
-            for _ in range(n):
-                idx = next(ours_batches)
-                tokens.append(int(lengths[idx].sum()))
-                for rows, share in distill.row_passes([idx], opts.alpha_rows, device):
-                    batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
-                    distill.forward_backward(student, teacher, batch, opts, share)
-                distill.optimizer_step(student, optimizer, scheduler)
-        return run
+    ours, student = ours_side("ours", "auto")
     ours(warmup)()
     mem_ours = _peak_since(device, base)
+    sides = {"ours": (ours(steps), contextlib.nullcontext)}
+    if bf16:
+        ours_bf16 = ours_side("ours_bf16", "bf16")[0]
+        ours_bf16(warmup)()
+        sides["ours_bf16"] = (ours_bf16(steps), contextlib.nullcontext)
 
     # reference: their configuration (see the top of this file)
     base = _reset_peak(device)
@@ -293,41 +320,59 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
         reference(warmup)()
     mem_ref = _peak_since(device, base)
 
-    tokens.clear()
-    times = interleaved({"ours": (ours(steps), contextlib.nullcontext),
-                         "reference": (reference(steps), fp32_matmul)}, reps, device)
-    feats = steps * batch_size
-    ours_fps = feats / statistics.median(times["ours"])
-    ref_fps = feats / statistics.median(times["reference"])
-    out = dict(ours_fps=round(ours_fps, 2), reference_fps=round(ref_fps, 2),
-               speedup=round(ours_fps / ref_fps, 2))
+    for name in tokens:
+        tokens[name].clear()
+    sides["reference"] = (reference(steps), fp32_matmul)
+    times = interleaved(sides, reps, device)
+    fps = {name: steps * batch_size / statistics.median(t) for name, t in times.items()}
+    out = _rows(fps)
     if device.type == "cuda":
         # teacher forward (1x) + student forward and backward (3x) = 4 forward passes per token
-        tok_per_s = sum(tokens) / sum(times["ours"])
+        tok_per_s = sum(tokens["ours"]) / sum(times["ours"])
         flops_tok = model_flops_per_token(student, int(lengths.mean()))
         out.update(ours_mfu=round(4 * flops_tok * tok_per_s / _peak_flops(device), 4),
                    ours_peak_mem_gib=mem_ours, reference_peak_mem_gib=mem_ref)
     return out
 
 
-def bench_eval(examples, features, tokenizer, shape, device, reps):
+def _rows(fps):
+    """Windows/s of each side and the ratios: ours / reference, and ours_bf16 / ours (fp32)."""
+    out = dict(ours_fps=round(fps["ours"], 2), reference_fps=round(fps["reference"], 2),
+               speedup=round(fps["ours"] / fps["reference"], 2))
+    if "ours_bf16" in fps:
+        out.update(ours_bf16_fps=round(fps["ours_bf16"], 2),
+                   bf16_over_fp32=round(fps["ours_bf16"] / fps["ours"], 2),
+                   bf16_speedup=round(fps["ours_bf16"] / fps["reference"], 2))
+    return out
+
+
+def bench_eval(examples, features, tokenizer, shape, device, reps, bf16=False):
+    """Evaluation rows: train_qa.predict (at the device's default precision, and with bf16 on a
+    CPU under bf16 autocast too) and the reference's evaluation, on the same weights."""
     n = len(features["input_ids"])
     base = _reset_peak(device)
     model = build_models(shape, tokenizer, device, "sdpa").eval()
-    ours = lambda: train_qa.predict(model, tokenizer, examples, device=device,  # noqa: E731
-                                    features=features)
-    ours_answers = ours()                                            # warm-up
+
+    def ours_at(precision):
+        return lambda: train_qa.predict(model, tokenizer, examples, device=device, features=features,
+                                        precision=precision)
+    ours_answers = ours_at("auto")()                                 # warm-up
     mem_ours = _peak_since(device, base)
     ref_model = build_models(shape, tokenizer, device, "eager").eval()
     ref_model.load_state_dict(model.state_dict())
     reference = lambda: reference_predict(ref_model, features, examples, device)  # noqa: E731
     with fp32_matmul():
         agree = _agreement(ours_answers, reference(), examples)     # also the warm-up
-    times = interleaved({"ours": (ours, contextlib.nullcontext),
-                         "reference": (reference, fp32_matmul)}, reps, device)
-    ours_fps, ref_fps = n / statistics.median(times["ours"]), n / statistics.median(times["reference"])
-    out = dict(ours_fps=round(ours_fps, 2), reference_fps=round(ref_fps, 2),
-               speedup=round(ours_fps / ref_fps, 2), same_answers=agree)
+    sides = {"ours": (ours_at("auto"), contextlib.nullcontext)}
+    if bf16:
+        sides["ours_bf16"] = (ours_at("bf16"), contextlib.nullcontext)
+        bf16_agree = _agreement(ours_answers, ours_at("bf16")(), examples)   # also its warm-up
+    sides["reference"] = (reference, fp32_matmul)
+    times = interleaved(sides, reps, device)
+    out = _rows({name: n / statistics.median(t) for name, t in times.items()})
+    out["same_answers"] = agree
+    if bf16:
+        out["bf16_same_answers"] = bf16_agree      # bf16 answers equal to ours in fp32
     if device.type == "cuda":
         out["ours_peak_mem_gib"] = mem_ours
     return out
@@ -365,8 +410,14 @@ def main(argv=None):
     p.add_argument("--eval-examples", type=int, default=None)
     p.add_argument("--xquad-dir", default=XQUAD_DIR)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", choices=train_qa.PRECISIONS, default="auto",
+                   help="bf16: on a CPU, time ours in fp32 and under bf16 autocast (CUDA: always bf16)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and args.precision == "fp32":
+        raise InputError("--precision fp32: on CUDA ours runs distill.py's bf16 autocast; fp32 "
+                         "rows are a CPU comparison")
+    bf16 = args.precision == "bf16" and device.type == "cpu"    # CUDA's default is bf16 already
     # --quick / CPU: the project's own CPU model (--model tiny); GPU: the real mBERT-base shape
     shape = args.shape or ("tiny" if args.quick or device.type == "cpu" else "mbert-base")
     steps = args.steps or (8 if args.quick else 20)
@@ -390,18 +441,22 @@ def main(argv=None):
           file=sys.stderr)
 
     result = {"train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
-                                   args.batch_size),
-              "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps),
+                                   args.batch_size, bf16),
+              "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps, bf16),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)",
-              "shape": shape}
+              "shape": shape, "ours_precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
     for part in ("train", "eval"):
         r = result[part]
-        print(f"{part}: ours {r['ours_fps']:.1f} windows/s, reference {r['reference_fps']:.1f} "
-              f"windows/s, speedup {r['speedup']:.2f}x" +
+        print(f"{part}: ours {r['ours_fps']:.1f} windows/s ({result['ours_precision']}), reference "
+              f"{r['reference_fps']:.1f} windows/s, speedup {r['speedup']:.2f}x" +
               (f", MFU {r['ours_mfu']:.1%}" if "ours_mfu" in r else "") +
               (f", peak memory {r['ours_peak_mem_gib']} GiB" if "ours_peak_mem_gib" in r else ""),
               file=sys.stderr if args.json else sys.stdout)
+        if "ours_bf16_fps" in r:
+            print(f"{part}: ours under bf16 autocast {r['ours_bf16_fps']:.1f} windows/s, "
+                  f"{r['bf16_over_fp32']:.2f}x fp32, {r['bf16_speedup']:.2f}x the reference",
+                  file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result))
 

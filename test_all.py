@@ -968,6 +968,16 @@ def qa_run_cli(args):
     return e.value.code
 
 
+def qa_pipeline_or_skip():
+    """transformers.pipeline where it still has "question-answering" (4.x); else skip the test."""
+    import transformers
+    from transformers.pipelines import SUPPORTED_TASKS
+    if "question-answering" not in SUPPORTED_TASKS:
+        pytest.skip(f"transformers {transformers.__version__} has no pipeline('question-answering') "
+                    "(5.x removed it)")
+    return transformers.pipeline
+
+
 def test_qa_cli_tiny_writes_loadable_hf_directory(tmp_path, qa_one_thread):
     out = str(tmp_path / "model")
     qa.main(["--model", "tiny", "--train-file", QA_EN, "--epochs", "1", "--max-examples", "40",
@@ -983,7 +993,7 @@ def test_qa_cli_tiny_writes_loadable_hf_directory(tmp_path, qa_one_thread):
     ex = load_squad_examples(QA_EN)[:5]
     pred = qa.predict(model, tokenizer, ex, device="cpu")
     assert set(pred) == {e["id"] for e in ex} and all(pred[e["id"]] in e["context"] for e in ex)
-    from transformers import pipeline          # requirements pin transformers 4.x for it
+    pipeline = qa_pipeline_or_skip()           # last: on transformers 5.x the test ends skipped here
     answer = pipeline("question-answering", model=out)(question=ex[0]["question"], context=ex[0]["context"])
     assert answer["answer"] in ex[0]["context"]
 
@@ -1702,9 +1712,6 @@ def test_distill_model_dir_loads_and_dev_evaluation_scores_it(distill_runs):
     from evaluate_mlqa import evaluate_predictions
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     full = distill_runs["full"]
-    from transformers import pipeline          # requirements pin transformers 4.x for it
-    qa = pipeline("question-answering", model=full)
-    assert qa(question="Who?", context="Bob went to Paris.")["answer"] in "Bob went to Paris."
     model = AutoModelForQuestionAnswering.from_pretrained(full)
     tokenizer = AutoTokenizer.from_pretrained(full)
     dev = distill.load_mlqa_dev(distill_runs["mlqa"])
@@ -1719,6 +1726,9 @@ def test_distill_model_dir_loads_and_dev_evaluation_scores_it(distill_runs):
     assert metrics["gxlt"]["f1"] == pytest.approx(
         (metrics["pairs"]["en-en"]["f1"] + metrics["pairs"]["en-de"]["f1"]) / 2)
     assert metrics["gxlt_cross"]["f1"] == metrics["pairs"]["en-de"]["f1"]
+    pipeline = qa_pipeline_or_skip()           # last: on transformers 5.x the test ends skipped here
+    qa = pipeline("question-answering", model=full)
+    assert qa(question="Who?", context="Bob went to Paris.")["answer"] in "Bob went to Paris."
 
 
 def test_distill_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, capsys):

@@ -8,11 +8,16 @@ optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenize
     python train_qa.py                                   # mBERT, 3 epochs, lr 3e-5, batch 24 (Sec. 4.1)
     torchrun --nproc_per_node 4 train_qa.py              # same, 4 GPUs (batch 24 = 4 x 6)
     python train_qa.py --model tiny --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny
-    python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|DIR]   # offset recovery report
+    python train_qa.py --model tiny-xlmr --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny-xlmr
+    python train_qa.py --model xlm-roberta-base --output-dir runs/xlmr-qa-en   # any encoder, fast tokenizer
+    python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|tiny-xlmr|DIR]   # offset report
     python evaluate_mlqa.py --model runs/mbert-qa-en --output-dir runs/mbert-qa-en/squad-dev \
         --skip mlqa xquad tydiqa --dataset data/squad/dev-v1.1.json --squad   # SQuAD dev EM/F1
 
 --batch-size is the effective batch of one optimiser step: world_size x micro-batch x --grad-accum.
+--precision auto (default) is bf16 autocast on CUDA and fp32 on a CPU; bf16 opts a CPU into autocast.
+Questions are cut to their first --max-query-length tokens (64, the authors' value).
+Any encoder with a fast tokenizer works: windows follow the tokenizer's own pair template.
 On a small CPU shared with other jobs, OMP_NUM_THREADS=1 is often several times faster.
 Hyper-parameters the paper leaves at the Hugging Face defaults keep them: no warm-up, linear decay,
 weight decay 0, Adam betas (0.9, 0.999), eps 1e-8, gradient clipping at norm 1.0.
@@ -38,11 +43,15 @@ EPOCHS, LR, BATCH_SIZE, WEIGHT_DECAY, MAX_GRAD_NORM = 3, 3e-5, 24, 0.0, 1.0
 MAX_LENGTH, STRIDE = 384, 128                 # window length and overlap of the sliding window
 N_BEST, MAX_ANSWER_TOKENS = 20, 30            # answer extraction: top start/end candidates, span cap
 MASK_VALUE = -1e9                             # logit of a position outside Eq. 1's softmax
+MAX_QUERY_LENGTH = 64                         # question tokens kept (the authors' max_query_length)
+PRECISIONS = ("auto", "fp32", "bf16")         # auto: bf16 autocast on CUDA, fp32 on a CPU
+TINY_MODELS = ("tiny", "tiny-xlmr")           # random small models with a tokenizer trained on the run's text
 TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=256, max_position_embeddings=512)
 TINY_VOCAB_SIZE = 8000
 LOG_EVERY = 10                                # steps between progress-bar loss updates
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]   # XLM-R's order: <pad> = 1
 
 
 # -------------------------------------------------------------------- model and tokenizer
@@ -77,6 +86,60 @@ def train_tiny_tokenizer(texts, vocab_size=TINY_VOCAB_SIZE):
                                    model_max_length=TINY_CONFIG["max_position_embeddings"])
 
 
+def train_tiny_xlmr_tokenizer(texts, vocab_size=TINY_VOCAB_SIZE):
+    """XLM-R-style fast tokenizer trained on `texts`: whitespace split, then SentencePiece's "▁"
+    word marker (Metaspace), as xlm-roberta-base's tokenizer.json does, so offsets exclude the
+    spaces; the RoBERTa pair template <s> q </s></s> c </s>, one token type. Punctuation is split
+    off words (8000 pieces learnt on little text would merge "Broncos," and cut answers inexactly).
+
+    BPE rather than XLM-R's Unigram: the `tokenizers` Unigram trainer gave a different vocabulary
+    from run to run on the same text, and ran ~15x slower; BPE over the words' characters (no
+    continuing-subword prefix, the alphabet numbered in sorted order) is a function of the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(replacement="▁"),
+                                                 pre_tokenizers.Punctuation()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=XLMR_SPECIAL_TOKENS)
+    tok.train_from_iterator(list(dict.fromkeys(texts)), trainer)
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(          # RoBERTa's, all token type 0
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", bos), ("</s>", eos)])
+    tok.decoder = decoders.Metaspace(replacement="▁")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", cls_token="<s>",
+                                   sep_token="</s>", mask_token="<mask>",
+                                   model_input_names=["input_ids", "attention_mask"],  # one token type
+                                   model_max_length=TINY_CONFIG["max_position_embeddings"])
+
+
+def tiny_tokenizer(name, texts):
+    """The tokenizer of a tiny model (`tiny`: WordPiece, `tiny-xlmr`: BPE) trained on `texts`."""
+    return train_tiny_tokenizer(texts) if name == "tiny" else train_tiny_xlmr_tokenizer(texts)
+
+
+def build_tiny_model(name, tokenizer):
+    """A randomly initialised QA model of TINY_CONFIG's size (draws from torch's global RNG):
+    `tiny` a BERT with two token types, `tiny-xlmr` an XLM-R with one."""
+    from transformers import (BertConfig, BertForQuestionAnswering, XLMRobertaConfig,
+                              XLMRobertaForQuestionAnswering)
+    if name == "tiny":
+        config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            attn_implementation="sdpa", **TINY_CONFIG)
+        return BertForQuestionAnswering(config)
+    # RoBERTa numbers positions from pad_token_id + 1: 512 tokens need 512 + pad + 1 rows (514 in
+    # xlm-roberta-base)
+    pad = tokenizer.pad_token_id
+    dims = dict(TINY_CONFIG, max_position_embeddings=TINY_CONFIG["max_position_embeddings"] + pad + 1)
+    config = XLMRobertaConfig(vocab_size=len(tokenizer), pad_token_id=pad, type_vocab_size=1,
+                              bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                              attn_implementation="sdpa", **dims)
+    return XLMRobertaForQuestionAnswering(config)
+
+
 @contextlib.contextmanager
 def quiet_transformers(progress_bars=False):
     """transformers' logging at error level (no load report such as "Some weights ... are newly
@@ -101,23 +164,23 @@ def _first_line(error):
 
 
 def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=False):
-    """`tiny`: random small BERT + a tokenizer trained on `texts`; else a hub name or a local dir
-    (AutoModelForQuestionAnswering + fast AutoTokenizer), loaded quietly (quiet_transformers).
-    With require_qa_head (distill.py, evaluate_mlqa.py), a checkpoint whose QA head would be
-    freshly initialised (not a fine-tuned QA model) is an InputError; without it (phase 1 starts
-    from a pre-trained encoder), a one-line note says the head is new. A directory that does not
-    load (no or corrupt weights, shapes that do not match its config) is an InputError."""
+    """`tiny` / `tiny-xlmr`: a random small BERT / XLM-R + a tokenizer trained on `texts`; else a
+    hub name or a local dir (AutoModelForQuestionAnswering + fast AutoTokenizer), loaded quietly
+    (quiet_transformers). With require_qa_head (distill.py, evaluate_mlqa.py), a checkpoint whose
+    QA head would be freshly initialised (not a fine-tuned QA model) is an InputError; without it
+    (phase 1 starts from a pre-trained encoder), a one-line note says the head is new. A directory
+    that does not load (no or corrupt weights, shapes that do not match its config), a model type
+    without a QA head class, or a tokenizer that is not fast (no character offsets) is an InputError."""
+    import transformers
     from safetensors import SafetensorError
-    from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, BertConfig,
-                              BertForQuestionAnswering)
-    if name_or_path == "tiny":
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING
+    if name_or_path in TINY_MODELS:
         if not texts:
-            raise InputError("--model tiny needs training text to build its tokenizer")
-        tokenizer = train_tiny_tokenizer(texts)
+            raise InputError(f"--model {name_or_path} needs training text to build its tokenizer")
+        tokenizer = tiny_tokenizer(name_or_path, texts)
         torch.manual_seed(seed)
-        config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            attn_implementation="sdpa", **TINY_CONFIG)
-        return BertForQuestionAnswering(config), tokenizer
+        return build_tiny_model(name_or_path, tokenizer), tokenizer
     path = name_or_path                  # a hub name is "name" or "org/name"; anything else is a path
     local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or \
         ("/" in path and os.path.isdir(path.split("/")[0]))
@@ -127,8 +190,15 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
     torch.manual_seed(seed)              # a new QA head (from a base model) is drawn from it
     with quiet_transformers(progress_bars=not local):
         try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{name_or_path}: cannot read its model config ({_first_line(e)})") from None
+        if type(config) not in MODEL_FOR_QUESTION_ANSWERING_MAPPING:
+            raise InputError(f"{name_or_path}: model type '{config.model_type}' has no question-answering "
+                             f"head class in transformers {transformers.__version__}")
+        try:
             model, info = AutoModelForQuestionAnswering.from_pretrained(
-                name_or_path, attn_implementation="sdpa", output_loading_info=True)
+                name_or_path, config=config, attn_implementation="sdpa", output_loading_info=True)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise InputError(f"{name_or_path}: cannot load a question-answering model "
                              f"({_first_line(e)})") from None
@@ -138,7 +208,8 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
             raise InputError(f"{name_or_path}: cannot load its tokenizer, files missing or "
                              f"malformed ({_first_line(e.__context__ or e)})") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise InputError(f"{name_or_path}: needs a fast tokenizer (character offsets)")
+        raise InputError(f"{name_or_path}: its tokenizer ({type(tokenizer).__name__}) is not a fast "
+                         "tokenizer; answers need a fast tokenizer's character offsets")
     if any("qa_outputs" in k for k in info.get("missing_keys", ())):
         if require_qa_head:
             raise InputError(f"{name_or_path}: not a fine-tuned QA model (its QA head is missing)")
@@ -151,7 +222,7 @@ def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
     """Atomic Hugging Face directory (config, model.safetensors, tokenizer); `extra_files`
     {name: JSON-able object} are written beside them."""
     model = getattr(model, "module", model)   # unwrap DDP
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
@@ -159,19 +230,45 @@ def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
 
 
 # -------------------------------------------------------------------- features
-def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, train=True):
-    """Tokenise question + context into overlapping windows (Sec. 3 input):
-    [CLS] question [SEP] context window [SEP], windows of the context overlapping by `stride`
-    tokens, exactly as the fast tokenizer's truncation="only_second" with overflow would cut them.
+def pair_template(tokenizer):
+    """The tokenizer's own layout of a (question, context) pair, read from one encoded probe pair:
+    the special tokens before the question, between question and context and after the context
+    (ids and token types each), and the token type of the question's and the context's tokens.
+    BERT: [CLS] q [SEP] c [SEP], types 0 then 1; RoBERTa / XLM-R: <s> q </s></s> c </s>, type 0."""
+    enc = tokenizer("a", "b", return_token_type_ids=True, verbose=False)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    types = np.asarray(enc["token_type_ids"], dtype=np.int32)
+    seq = np.array([-1 if s is None else s for s in enc.sequence_ids(0)])
+    q, c = np.nonzero(seq == 0)[0], np.nonzero(seq == 1)[0]
+    if not (len(q) and len(c) and (np.diff(q) == 1).all() and (np.diff(c) == 1).all() and q[-1] < c[0]):
+        raise InputError(f"{type(tokenizer).__name__}: its pair template is not 'specials question "
+                         "specials context specials'")
+    if seq[0] != -1:      # position 0 is the label of a window without the answer
+        raise InputError(f"{type(tokenizer).__name__}: its pair template does not start with a "
+                         "special token ([CLS] or <s>) to label windows without the answer")
+    parts = {"prefix": slice(0, q[0]), "middle": slice(q[-1] + 1, c[0]), "suffix": slice(c[-1] + 1, None)}
+    template = {name: (ids[s], types[s]) for name, s in parts.items()}
+    template.update(question_type=types[q[0]], context_type=types[c[0]])
+    return template
+
+
+def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, train=True,
+                   max_query_length=MAX_QUERY_LENGTH):
+    """Tokenise question + context into overlapping windows (Sec. 3 input) with the tokenizer's own
+    pair template (pair_template: [CLS] question [SEP] context window [SEP] for BERT,
+    <s> question </s></s> context window </s> for XLM-R), windows of the context overlapping by
+    `stride` tokens, exactly as the fast tokenizer's truncation="only_second" with overflow would
+    cut them. A question is cut to its first `max_query_length` tokens (None: kept whole), as the
+    authors' preprocessing does; only a question that leaves no room for the context is an error.
 
     Each distinct context and question is tokenised once (an MLQA context recurs with the questions
     of all seven languages; an XQuAD sample repeats each context ntl + 1 times), then the windows
     are assembled from the token arrays.
 
     Returns per window (feature): input_ids, token_type_ids (int32 arrays, unpadded), allowed
-    (bool: context tokens + [CLS], the support of Eq. 1's softmax), offsets ([L, 2] int32 char
+    (bool: context tokens + position 0, the support of Eq. 1's softmax), offsets ([L, 2] int32 char
     offsets into the context, (0, 0) outside it), example_index; with train, start/end_positions:
-    the gold tokens of the first answer, or 0 ([CLS]) when the window does not hold it.
+    the gold tokens of the first answer, or 0 ([CLS] / <s>) when the window does not hold it.
     """
     def encode(texts):
         if not texts:
@@ -181,31 +278,37 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
                 for t, ids, off in zip(texts, enc["input_ids"], enc["offset_mapping"])}
     contexts = encode(list(dict.fromkeys(ex["context"] for ex in examples)))
     questions = encode(list(dict.fromkeys(ex["question"].lstrip() for ex in examples)))
-    cls, sep = np.int32(tokenizer.cls_token_id), np.int32(tokenizer.sep_token_id)
+    template = pair_template(tokenizer)
+    (pre_ids, pre_types), (mid_ids, mid_types), (suf_ids, suf_types) = \
+        template["prefix"], template["middle"], template["suffix"]
+    n_special = len(pre_ids) + len(mid_ids) + len(suf_ids)
     out = {k: [] for k in ("input_ids", "token_type_ids", "allowed", "offsets", "example_index",
                            "start_positions", "end_positions")}
     for i, ex in enumerate(examples):
-        q_ids = questions[ex["question"].lstrip()][0]
+        q_ids = questions[ex["question"].lstrip()][0][:max_query_length]
         c_ids, c_off = contexts[ex["context"]]
-        room = max_length - len(q_ids) - 3              # context tokens per window
-        if room <= stride:
-            raise InputError(f"question '{ex['id']}' is too long for --max-length {max_length} "
-                             f"with --stride {stride} ({len(q_ids)} tokens)")
-        head = len(q_ids) + 2                           # [CLS] question [SEP]
-        for lo in range(0, max(len(c_ids) - stride, 1), room - stride):
+        room = max_length - len(q_ids) - n_special     # context tokens per window
+        if room < 1 or (len(c_ids) > room and room <= stride):
+            raise InputError(f"question '{ex['id']}': its {len(q_ids)} tokens (--max-query-length "
+                             f"{max_query_length}) leave {max(room, 0)} context tokens per window of "
+                             f"--max-length {max_length}, " + ("none" if room < 1 else
+                                                               f"not more than --stride {stride}"))
+        head_ids = np.concatenate([pre_ids, q_ids, mid_ids])
+        head_types = np.concatenate([pre_types, np.full(len(q_ids), template["question_type"], np.int32),
+                                     mid_types])
+        head = len(head_ids)
+        for lo in range(0, max(len(c_ids) - stride, 1), max(room - stride, 1)):
             hi = min(lo + room, len(c_ids))
-            n = head + hi - lo + 1
-            input_ids = np.concatenate([[cls], q_ids, [sep], c_ids[lo:hi], [sep]]).astype(np.int32)
-            token_type_ids = np.zeros(n, dtype=np.int32)
-            token_type_ids[head:] = 1
+            n = head + hi - lo + len(suf_ids)
+            out["input_ids"].append(np.concatenate([head_ids, c_ids[lo:hi], suf_ids]).astype(np.int32))
+            out["token_type_ids"].append(np.concatenate(
+                [head_types, np.full(hi - lo, template["context_type"], np.int32), suf_types]))
             ctx = np.zeros(n, dtype=bool)
-            ctx[head:n - 1] = True
+            ctx[head:head + hi - lo] = True
             offsets = np.zeros((n, 2), dtype=np.int32)
-            offsets[head:n - 1] = c_off[lo:hi]
+            offsets[head:head + hi - lo] = c_off[lo:hi]
             allowed = ctx.copy()
-            allowed[0] = True                           # [CLS]: the label of a window without the answer
-            out["input_ids"].append(input_ids)
-            out["token_type_ids"].append(token_type_ids)
+            allowed[0] = True                           # [CLS] / <s>: label of a window without the answer
             out["allowed"].append(allowed)
             out["offsets"].append(offsets)
             out["example_index"].append(i)
@@ -223,7 +326,7 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
 
 
 def gold_tokens(example, offsets, ctx):
-    """(start, end) token of the first answer inside this window, else (0, 0) = [CLS]."""
+    """(start, end) token of the first answer inside this window, else (0, 0) = [CLS] / <s>."""
     if not example["answers"]:
         return 0, 0
     answer = example["answers"][0]
@@ -284,19 +387,33 @@ def collate(features, indices, pad_token_id, device):
 
 # -------------------------------------------------------------------- model output and loss
 def autocast(device, precision="auto"):
-    """bf16 autocast on CUDA, nothing on CPU (CPU runs stay exact and repeatable)."""
-    if torch.device(device).type == "cuda" and precision != "fp32":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """The forward's numeric precision: "auto" = bf16 autocast on CUDA, nothing on a CPU (CPU runs
+    stay exact and repeatable); "fp32" = nothing; "bf16" = bf16 autocast on either (a CPU with
+    AMX-BF16 runs it ~2x faster). Parameters, gradients and the optimiser stay float32."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {' '.join(PRECISIONS)}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def takes_token_types(model):
+    """Token types go to the model only where it has more than one (BERT: 2; RoBERTa / XLM-R: 1,
+    and DistilBERT-like configs have none). A bare module without a config takes them."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return config is None or getattr(config, "type_vocab_size", 1) > 1
+
+
 def qa_logits(model, batch, precision="auto"):
-    """Start/end logits, float32 [B, L]; disallowed positions (question, [SEP], padding) are
-    MASK_VALUE, so a softmax over them is Eq. 1's softmax over the context tokens (+ [CLS]).
+    """Start/end logits, float32 [B, L]; disallowed positions (question, separators, padding) are
+    MASK_VALUE, so a softmax over them is Eq. 1's softmax over the context tokens (+ [CLS] / <s>).
     This is the one place where Eq. 1's mask is applied: the losses take these logits as they are."""
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if takes_token_types(model):
+        inputs["token_type_ids"] = batch["token_type_ids"]
     with autocast(batch["input_ids"].device, precision):
-        out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                    attention_mask=batch["attention_mask"])
+        out = model(**inputs)
     mask = ~batch["allowed"]
     return (out.start_logits.float().masked_fill(mask, MASK_VALUE),
             out.end_logits.float().masked_fill(mask, MASK_VALUE))
@@ -357,9 +474,10 @@ def setup_distributed():
 
 def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, grad_accum=1,
           seed=0, weight_decay=WEIGHT_DECAY, warmup_steps=0, device="cpu", rank=0, world_size=1,
-          progress=True):
+          progress=True, precision="auto"):
     """The loop: length-grouped batches, Eq. 2 loss, AdamW + linear decay, grad accumulation, DDP.
-    `batch_size` is the effective batch of one optimiser step. Returns the unwrapped model."""
+    `batch_size` is the effective batch of one optimiser step; `precision` that of the forward
+    (autocast). Returns the unwrapped model."""
     micro = batch_size // (world_size * grad_accum)
     if micro < 1 or micro * world_size * grad_accum != batch_size:
         raise InputError(f"--batch-size {batch_size} is not a multiple of world size {world_size} "
@@ -385,7 +503,7 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
             last = (i + 1) % grad_accum == 0 or i + 1 == len(batches)
             sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
             with sync:
-                start, end = qa_logits(model, batch)
+                start, end = qa_logits(model, batch, precision)
                 loss = ce_loss(start, end, batch["start_positions"], batch["end_positions"])
                 group = min(grad_accum, len(batches) - i // grad_accum * grad_accum)  # last may be short
                 (loss / group).backward()
@@ -430,16 +548,17 @@ def eval_batch_size(device):
 
 @torch.inference_mode()
 def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_size=1, features=None,
-            precision="auto"):
+            precision="auto", max_query_length=MAX_QUERY_LENGTH):
     """id -> answer text: the best span over all windows of the example, cut from the original
     context by character offsets. n_best_size > 1: id -> list of up to n distinct answer texts,
-    best first (paper Table 1). Examples without any valid span get "" (or [])."""
+    best first (paper Table 1). Examples without any valid span get "" (or []). `precision`: that
+    of the forward (autocast); `max_query_length` applies when the features are built here."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = getattr(model, "module", model).to(device)
     was_training = model.training
     model.eval()
     if features is None:
-        features = build_features(examples, tokenizer, train=False)
+        features = build_features(examples, tokenizer, train=False, max_query_length=max_query_length)
     top = n_best_size if n_best_size == 1 else min(4 * n_best_size, N_BEST * N_BEST)
     n = len(features["input_ids"])
     scores, starts, ends = (np.full((n, top), -np.inf, np.float32), np.zeros((n, top), np.int64),
@@ -477,11 +596,11 @@ def check_offsets(xquad_dir=XQUAD_DIR, model="tiny"):
     files = sorted(glob.glob(os.path.join(xquad_dir, "xquad.*.json")))
     if not files:
         raise InputError(f"{xquad_dir}: no xquad.*.json files")
-    rows, tokenizer = [], None if model == "tiny" else load_model_and_tokenizer(model)[1]
+    rows, tokenizer = [], None if model in TINY_MODELS else load_model_and_tokenizer(model)[1]
     for path in files:
         examples = load_squad_examples(path)
-        if model == "tiny":                       # a tokenizer trained on this language's text
-            tokenizer = train_tiny_tokenizer([x for ex in examples for x in (ex["question"], ex["context"])])
+        if model in TINY_MODELS:                  # a tokenizer trained on this language's text
+            tokenizer = tiny_tokenizer(model, [x for ex in examples for x in (ex["question"], ex["context"])])
         feats = build_features(examples, tokenizer)
         held = np.nonzero(feats["start_positions"] > 0)[0]
         contains = exact = 0
@@ -502,7 +621,8 @@ def check_offsets(xquad_dir=XQUAD_DIR, model="tiny"):
 # -------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help=f"hub name, local dir or 'tiny' (default {MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"hub name, local dir, 'tiny' or 'tiny-xlmr' (default {MODEL})")
     p.add_argument("--train-file", default=SQUAD_TRAIN_FILE)
     p.add_argument("--output-dir", default=OUTPUT_DIR)
     p.add_argument("--epochs", type=int, default=EPOCHS)
@@ -515,6 +635,9 @@ def parse_args(argv=None):
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-length", type=int, default=MAX_LENGTH)
     p.add_argument("--stride", type=int, default=STRIDE)
+    p.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="question tokens kept")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
     p.add_argument("--xquad-dir", default=XQUAD_DIR)
@@ -538,7 +661,8 @@ def run(args):
     """Phase 1 from parse_args' options: check, train, save (the master, atomically). Under torchrun
     it joins the process group, or the one already initialised, and leaves it open: distill.py
     runs phase 1 this way inside its own process (prepare.py) before phase 2."""
-    for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples"):
+    for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples",
+                 "max_query_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.stride < args.max_length:
@@ -555,14 +679,15 @@ def run(args):
     torch.set_float32_matmul_precision("high")      # TF32 on Ampere+ GPUs
     texts = [x for ex in examples for x in (ex["question"], ex["context"])]
     model, tokenizer = load_model_and_tokenizer(args.model or MODEL, texts=texts, seed=args.seed)
-    features = build_features(examples, tokenizer, args.max_length, args.stride)
+    features = build_features(examples, tokenizer, args.max_length, args.stride,
+                              max_query_length=args.max_query_length)
     if is_master:
         print(f"{len(examples)} examples -> {len(features['input_ids'])} features; device {device} "
               f"x {world_size}")
     model = train(model, features, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr,
                   batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
                   weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, device=device,
-                  rank=rank, world_size=world_size)
+                  rank=rank, world_size=world_size, precision=args.precision)
     if is_master:
         save_model(model, tokenizer, args.output_dir, args.overwrite, {"train_args.json": vars(args)})
         print(f"saved {args.output_dir}")
