@@ -86,7 +86,7 @@ CPU_PASS_ROWS = 8                          # a CPU runs 6-16-row passes 1.1-1.4x
 # options that must match for --resume (the rest, e.g. --mlqa-dir, may change)
 RESUME_KEYS = ("model", "ntl", "t", "mode", "k", "delta", "map_variant", "alpha_rows", "epochs",
                "lr", "batch_size", "grad_accum", "seed", "max_examples", "max_length", "stride",
-               "weight_decay", "xquad_dir", "keep_best_epoch", "precision")
+               "max_query_length", "weight_decay", "xquad_dir", "keep_best_epoch", "precision")
 
 
 class NonFiniteLoss(Exception):
@@ -103,7 +103,8 @@ def main(argv=None):
     # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
     student, tokenizer = load_student(args, examples, out)
-    features = build_features(examples, tokenizer, args.max_length, args.stride)   # windows
+    features = build_features(examples, tokenizer, args.max_length, args.stride,  # windows
+                              max_query_length=args.max_query_length)
     lengths = np.array([len(x) for x in features["input_ids"]])
     epoch_batches = lambda epoch: length_grouped_batches(  # noqa: E731 (same order on resume)
         lengths, micro, args.seed, epoch, rank=rank, world_size=world_size)
@@ -117,7 +118,7 @@ def main(argv=None):
     checkpoint = Checkpoint(out, student, teacher, optimizer, scheduler)
     torch.manual_seed(args.seed + rank)                          # dropout stream, as train_qa
     epoch0, step, best = checkpoint.restore(args, rank, world_size, is_master)
-    dev = DevSet(args.mlqa_dir or MLQA_DIR, args.precision) if is_master else None   # Sec. 5.2
+    dev = DevSet(args.mlqa_dir or MLQA_DIR, args) if is_master else None      # Sec. 5.2
     log = RunLog(out, is_master, len(examples), len(lengths), steps_per_epoch, args, device,
                  world_size, dev)
     opts = step_options(args)
@@ -268,7 +269,8 @@ def row_passes(step_batches, alpha_rows, device):
 
 def frozen_copy(model):
     """The teacher: same architecture and weights, eval mode, no gradients (Sec. 4.3)."""
-    teacher = AutoModelForQuestionAnswering.from_config(model.config).to(model.device)
+    teacher = AutoModelForQuestionAnswering.from_config(model.config, attn_implementation="sdpa")
+    teacher = teacher.to(model.device)
     teacher.load_state_dict(model.state_dict())
     return teacher.eval().requires_grad_(False)
 
@@ -320,14 +322,16 @@ def load_mlqa_dev(mlqa_dir):
     return sets
 
 
-def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precision="auto"):
+def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precision="auto",
+                 max_query_length=train_qa.MAX_QUERY_LENGTH):
     """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (all pairs) means, and
     per-context-language means: evaluate_mlqa.py's prediction and scoring of MLQA pairs.
     feature_cache: a dict kept across epochs, so MLQA dev is tokenised once per run."""
     tasks = [mlqa_task("dev", *key.split("-"), path=key, examples=examples)
              for key, examples in dev_sets.items()]
     predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev",
-                  feature_cache=feature_cache, precision=precision)
+                  feature_cache=feature_cache, precision=precision,
+                  max_query_length=max_query_length)
     return score_tasks(tasks)["mlqa-dev"]
 
 
@@ -335,15 +339,16 @@ class DevSet:
     """The per-epoch MLQA-dev evaluation: the pairs present under mlqa_dir (none: skipped),
     tokenised once at the first evaluation."""
 
-    def __init__(self, mlqa_dir, precision):
+    def __init__(self, mlqa_dir, args):
         self.sets = load_mlqa_dev(mlqa_dir) if os.path.isdir(mlqa_dir) else None
-        self.features, self.precision = {}, precision
+        self.features = {}
+        self.options = dict(precision=args.precision, max_query_length=args.max_query_length)
 
     def __bool__(self):
         return self.sets is not None
 
     def score(self, model, tokenizer, device):
-        return evaluate_dev(model, tokenizer, self.sets, device, self.features, self.precision)
+        return evaluate_dev(model, tokenizer, self.sets, device, self.features, **self.options)
 
 
 def selection_score(metrics):
@@ -384,7 +389,9 @@ def load_student(args, examples, out):
     if args.resume:
         ckpt_dir = os.path.join(out, "checkpoint")
         config = AutoConfig.from_pretrained(ckpt_dir)
-        return AutoModelForQuestionAnswering.from_config(config), AutoTokenizer.from_pretrained(ckpt_dir)
+        # sdpa as the first run: a config saved by transformers 4.46-4.51 says "eager"
+        student = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
+        return student, AutoTokenizer.from_pretrained(ckpt_dir)
     texts = [x for ex in examples for x in (ex["question"], ex["context"])]   # for --model tiny
     return load_model_and_tokenizer(args.model, texts=texts, seed=args.seed, require_qa_head=True)
 
@@ -643,7 +650,9 @@ def parse_args(argv=None):
     p.add_argument("--max-examples", type=int, default=None, help="keep the first N sampled examples")
     p.add_argument("--max-length", type=int, default=train_qa.MAX_LENGTH)
     p.add_argument("--stride", type=int, default=train_qa.STRIDE)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
+                   help="question tokens kept (the authors' 64); longer questions are cut")
+    p.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -655,7 +664,8 @@ def parse_args(argv=None):
         raise InputError(f"--ntl must be in 0..{len(LANGUAGES) - 1}, got {args.ntl}")
     if not (math.isfinite(args.t) and args.t > 0):
         raise InputError(f"--t must be a positive number, got {args.t}")
-    for name in ("k", "delta", "alpha_rows", "epochs", "batch_size", "grad_accum", "max_length"):
+    for name in ("k", "delta", "alpha_rows", "epochs", "batch_size", "grad_accum", "max_length",
+                 "max_query_length"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):

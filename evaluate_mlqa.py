@@ -360,7 +360,7 @@ def _tydiqa_tasks(path, explicit, languages, notes):
 
 
 def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=None, desc="eval",
-                  feature_cache=None, precision="auto"):
+                  feature_cache=None, precision="auto", max_query_length=train_qa.MAX_QUERY_LENGTH):
     """Answers for every task's examples: sets task["predictions"] {id: text} and, for tasks
     with "nbest", task["nbest"] {id: [up to HIDDEN_K distinct texts, best first]}.
     feature_cache: a dict kept by the caller to tokenise the same tasks only once (distill.py
@@ -389,7 +389,8 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
                 chunk = [items[i] for i in rows[lo:lo + PREDICT_CHUNK]]
                 features = None if feature_cache is None else feature_cache.get((n_best, lo))
                 if features is None:
-                    features = train_qa.build_features(chunk, tokenizer, train=False)
+                    features = train_qa.build_features(chunk, tokenizer, train=False,
+                                                       max_query_length=max_query_length)
                     if feature_cache is not None:
                         feature_cache[(n_best, lo)] = features
                 out = train_qa.predict(model, tokenizer, chunk, batch_size=batch_size,
@@ -440,12 +441,14 @@ def _prediction_path(task):
 
 
 def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device=None,
-                   hidden_criterion="em", hidden_f1=50.0, desc="eval", precision="auto"):
+                   hidden_criterion="em", hidden_f1=50.0, desc="eval", precision="auto",
+                   max_query_length=train_qa.MAX_QUERY_LENGTH):
     """Predict, score and write predictions (and MLQA-dev n-best lists) under out_dir (which
     must exist); returns the metrics dict (not yet written)."""
     torch.set_float32_matmul_precision("high")
     model, tokenizer = train_qa.load_model_and_tokenizer(model_dir, require_qa_head=True)
-    predict_tasks(model, tokenizer, tasks, batch_size, device, desc, precision=precision)
+    predict_tasks(model, tokenizer, tasks, batch_size, device, desc, precision=precision,
+                  max_query_length=max_query_length)
     metrics = {"model": os.path.abspath(model_dir)}
     metrics.update(score_tasks(tasks, hidden_criterion, hidden_f1))
     for task in tasks:
@@ -532,6 +535,7 @@ def model_mode(args):
     name = _model_name(args.model)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         kw = dict(batch_size=args.batch_size, device=args.device, precision=args.precision,
+                  max_query_length=args.max_query_length,
                   hidden_criterion=args.hidden_knowledge, hidden_f1=args.hidden_knowledge_f1)
         fresh = [{k: v for k, v in t.items() if k != "predictions"} for t in tasks]
         metrics = evaluate_model(args.model, tmp, tasks, desc=name, **kw)
@@ -812,8 +816,10 @@ def main(argv=None):
     m.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
                    help="inference batch (default: 128 on CUDA, 16 on CPU)")
     m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    m.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+    m.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
+                   help="question tokens kept (the authors' 64); longer questions are cut")
     m.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
                    help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
     m.add_argument("--fig5-t", type=float, default=None,
