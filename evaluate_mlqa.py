@@ -1,6 +1,9 @@
-"""Evaluation (paper Sec. 4.1, 5.3): official-equivalent MLQA v1 and SQuAD v1.1 scoring, and the
-whole evaluation of a model: MLQA dev/test (49 pairs, XLT, G-XLT, Table 3, Fig. 1/3/8/9), XQuAD
-and TyDiQA-GoldP zero-shot (Table 4), the hidden-knowledge counts (Table 1), sweeps (Fig. 5, 6).
+"""Evaluation (paper Sec. 4.1, 5.3): official-equivalent scoring and every evaluation of a model.
+
+Official-equivalent MLQA v1 and SQuAD v1.1 scoring; the whole evaluation of a model: MLQA dev/test
+(49 pairs, XLT, G-XLT, Table 3, Fig. 1/3/8/9), XQuAD and TyDiQA-GoldP zero-shot (Table 4), the
+hidden-knowledge counts (Table 1); comparisons of evaluated models with their uncertainty (paired
+bootstrap over MLQA instances, seed variance); sweeps (Fig. 5, 6); one question at a time.
 
 Scoring forms (drop-in replacements for the official scripts; one JSON line on stdout):
 
@@ -9,9 +12,10 @@ Scoring forms (drop-in replacements for the official scripts; one JSON line on s
 
 Model forms (outputs as DESIGN.md and the README describe):
 
-    python evaluate_mlqa.py --model DIR --output-dir OUT [--baseline DIR|metrics.json]
+    python evaluate_mlqa.py --model DIR --output-dir OUT [--baseline DIR|EVAL_DIR|metrics.json]
+    python evaluate_mlqa.py --compare EVAL_DIR [EVAL_DIR ...] [--baseline EVAL_DIR] --output-dir OUT
     python evaluate_mlqa.py --sweep RUN_DIR [RUN_DIR ...] --output-dir OUT
-    python evaluate_mlqa.py --compare EVAL_DIR [EVAL_DIR ...] --output-dir OUT
+    python evaluate_mlqa.py --model DIR --question "..." --context "..."   # or --context-file F
 
 PREDICTION_FILE is the official format, {question id: answer text}. ANSWER_LANGUAGE is the
 context language (en es de ar vi hi zh). A question without a prediction scores 0 and is reported
@@ -785,7 +789,59 @@ def _write_significance(out_dir, comparisons, args):
 # Command line
 
 
+def ask_mode(args):
+    """--model DIR --question Q --context C (or --context-file F): the answer and its score, by
+    train_qa.predict as in every evaluation (transformers 5 has no question-answering pipeline)."""
+    if (args.context is None) == (args.context_file is None):
+        raise InputError("--question needs --context TEXT or --context-file FILE")
+    context = args.context
+    if args.context_file is not None:
+        try:
+            with open(args.context_file, encoding="utf-8") as f:
+                context = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{args.context_file}: cannot read ({e})") from None
+    if not args.question.strip() or not context.strip():
+        raise InputError("--question and the context must not be empty")
+    model, tokenizer = train_qa.load_model_and_tokenizer(args.model, require_qa_head=True)
+    example = {"id": "question", "question": args.question, "context": context}
+    answer, score = train_qa.predict(model, tokenizer, [example], device=args.device,
+                                     precision=args.precision, with_scores=True,
+                                     max_query_length=args.max_query_length)["question"]
+    print(json.dumps({"answer": answer, "score": round(score, 4)}, ensure_ascii=False))
+
+
 def main(argv=None):
+    args, parser = parse_args(argv)
+    if args.model and args.question is not None:
+        return ask_mode(args)
+    modes = [name for name in ("model", "sweep", "compare") if getattr(args, name)]
+    if modes:
+        if len(modes) > 1:
+            parser.error(" and ".join(f"--{m}" for m in modes) + " are separate modes")
+        if not args.output_dir:
+            parser.error(f"--{modes[0]} needs --output-dir")
+        if args.bootstrap < 0:
+            parser.error("--bootstrap must be 0 (no significance) or a number of resamples")
+        args.split = list(dict.fromkeys(args.split))
+        return {"model": model_mode, "sweep": sweep_mode, "compare": compare_mode}[modes[0]](args)
+    if args.question is not None:
+        parser.error("--question needs --model DIR")
+
+    # Drop-in scoring of one predictions file (the official scripts' command lines).
+    if args.squad:
+        if len(args.files) != 2:
+            parser.error("--squad expects DATASET_FILE PREDICTION_FILE")
+        dataset_file, prediction_file, lang = *args.files, SQUAD
+    else:
+        if len(args.files) != 3:
+            parser.error("expected DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE")
+        dataset_file, prediction_file, lang = args.files
+    scores = score_files(dataset_file, prediction_file, lang)
+    print(json.dumps({"exact_match": scores["exact_match"], "f1": scores["f1"]}))
+
+
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="*", metavar="FILE",
                         help="DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE (or, with --squad, "
@@ -831,30 +887,10 @@ def main(argv=None):
     m.add_argument("--bootstrap", type=int, default=significance.N_RESAMPLES,
                    help="resamples of the paired bootstrap (0: tables only, no significance)")
     m.add_argument("--bootstrap-seed", type=int, default=significance.SEED)
-    args = parser.parse_args(argv)
-
-    modes = [name for name in ("model", "sweep", "compare") if getattr(args, name)]
-    if modes:
-        if len(modes) > 1:
-            parser.error(" and ".join(f"--{m}" for m in modes) + " are separate modes")
-        if not args.output_dir:
-            parser.error(f"--{modes[0]} needs --output-dir")
-        if args.bootstrap < 0:
-            parser.error("--bootstrap must be 0 (no significance) or a number of resamples")
-        args.split = list(dict.fromkeys(args.split))
-        return {"model": model_mode, "sweep": sweep_mode, "compare": compare_mode}[modes[0]](args)
-
-    # Drop-in scoring of one predictions file (the official scripts' command lines).
-    if args.squad:
-        if len(args.files) != 2:
-            parser.error("--squad expects DATASET_FILE PREDICTION_FILE")
-        dataset_file, prediction_file, lang = *args.files, SQUAD
-    else:
-        if len(args.files) != 3:
-            parser.error("expected DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE")
-        dataset_file, prediction_file, lang = args.files
-    scores = score_files(dataset_file, prediction_file, lang)
-    print(json.dumps({"exact_match": scores["exact_match"], "f1": scores["f1"]}))
+    m.add_argument("--question", help="with --model: ask the model this one question")
+    m.add_argument("--context", help="the context of --question")
+    m.add_argument("--context-file", help="a text file holding the context of --question")
+    return parser.parse_args(argv), parser
 
 
 if __name__ == "__main__":

@@ -2421,6 +2421,42 @@ def test_eval_compare_groups_runs_that_differ_only_in_seed(eval_env, tmp_path, c
     assert len(json.loads((tmp_path / "o" / "significance.json").read_text())["comparisons"]) == 2
 
 
+def test_eval_question_mode_answers_through_predict(eval_env, capsys, tmp_path):
+    """--model DIR --question Q --context C: the answer train_qa.predict gives, and its score
+    p_start * p_end under the window's Eq. 1 softmax (checked by hand from qa_logits)."""
+    import train_qa
+    context = "Bob went to Paris in the spring of 1998 with his sister Alice."
+    question = "Where did Bob go?"
+    _eval_main(["--model", eval_env["model"], "--question", question, "--context", context])
+    got = json.loads(capsys.readouterr().out)
+    model, tok = train_qa.load_model_and_tokenizer(eval_env["model"])
+    ex = {"id": "q", "question": question, "context": context}
+    assert got["answer"] == train_qa.predict(model, tok, [ex], device="cpu")["q"]
+    assert got["answer"] in context
+    feats = train_qa.build_features([ex], tok, train=False)
+    batch = train_qa.collate(feats, [0], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        start, end = train_qa.qa_logits(model.eval(), batch)
+    p_start, p_end = torch.softmax(start[0], -1), torch.softmax(end[0], -1)
+    offsets = feats["offsets"][0]
+    spans = [(float(p_start[i] * p_end[j]), context[offsets[i][0]:offsets[j][1]])
+             for i in range(1, len(offsets)) for j in range(i, min(i + 30, len(offsets)))
+             if batch["allowed"][0, i] and batch["allowed"][0, j]]
+    best = max(spans)
+    assert got["answer"] == best[1] and got["score"] == pytest.approx(best[0], abs=1e-4)
+    # the context from a file; bad input is one line
+    (tmp_path / "c.txt").write_text(context, encoding="utf-8")
+    _eval_main(["--model", eval_env["model"], "--question", question, "--context-file",
+                str(tmp_path / "c.txt")])
+    assert json.loads(capsys.readouterr().out) == got
+    for argv in (["--question", question], ["--question", question, "--context-file",
+                                            str(tmp_path / "missing.txt")]):
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--model", eval_env["model"], *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+
+
 def test_eval_model_mode_missing_data_and_dataset(eval_env, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     # an explicitly requested MLQA directory that is missing: exit 2, the download command named

@@ -548,11 +548,13 @@ def eval_batch_size(device):
 
 @torch.inference_mode()
 def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_size=1, features=None,
-            precision="auto", max_query_length=MAX_QUERY_LENGTH):
+            precision="auto", max_query_length=MAX_QUERY_LENGTH, with_scores=False):
     """id -> answer text: the best span over all windows of the example, cut from the original
     context by character offsets. n_best_size > 1: id -> list of up to n distinct answer texts,
     best first (paper Table 1). Examples without any valid span get "" (or []). `precision`: that
-    of the forward (autocast); `max_query_length` applies when the features are built here."""
+    of the forward (autocast); `max_query_length` applies when the features are built here.
+    with_scores (n_best_size 1): id -> (text, p_start * p_end of the span under its window's
+    Eq. 1 softmax, [CLS] included; 0.0 without a span)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = getattr(model, "module", model).to(device)
     was_training = model.training
@@ -563,23 +565,29 @@ def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_siz
     n = len(features["input_ids"])
     scores, starts, ends = (np.full((n, top), -np.inf, np.float32), np.zeros((n, top), np.int64),
                             np.zeros((n, top), np.int64))
+    log_norm = np.zeros(n, np.float32)                        # log of Eq. 1's two denominators
     lengths = [len(x) for x in features["input_ids"]]
     for idx in length_grouped_batches(lengths, batch_size or eval_batch_size(device), 0, 0, shuffle=False):
         batch = collate(features, idx, tokenizer.pad_token_id, device)
-        s, a, b = extract_spans(*qa_logits(model, batch, precision), batch["allowed"], top=top)
+        start_logits, end_logits = qa_logits(model, batch, precision)
+        s, a, b = extract_spans(start_logits, end_logits, batch["allowed"], top=top)
         scores[idx, :s.shape[1]], starts[idx, :s.shape[1]], ends[idx, :s.shape[1]] = \
             s.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
+        log_norm[idx] = (start_logits.logsumexp(1) + end_logits.logsumexp(1)).cpu().numpy()
     char_s = np.stack([features["offsets"][f][starts[f], 0] for f in range(n)]) if n else starts
     char_e = np.stack([features["offsets"][f][ends[f], 1] for f in range(n)]) if n else ends
     ex_index = np.repeat(features["example_index"], top)
+    probability = np.exp(scores - log_norm[:, None]).ravel()
     scores, char_s, char_e = scores.ravel(), char_s.ravel(), char_e.ravel()
     order = np.lexsort((-scores, ex_index))                  # by example, best candidate first
     first = np.unique(ex_index[order], return_index=True)[1]
-    out = {ex["id"]: ("" if n_best_size == 1 else []) for ex in examples}
+    empty = ("", 0.0) if with_scores else ""
+    out = {ex["id"]: (empty if n_best_size == 1 else []) for ex in examples}
     if n_best_size == 1:                                     # the first row of each example wins
         for r in order[first][np.isfinite(scores[order[first]])]:
             ex = examples[ex_index[r]]
-            out[ex["id"]] = ex["context"][char_s[r]:char_e[r]]
+            text = ex["context"][char_s[r]:char_e[r]]
+            out[ex["id"]] = (text, float(probability[r])) if with_scores else text
     else:                                                    # a loop over examples, not tokens
         for rows in np.split(order, first[1:]) if len(order) else []:
             ex = examples[ex_index[rows[0]]]
