@@ -5,6 +5,7 @@
     python bench.py --quick --json --precision bf16   # CPU: ours in fp32 and under bf16 autocast (AMX)
     python bench.py --shape mbert-base            # the real mBERT-base dimensions (GPU), random weights
     python bench.py --shape mbert-base --json --steps 20 --reps 5
+    python bench.py --significance                # the paired bootstrap of two models, MLQA-test size
 
 Both sides run on the same cross-lingual XQuAD sample (sample.py, ntl=5, seed=3), the same model
 shape and the same random weights, in one process:
@@ -41,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 import distill
+import evaluate_mlqa
 import train_qa
-from common import XQUAD_DIR, ArgumentParser, InputError, run_main
+from common import LANGUAGES, XQUAD_DIR, ArgumentParser, InputError, run_main
 from map_at_k import map_at_k
 from sample import sample_cross_lingual
 
@@ -398,6 +400,48 @@ def _peak_flops(device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
 
 
+# -------------------------------------------------------------------- significance (issue 11)
+def significance_fixture(n_ids=11_600, n_examples=41_000, seed=0):
+    """An MLQA-test-sized comparison: every instance id has en and 0-2 other languages, one
+    example per (question, context) language pair of them, over the 49 pairs; short gold answers;
+    models A and B right on about 55% of the examples, agreeing on 80% of them."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(500)]
+    gold, predictions = {}, {"a": {}, "b": {}}
+    for i in range(n_ids):
+        extra = rng.choice([0, 1, 1, 2]) if sum(len(v) for v in gold.values()) < n_examples else 0
+        langs = ["en"] + list(rng.choice(LANGUAGES[1:], size=extra, replace=False))
+        answer = " ".join(rng.choice(words, size=rng.integers(1, 5)))
+        for q in langs:
+            for c in langs:
+                ex = {"id": f"id{i}", "question": "?", "context": answer,
+                      "answers": [{"text": answer, "answer_start": 0}]}
+                gold.setdefault(f"{q}-{c}", []).append(ex)
+                a_right = rng.random() < 0.55
+                b_right = a_right if rng.random() < 0.8 else not a_right
+                for side, right in (("a", a_right), ("b", b_right)):
+                    predictions[side].setdefault(f"{q}-{c}", {})[ex["id"]] = \
+                        answer if right else " ".join(rng.choice(words, size=2))
+    gold = {"mlqa-test": {key: (exs, key.split("-")[1]) for key, exs in gold.items()}}
+    return gold, {name: {"name": name, "predictions": {"mlqa-test": predictions[name]}}
+                  for name in ("a", "b")}
+
+
+def bench_significance(n_resamples, reps):
+    """Seconds of evaluate_mlqa.compare_two (per-example scoring of both models with the official
+    rules, then the bootstrap of F1 and EM) on significance_fixture; the median of reps."""
+    gold, runs = significance_fixture()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        result = evaluate_mlqa.compare_two(runs["a"], runs["b"], gold, n_resamples, 0)
+        times.append(time.perf_counter() - t0)
+    gxlt = result["mlqa-test"]["f1"]["gxlt"]
+    return {"examples": gxlt["n"], "units": gxlt["units"], "pairs": len(gold["mlqa-test"]),
+            "resamples": n_resamples, "seconds": round(statistics.median(times), 2),
+            "gxlt_f1_diff": round(gxlt["diff"], 3), "ci": [round(x, 3) for x in gxlt["ci"]]}
+
+
 # -------------------------------------------------------------------- main
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
@@ -412,7 +456,13 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--precision", choices=train_qa.PRECISIONS, default="auto",
                    help="bf16: on a CPU, time ours in fp32 and under bf16 autocast (CUDA: always bf16)")
+    p.add_argument("--significance", action="store_true",
+                   help="time the paired bootstrap of two models at MLQA-test size instead")
     args = p.parse_args(argv)
+    if args.significance:
+        result = {"significance": bench_significance(10_000, args.reps or 3)}
+        print(json.dumps(result))
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and args.precision == "fp32":
         raise InputError("--precision fp32: on CUDA ours runs distill.py's bf16 autocast; fp32 "

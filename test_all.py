@@ -2555,6 +2555,13 @@ def test_bench_reference_extract_finds_best_valid_span():
     assert (window, a, b) == (0, 0, 6) and score == 14.0     # tokens 2..3; 5..3 (17) is no span
 
 
+def test_bench_significance_at_mlqa_test_size(capsys):
+    bench.main(["--significance", "--reps", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["significance"]
+    assert result["pairs"] == 49 and result["units"] == 11_600 and result["examples"] > 40_000
+    assert result["ci"][0] <= result["gxlt_f1_diff"] <= result["ci"][1] and result["seconds"] > 0
+
+
 def test_bench_quick_runs_and_prints_json(capsys):
     bench.main(["--quick", "--shape", "tiny", "--steps", "1", "--reps", "1", "--eval-examples", "16",
                 "--batch-size", "8", "--json", "--device", "cpu"])
