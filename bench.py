@@ -45,7 +45,6 @@ import distill
 import evaluate_mlqa
 import train_qa
 from common import LANGUAGES, XQUAD_DIR, ArgumentParser, InputError, run_main
-from map_at_k import map_at_k
 from sample import sample_cross_lingual
 
 SHAPES = {  # BERT dimensions; vocab None = the tiny tokenizer's own vocabulary
