@@ -1464,10 +1464,10 @@ def test_map_rejects_bad_arguments():
 # ==================================================================================================
 
 PREPARE_MAIN = ["--ntl", "1", "--t", "2", "--map-k", "--max-examples", "40", "--epochs", "1",
-        "--phase1-model", "tiny"]
+                "--phase1-model", "tiny"]
 PREPARE_PHASE2 = os.path.join("runs", "distill-ntl1-t2-skd-map")
 PREPARE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-           PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+                   PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
 PREPARE_BUILDING = "not found: building it first"
 
 
@@ -1554,6 +1554,12 @@ def test_prepare_main_command_on_a_fresh_machine(prepare_server, tmp_path, monke
     assert os.path.isfile(fresh / PREPARE_PHASE2 / "config.json")
     dev = distill.read_log(str(fresh / PREPARE_PHASE2 / "dev_metrics.jsonl"))   # MLQA dev used
     assert len(dev) == 1 and len(dev[0]["pairs"]) == len(LANGS7) ** 2
+    # the end: the final model's MLQA-dev scores and the command for every table and figure
+    g, x = dev[0]["gxlt"], dev[0]["xlt"]
+    assert f"MLQA dev, final model (epoch 1): G-XLT F1 {g['f1']:.2f} / EM {g['exact_match']:.2f}, " \
+           f"XLT F1 {x['f1']:.2f} / EM {x['exact_match']:.2f}" in r.stdout
+    assert f"python evaluate_mlqa.py --model {PREPARE_PHASE2} --output-dir " \
+           f"{os.path.join(PREPARE_PHASE2, 'eval')} --baseline runs/mbert-qa-en" in r.stdout
     left = _listing(fresh)
     assert "runs/mbert-qa-en.lock" not in left and not [p for p in left if ".tmp" in p]
     # a second run (another --t) reuses everything: nothing fetched, nothing said
@@ -1672,7 +1678,7 @@ def test_prepare_torchrun_waits_for_a_killed_holder_then_builds_phase1_with_ddp(
             # --batch-size 8: 4 rows per process, one slice of train_qa.CPU_ROWS in distill's step
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    "2", str(fresh / "distill.py")] + PREPARE_MAIN + ["--batch-size", "8",
-                                                             "--data-base-url", prepare_server.url]
+                                                                     "--data-base-url", prepare_server.url]
             job = subprocess.Popen(cmd, cwd=fresh, env=PREPARE_ENV, stdout=log, stderr=subprocess.STDOUT)
             while "waiting for it" not in log_path.read_text() and job.poll() is None:
                 time.sleep(0.2)
@@ -2146,7 +2152,7 @@ def test_distill_resume_refuses_other_options(distill_runs, capsys):
     code, err = _distill_main(argv + ["--output-dir", part, "--resume"], capsys)
     assert code == 2 and "--t" in err and len(err.strip().splitlines()) == 1
     code, err = _distill_main(distill_runs["argv"] + ["--output-dir", str(distill_runs["root"] / "none"),
-                                              "--resume"], capsys)
+                                                      "--resume"], capsys)
     assert code == 2 and "no checkpoint" in err
 
 
@@ -2282,8 +2288,8 @@ def test_score_normalize_examples():
 # language, case changes, characters whose lower-case form is longer, CJK around the range ends.
 NOISE = (list("!?.,;:'\"()[]{}-_/\\@#$%^&*+=<>|~`") + ["«", "»", "¿", "¡", "—", "–", "…", "“", "”",
          "„", "‘", "’", "،", "؟", "۔", "।", "॥", "。", "，", "、", "！", "？", "「", "」", "《", "》",
-         "·", "§", "¶", "※", "€", "£", "°", "±", "©", "\u00a0", "\u3000", "\t", "İ", "ẞ", "Σ",
-         "ﬁ", "\u0301", "㐀", "\u4e00", "\u9fa5", "\u9fa6", "鿿", "ab", "ال", " ال", "x"]
+                                                       "·", "§", "¶", "※", "€", "£", "°", "±", "©", "\u00a0", "\u3000", "\t", "İ", "ẞ", "Σ",
+                                                       "ﬁ", "\u0301", "㐀", "\u4e00", "\u9fa5", "\u9fa6", "鿿", "ab", "ال", " ال", "x"]
          + ["the", "a", "an", "The", "el", "la", "Los", "unas", "der", "Die", "das", "ein",
             "einem", "của", "là", "những", "chiếc"])
 
@@ -3216,7 +3222,7 @@ def test_report_heatmaps_are_pngs_of_the_right_size(tmp_path):
     baseline = {"mlqa-dev": {"pairs": _eval_fake_pairs(-5)}}
     diff = report.difference_heatmaps(metrics, baseline, str(tmp_path / "d"))
     assert sorted(os.path.basename(p) for p in diff) == ["fig3_mlqa_f1_diff.png",
-                                                        "fig9_mlqa_em_diff.png"]
+                                                         "fig9_mlqa_em_diff.png"]
     for p in diff:
         assert _eval_png_size(p) == (w, h)  # only dev is in both
     dm = report.difference_matrix(metrics["mlqa-dev"]["pairs"], baseline["mlqa-dev"]["pairs"])
