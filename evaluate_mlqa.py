@@ -592,6 +592,12 @@ def compare_mode(args):
          for a, b in pairs]
     shown = ([baseline] if baseline else []) + runs
     text = report.summary_markdown([(r["name"], r["metrics"]) for r in shown], title="Comparison")
+    for a, b in pairs if comparisons else []:      # data sets only one side evaluated: said
+        ga, gb = _tested_groups(a["metrics"]), _tested_groups(b["metrics"])
+        alone = sorted(set(ga) ^ set(gb))
+        if alone:
+            text += (f"\n- note: {b['name']} - {a['name']}: not compared on "
+                     f"{', '.join(alone)} (evaluated for one of them only)\n")
     text += report.seed_variance_markdown([(r["name"], r["metrics"], report.run_config(
         r["metrics"])) for r in shown])
     text += report.significance_markdown(comparisons)

@@ -2656,6 +2656,10 @@ def test_eval_model_mode_baseline_model_difference(eval_env, eval_run, capsys):
     assert text == capsys.readouterr().out
     table3 = text.split("(Table 3)")[1].split("##")[0]
     assert "| model |" in table3 and "| other |" in table3
+    # the first evaluation also has XQuAD and TyDiQA: compared on MLQA dev only, and said so
+    (c,) = json.loads((eval_env["root"] / "cmp" / "significance.json").read_text())["comparisons"]
+    assert [g for g in c if g not in ("a", "b")] == ["mlqa-dev"]
+    assert "not compared on tydiqa, xquad (evaluated for one of them only)" in text
 
 
 def _eval_fake_eval_dir(root, name, eval_env, answer_pairs=(), model=None):
