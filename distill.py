@@ -149,6 +149,7 @@ def main(argv=None):
         if is_master:
             install_final_model(out, args, student, tokenizer, best, log)
     log.close()
+    del model                                  # DDP's reducer goes before its process group
     finish(world_size)
 
 
