@@ -494,7 +494,8 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
     steps_per_epoch = math.ceil(per_epoch / grad_accum)
     optimizer = make_optimizer(raw, lr, weight_decay)
     scheduler = make_scheduler(optimizer, steps_per_epoch * epochs, warmup_steps)
-    bar = tqdm(total=steps_per_epoch * epochs, disable=not progress or rank != 0, unit="step")
+    bar = tqdm(total=steps_per_epoch * epochs, unit="step",          # quiet when not a TTY
+               disable=None if progress and rank == 0 else True)
     seen, t0 = 0, time.time()
     for epoch in range(epochs):
         batches = length_grouped_batches(lengths, micro, seed, epoch, rank=rank, world_size=world_size)
