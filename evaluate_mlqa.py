@@ -683,8 +683,12 @@ def _compared(path):
         raise InputError(f"{path}: a model directory; evaluate it first (--model {path} "
                          "--output-dir DIR) and compare DIR")
     name = metrics.get("model") if isinstance(metrics.get("model"), str) else path
-    eval_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    return {"name": _model_name(name), "metrics": metrics, "dir": eval_dir, "path": path}
+    return {"name": _model_name(name), "metrics": metrics, "dir": _eval_dir(path), "path": path}
+
+
+def _eval_dir(path):
+    """The evaluation directory of a --compare / --baseline path (itself, or its metrics.json's)."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
 def _unique_names(runs):
@@ -755,8 +759,7 @@ def _task_predictions(tasks):
 def _saved_predictions_or_note(path, metrics, notes):
     """A baseline given as metrics.json / evaluation directory: its saved predictions, or None
     (with a note) when they are not beside it."""
-    run = {"dir": path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
-           "path": path}
+    run = {"dir": _eval_dir(path), "path": path}
     try:
         return _saved_predictions(run, _tested_groups(metrics))
     except InputError:

@@ -538,10 +538,7 @@ def _find_run_files(run_dir):
                          f"{os.path.join(run_dir, 'eval')})")
     args_path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(args_path) and metrics_path.endswith(".json"):
-        model = read_json(metrics_path).get("model") if isinstance(read_json(metrics_path),
-                                                                   dict) else None
-        if isinstance(model, str):
-            args_path = os.path.join(model, "args.json")
+        args_path = _model_args_path(read_json(metrics_path)) or args_path
     if not os.path.isfile(args_path):
         raise InputError(f"{run_dir}: no args.json with the run's ntl and t")
     return metrics_path, args_path
@@ -581,14 +578,18 @@ def _config_key(args):
     return json.dumps({k: v for k, v in args.items() if k != "seed"}, sort_keys=True)
 
 
-def run_config(metrics):
-    """The configuration of the distill.py run behind an evaluation (args.json in the model
-    directory metrics.json names), or None for a model without one (e.g. mBERT-qa-en)."""
-    model = metrics.get("model")
+def _model_args_path(metrics):
+    """args.json in the model directory an evaluation's metrics.json names, or None."""
+    model = metrics.get("model") if isinstance(metrics, dict) else None
     path = os.path.join(model, "args.json") if isinstance(model, str) else None
-    if path is None or not os.path.isfile(path):
-        return None
-    args = read_json(path)
+    return path if path is not None and os.path.isfile(path) else None
+
+
+def run_config(metrics):
+    """The configuration of the distill.py run behind an evaluation (its args.json), or None for
+    a model without one (e.g. mBERT-qa-en)."""
+    path = _model_args_path(metrics)
+    args = read_json(path) if path else None
     return _config_key(args) if isinstance(args, dict) else None
 
 
