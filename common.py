@@ -8,9 +8,12 @@ leaves a half-written file behind.
 """
 import argparse
 import contextlib
+import copy
+import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -40,16 +43,61 @@ class InputError(Exception):
     """An error the user caused and can fix; the message names the file, field or option."""
 
 
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default (where it has one and its help does not say it), and
+    the description and epilog as written."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and \
+                action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)          # argparse prints no help line for help=None
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text \
+                and action.option_strings:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr and exit 2 (argparse prints two)."""
+    """argparse, but a bad option is one line on stderr and exit 2 (argparse prints two), and
+    --help shows the defaults (DefaultsFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def run_main(main):
-    """Run a script's main(); user errors become one stderr line and exit status 2."""
+class Stopped(BaseException):
+    """A stop signal (SIGINT, SIGTERM, SIGUSR1) outside the part of a run that saves a checkpoint
+    first (rundir.StopSignals). A BaseException, like KeyboardInterrupt: cleanup code runs, and
+    nothing catches it by accident."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def write_error(error):
+    """One line for an OSError while reading or writing (read-only or full disk, a file in the
+    way): what could not be written and why."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        reason += "; what was there before is intact"
+    return f"{error.filename or 'output'}: {reason}"
+
+
+def run_main(main, resume_hint=None):
+    """Run a script's main(). A user error is one stderr line and exit status 2, and so is a
+    failed write (read-only or full disk); Ctrl-C and SIGTERM are one line and exit 128 + the
+    signal's number (130, 143), with `resume_hint()`'s command where a run can be continued."""
     try:
         main()
     except InputError as e:
@@ -58,6 +106,17 @@ def run_main(main):
     except BrokenPipeError:          # stdout closed early (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        print(f"error: {write_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        hint = resume_hint() if resume_hint else None
+        print(f"\ninterrupted ({signal.Signals(signum).name}); nothing is half-written" +
+              (f"; to continue: {hint}" if hint else ""), file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
 
 
 def read_json(path):
@@ -72,17 +131,48 @@ def read_json(path):
         raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
-def atomic_write_text(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+def check_writable(path, need_bytes=0, what="the run's outputs"):
+    """Fail now, with one line, when `path` (a directory, made later if missing) cannot be
+    written, or its file system has less than need_bytes free."""
+    probe = os.path.abspath(path)
+    while not os.path.isdir(probe):
+        if os.path.exists(probe):
+            raise InputError(f"{path}: is a file, not a directory" if probe == os.path.abspath(path)
+                             else f"{probe}: is a file, so {path} cannot be made")
+        probe = os.path.dirname(probe)
     try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".tmp-write-probe")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write there ({e.strerror})") from None
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise InputError(f"{path}: {_size(free)} free, {what} need about {_size(need_bytes)}")
+
+
+def _size(n_bytes):
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def atomic_write_text(path, text):
+    """Write `text` to a temporary file beside `path`, then rename it into place. A failed write
+    (read-only or full disk) names `path`, leaves what was there and no temporary file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
@@ -98,6 +188,8 @@ def atomic_output_dir(path, overwrite=False):
     and `path` is left as it was.
     """
     path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: is a file, not a directory; choose another output directory")
     if os.path.exists(path) and not overwrite:
         raise InputError(f"{path}: output directory exists (pass --overwrite to replace it)")
     parent = os.path.dirname(path)

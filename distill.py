@@ -52,7 +52,6 @@ import glob
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -68,9 +67,14 @@ import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
-                    atomic_write_text, load_squad_examples, read_json, run_main)
+                    check_writable, load_squad_examples, read_json, run_main)
 from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import VARIANTS, alpha_per_row
+from rundir import (SAVE_MINUTES, Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, aside_path,
+                    check_output_dir, finish_replacing, from_rank0, install_model_files,
+                    lock_output_dir,
+                    lock_path, parse_save_steps, read_log, remove_checkpoint, resume_hint,
+                    start_fresh, state_bytes, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
 from train_qa import (build_features, collate, length_grouped_batches, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
@@ -96,13 +100,22 @@ class NonFiniteLoss(Exception):
 # -------------------------------------------------------------------- the run, as the paper reads
 def main(argv=None):
     args = parse_args(argv)
-    out = check_output_dir(args)
-    prepare.prepare_inputs(args)         # the default --model missing: fetch data, build phase 1
     rank, world_size, device, is_master = setup_distributed()
+    out, lock = claim_output_dir(args, is_master, world_size)    # one run per directory
+    with lock, StopSignals() as stop:        # Ctrl-C, SIGTERM, SIGUSR1: see rundir
+        distill(args, out, rank, world_size, device, is_master, stop)
+    finish(world_size)
+
+
+def distill(args, out, rank, world_size, device, is_master, stop):
+    """Phase 2, as the paper reads: the sample, the models, then per epoch and step the teacher's
+    soft labels, alpha and the loss; MLQA-dev scores and a checkpoint at every epoch's end."""
+    prepare.prepare_inputs(args)         # the default --model missing: fetch data, build phase 1
     micro = rows_per_pass(args, world_size)
     # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
     student, tokenizer = load_student(args, examples, out)
+    check_space(args, out, student, is_master, world_size)
     features = build_features(examples, tokenizer, args.max_length, args.stride,  # windows
                               max_query_length=args.max_query_length)
     lengths = np.array([len(x) for x in features["input_ids"]])
@@ -115,42 +128,60 @@ def main(argv=None):
     teacher = None if args.ce_only else frozen_copy(student)     # generation 0: the initial model
     optimizer = make_optimizer(student, args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, steps_per_epoch * args.epochs)
-    checkpoint = Checkpoint(out, student, teacher, optimizer, scheduler)
+    checkpoint = Checkpoint(out, {"student": student, "teacher": teacher}, optimizer, scheduler)
     torch.manual_seed(args.seed + rank)                          # dropout stream, as train_qa
-    epoch0, step, best = checkpoint.restore(args, rank, world_size, is_master)
-    dev = DevSet(args.mlqa_dir or MLQA_DIR, args) if is_master else None      # Sec. 5.2
+    epoch0, step, skip, best = restore(checkpoint, args, out, rank, world_size, is_master)
+    dev = DevSet(args.mlqa_dir or MLQA_DIR, args, rank, world_size)            # Sec. 5.2
     log = RunLog(out, is_master, len(examples), len(lengths), steps_per_epoch, args, device,
                  world_size, dev)
-    opts = step_options(args)
-    for epoch in range(epoch0, args.epochs):
-        if teacher is not None and epoch > 0:
-            teacher.load_state_dict(student.state_dict())        # Sec. 4.3: a new generation
-        bar = log.epoch_bar(epoch, steps_per_epoch)
-        for step_batches in chunks(epoch_batches(epoch), args.grad_accum):  # one optimiser step
-            passes = row_passes(step_batches, args.alpha_rows, device)
-            stats = sum(forward_backward(model, teacher,              # teacher pass, alpha (Eq. 5),
-                                         collate(features, idx, tokenizer.pad_token_id, device),
-                                         opts, share, sync=i + 1 == len(passes))   # loss (Eq. 6)
-                        for i, (idx, share) in enumerate(passes))
-            loss, ce, kl, alpha = mean_over_ranks(stats, world_size)
-            step += 1
-            check_finite(loss, step, epoch, checkpoint.state_path)
-            log.step(bar, step, epoch, scheduler.get_last_lr()[0], loss, ce, kl, alpha, step_batches)
-            optimizer_step(student, optimizer, scheduler)        # clip, AdamW, schedule
-        bar.close()
-        # end of epoch: MLQA-dev scores (rank 0), then the checkpoint every rank contributes to
-        metrics = dev.score(student, tokenizer, device) if dev else None
-        best = keep_best(out, args, epoch, metrics, best, student, tokenizer) if is_master else best
-        checkpoint.save(epoch + 1, step, best, run_args(args), world_size, is_master)
-        log.epoch_done(epoch, step, loss, metrics)
-        if stop_early(args, epoch, is_master):
-            break
-    else:
-        if is_master:
-            install_final_model(out, args, student, tokenizer, best, log)
+    opts, clock = step_options(args), SaveClock(args.save_steps)
+    with stop.deferred():                    # a signal ends the step, saves, exits (rundir)
+        for epoch in range(epoch0, args.epochs):
+            if teacher is not None and epoch > 0 and not skip:
+                teacher.load_state_dict(student.state_dict())    # Sec. 4.3: a new generation
+            bar = log.epoch_bar(epoch, steps_per_epoch, done=skip)
+            for i, step_batches in enumerate(chunks(epoch_batches(epoch), args.grad_accum)):
+                if i < skip:                                     # done before the checkpoint
+                    continue
+                passes = row_passes(step_batches, args.alpha_rows, device)  # one optimiser step
+                stats = sum(forward_backward(model, teacher,      # teacher pass, alpha (Eq. 5),
+                                             collate(features, idx, tokenizer.pad_token_id, device),
+                                             opts, share, sync=j + 1 == len(passes))  # loss (Eq. 6)
+                            for j, (idx, share) in enumerate(passes))
+                loss, ce, kl, alpha = mean_over_ranks(stats, world_size)
+                step += 1
+                check_finite(loss, step, epoch, checkpoint.state_path)
+                log.step(bar, step, epoch, scheduler.get_last_lr()[0], loss, ce, kl, alpha,
+                         step_batches)
+                optimizer_step(student, optimizer, scheduler)    # clip, AdamW, schedule
+                signum, save_now = stop.agree(clock.due(step), world_size, device)
+                if signum or (save_now and i + 1 < steps_per_epoch):   # mid-epoch checkpoint
+                    checkpoint.save(epoch, step, i + 1, run_args(args), world_size, is_master,
+                                    best=best)
+                    clock.saved()
+                if signum:
+                    bar.close()
+                    log.close()
+                    stop_after_save(signum, checkpoint, is_master)
+            skip = 0
+            bar.close()
+            # end of epoch: MLQA-dev scores (every rank predicts a share, rank 0 scores), then the
+            # checkpoint every rank contributes to
+            metrics = dev.score(student, tokenizer, device) if dev else None
+            best = keep_best(out, args, epoch, metrics, best, student, tokenizer) if is_master \
+                else best
+            checkpoint.save(epoch + 1, step, 0, run_args(args), world_size, is_master, best=best)
+            clock.saved()
+            if is_master:
+                remove_stale_best(out, best)
+            log.epoch_done(epoch, step, loss, metrics)
+            if stop_early(args, epoch, is_master):
+                break
+        else:
+            if is_master:
+                install_final_model(out, args, student, tokenizer, best, log)
     log.close()
     del model                                  # DDP's reducer goes before its process group
-    finish(world_size)
 
 
 # -------------------------------------------------------------------- one micro-batch (Eq. 4-6)
@@ -324,26 +355,40 @@ def load_mlqa_dev(mlqa_dir):
 
 
 def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precision="auto",
-                 max_query_length=train_qa.MAX_QUERY_LENGTH):
+                 max_query_length=train_qa.MAX_QUERY_LENGTH, rank=0, world_size=1):
     """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (all pairs) means, and
     per-context-language means: evaluate_mlqa.py's prediction and scoring of MLQA pairs.
-    feature_cache: a dict kept across epochs, so MLQA dev is tokenised once per run."""
+    feature_cache: a dict kept across epochs, so MLQA dev is tokenised once per run. Under DDP
+    each rank predicts the pairs of its share of the context languages (a context's questions in
+    all languages together: tokenised once) and rank 0 scores them all; the others get None."""
+    mine = {key: examples for key, examples in dev_sets.items()
+            if LANGUAGES.index(key.split("-")[1]) % world_size == rank}
     tasks = [mlqa_task("dev", *key.split("-"), path=key, examples=examples)
-             for key, examples in dev_sets.items()]
+             for key, examples in mine.items()]
     predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev",
                   feature_cache=feature_cache, precision=precision,
                   max_query_length=max_query_length)
+    predictions = {task["key"]: task["predictions"] for task in tasks}
+    if world_size > 1:
+        parts = [None] * world_size if rank == 0 else None
+        torch.distributed.gather_object(predictions, parts, dst=0)
+        if rank != 0:
+            return None
+        predictions = {key: p for part in parts for key, p in part.items()}
+    tasks = [dict(mlqa_task("dev", *key.split("-"), path=key, examples=examples),
+                  predictions=predictions[key]) for key, examples in dev_sets.items()]
     return score_tasks(tasks)["mlqa-dev"]
 
 
 class DevSet:
     """The per-epoch MLQA-dev evaluation: the pairs present under mlqa_dir (none: skipped),
-    tokenised once at the first evaluation."""
+    tokenised once at the first evaluation, shared by the DDP ranks (evaluate_dev)."""
 
-    def __init__(self, mlqa_dir, args):
+    def __init__(self, mlqa_dir, args, rank=0, world_size=1):
         self.sets = load_mlqa_dev(mlqa_dir) if os.path.isdir(mlqa_dir) else None
         self.features = {}
-        self.options = dict(precision=args.precision, max_query_length=args.max_query_length)
+        self.options = dict(precision=args.precision, max_query_length=args.max_query_length,
+                            rank=rank, world_size=world_size)
 
     def __bool__(self):
         return self.sets is not None
@@ -362,26 +407,61 @@ def run_args(args):
     return {key: getattr(args, key) for key in RESUME_KEYS}
 
 
-def check_output_dir(args):
-    """A new output directory (refused if it exists, unless --overwrite), or --resume's: its
-    checkpoint must exist and its run's options match. Returns the absolute path."""
-    out = os.path.abspath(args.output_dir)
-    if os.path.exists(out) and not (args.overwrite or args.resume):
-        raise InputError(f"{args.output_dir}: output directory exists "
-                         "(pass --overwrite to replace it or --resume to continue it)")
-    if args.mlqa_dir is not None and not os.path.isdir(args.mlqa_dir):
-        raise InputError(f"{args.mlqa_dir}: MLQA directory not found (--mlqa-dir)")
-    if args.resume:
-        state_path = os.path.join(out, "checkpoint", "state.pt")
-        if not os.path.isfile(state_path):
-            raise InputError(f"{args.output_dir}: no checkpoint to resume ({state_path} not found)")
-        saved, now = read_json(os.path.join(out, "args.json")), run_args(args)
-        diff = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
-        if diff:
-            raise InputError("--resume with options that differ from the checkpoint's run: " +
-                             ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
-                                       for k in diff))
-    return out
+def claim_output_dir(args, is_master, world_size):
+    """Rank 0 takes the output directory's lock (one run per directory) and checks it: not an
+    input, not someone else's (--overwrite replaces only a distill.py run), writable; --resume's
+    must hold a checkpoint of a run with the same options. One decision for every rank.
+    Returns (absolute path, the lock)."""
+    out, lock, error = os.path.abspath(args.output_dir), None, None
+    if is_master:
+        try:
+            if args.mlqa_dir is not None and not os.path.isdir(args.mlqa_dir):
+                raise InputError(f"{args.mlqa_dir}: MLQA directory not found (--mlqa-dir)")
+            check_writable(args.output_dir)
+            lock = lock_output_dir(out, args.output_dir)        # then check: no race
+            check_output_dir(args.output_dir, "distill", args.overwrite, args.resume,
+                             inputs=[("--model", args.model), ("--xquad-dir", args.xquad_dir),
+                                     ("--mlqa-dir", args.mlqa_dir)])
+            if args.resume:
+                check_resumable(args, out)
+        except InputError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()
+    error = from_rank0(error, world_size)
+    if error:
+        raise InputError(error)
+    return out, lock or Lock(lock_path(out))        # other ranks: nothing to release
+
+
+def check_resumable(args, out):
+    """--resume: a checkpoint, written by a run with the same options (RESUME_KEYS)."""
+    state_path = os.path.join(out, "checkpoint", "state.pt")
+    if not os.path.isfile(state_path):
+        raise InputError(f"{args.output_dir}: no checkpoint to resume ({state_path} not found); "
+                         "--overwrite starts the run again")
+    saved, now = read_json(os.path.join(out, "args.json")), run_args(args)
+    diff = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if diff:
+        raise InputError("--resume with options that differ from the checkpoint's run: " +
+                         ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                                   for k in diff))
+
+
+def check_space(args, out, student, is_master, world_size):
+    """Room for what the run writes, known from the model's size: the checkpoint (student,
+    teacher, Adam's two moments) twice while it is replaced, and the final model."""
+    copies = (4 if not args.ce_only else 3) * 2 + 1
+    error = None
+    if is_master:
+        try:
+            check_writable(args.output_dir, state_bytes(student, copies),
+                           "the checkpoint and final model")
+        except InputError as e:
+            error = str(e)
+    error = from_rank0(error, world_size)
+    if error:
+        raise InputError(error)
 
 
 def load_student(args, examples, out):
@@ -398,12 +478,13 @@ def load_student(args, examples, out):
 
 
 def start_output_dir(out, student, tokenizer, args, is_master, world_size):
-    """A new run's output directory (rank 0): the run's options, config and tokenizer first.
-    Every rank has checked the directory (check_output_dir) before rank 0 touches it."""
+    """A new run's output directory (rank 0): a previous run there (--overwrite) set aside until
+    this one completes, then the run's options, config and tokenizer."""
     barrier(world_size)
     if is_master and not args.resume:
-        if os.path.exists(out):
-            shutil.rmtree(out)
+        if start_fresh(out, "distill"):
+            print(f"--overwrite: the previous run in {args.output_dir} is kept aside as "
+                  f"{os.path.basename(aside_path(out))} until this one completes", flush=True)
         ckpt_dir = os.path.join(out, "checkpoint")
         os.makedirs(ckpt_dir)
         student.config.save_pretrained(ckpt_dir)
@@ -412,80 +493,18 @@ def start_output_dir(out, student, tokenizer, args, is_master, world_size):
     barrier(world_size)
 
 
-class Checkpoint:
-    """OUTPUT_DIR/checkpoint/state.pt: student, teacher, optimiser, scheduler, every rank's RNG
-    state, epochs done, step and best dev score; replaced atomically at each epoch's end."""
-
-    def __init__(self, out, student, teacher, optimizer, scheduler):
-        self.out, self.state_path = out, os.path.join(out, "checkpoint", "state.pt")
-        self.student, self.teacher = student, teacher
-        self.optimizer, self.scheduler = optimizer, scheduler
-
-    def save(self, epochs_done, step, best, run_options, world_size, is_master):
-        rngs = [rng_state()]
-        if world_size > 1:                       # every rank's RNG, so a resume continues each
-            rngs = [None] * world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
-        if is_master:
-            save_state(self.state_path, {
-                "student": self.student.state_dict(),
-                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rngs, "epoch": epochs_done, "step": step, "best": best,
-                "world_size": world_size, "args": run_options})
-            remove_stale_best(self.out, best)
-        barrier(world_size)
-
-    def restore(self, args, rank, world_size, is_master):
-        """--resume: weights, optimiser, schedule and RNG of the last finished epoch -> (epochs
-        done, step, best); the log rows written after that checkpoint are dropped. A new run:
-        (0, 0, None)."""
-        if not args.resume:
-            return 0, 0, None
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        self.student.load_state_dict(state["student"])
-        if self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        epoch, step, best = state["epoch"], state["step"], state["best"]
-        if state["world_size"] == world_size:
-            set_rng_state(state["rng"][rank])
-        elif is_master:
-            print(f"note: checkpoint from {state['world_size']} processes, now {world_size}: "
-                  "RNG streams restart (weights will not match an uninterrupted run exactly)")
-        if is_master:  # forget what the interrupted epoch wrote after the checkpoint
-            for name, key, last in (("train_log.jsonl", "step", step),
-                                    ("dev_metrics.jsonl", "epoch", epoch)):
-                path = os.path.join(self.out, name)
-                atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                for r in read_log(path) if r[key] <= last))
-            remove_stale_best(self.out, best)
-        return epoch, step, best
-
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_state(path, state):
-    """torch.save under a temporary name, fsync, then one rename: never a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def restore(checkpoint, args, out, rank, world_size, is_master):
+    """--resume: the checkpoint's weights, optimiser, schedule and RNG -> (epochs done, step,
+    steps done in the unfinished epoch, best dev score); the log rows written after it are
+    dropped. A new run: (0, 0, 0, None)."""
+    if not args.resume:
+        return 0, 0, 0, None
+    state = checkpoint.restore(rank, world_size, is_master)
+    if is_master:  # forget what the interrupted run wrote after the checkpoint
+        truncate_log(os.path.join(out, "train_log.jsonl"), "step", state["step"])
+        truncate_log(os.path.join(out, "dev_metrics.jsonl"), "epoch", state["epoch"])
+        remove_stale_best(out, state["best"])
+    return state["epoch"], state["step"], state["in_epoch"], state["best"]
 
 
 class RunLog:
@@ -498,16 +517,17 @@ class RunLog:
         self.teacher, self.world_size = not args.ce_only, world_size
         self.file = open(os.path.join(out, "train_log.jsonl"), "a", encoding="utf-8") \
             if is_master else None
+        self.lines = ProgressLines(is_master)       # the bar's content when stderr is no terminal
         if is_master:
             print(f"{n_examples} examples (ntl={args.ntl}) -> {n_windows} windows; mode "
                   f"{args.mode}; {steps_per_epoch} steps/epoch x {args.epochs}; device {device} x "
                   f"{world_size}; MLQA dev: {len(dev.sets) if dev else 'none'}" +
                   (" pairs" if dev else "") + ("; resuming" if args.resume else ""), flush=True)
 
-    def epoch_bar(self, epoch, steps):
-        self.t0, self.windows = time.time(), 0
-        return tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
-                    disable=None if self.is_master else True, leave=False)
+    def epoch_bar(self, epoch, steps, done=0):
+        self.t0, self.windows, self.done, self.n = time.time(), 0, done, done
+        return tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}",
+                    unit="step", disable=None if self.is_master else True, leave=False)
 
     def step(self, bar, step, epoch, lr, loss, ce, kl, alpha, step_batches):
         self.windows += sum(len(idx) for idx in step_batches) * self.world_size
@@ -517,9 +537,15 @@ class RunLog:
                                         "ce": ce, "kl": kl, "alpha": alpha}) + "\n")
             self.file.flush()
         bar.update(1)
+        self.n += 1                                  # bar.n stays 0 when the bar is off
+        elapsed = time.time() - self.t0
+        speed = self.windows / elapsed
         bar.set_postfix(loss=f"{loss:.4f}", alpha="-" if alpha is None else f"{alpha:.3f}",
-                        windows_per_s=f"{self.windows / (time.time() - self.t0):.1f}",
-                        refresh=False)
+                        windows_per_s=f"{speed:.1f}", refresh=False)
+        left = (bar.total - self.n) * elapsed / (self.n - self.done)
+        self.lines.maybe(lambda: f"epoch {epoch + 1}/{self.epochs} step {self.n}/{bar.total}: "
+                                 f"loss {loss:.4f}" + ("" if alpha is None else f", alpha {alpha:.3f}")
+                                 + f", {speed:.1f} windows/s, epoch ETA {left / 60:.1f} min")
 
     def epoch_done(self, epoch, step, loss, metrics):
         if not self.is_master:
@@ -590,11 +616,12 @@ def install_final_model(out, args, student, tokenizer, best, log):
         source = os.path.join(out, ".tmp-final")
         shutil.rmtree(source, ignore_errors=True)
         save_model(student, tokenizer, source)
-    names = sorted(os.listdir(source), key=lambda n: n == "config.json")
-    for name in names:
-        os.replace(os.path.join(source, name), os.path.join(out, name))
-    shutil.rmtree(source)
+    install_model_files(source, out)
     print(f"saved {args.output_dir}")
+    finish_replacing(out, args.output_dir)
+    if args.keep_checkpoint == "none":
+        remove_checkpoint(out)
+        print(f"removed {os.path.join(args.output_dir, 'checkpoint')} (--keep-checkpoint none)")
     final_epoch = best["epoch"] if best is not None else args.epochs
     dev = [r for r in read_log(os.path.join(out, "dev_metrics.jsonl")) if r["epoch"] == final_epoch]
     if dev:
@@ -606,13 +633,6 @@ def install_final_model(out, args, student, tokenizer, best, log):
           f"--output-dir {os.path.join(args.output_dir, 'eval')}{baseline}")
 
 
-def read_log(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # -------------------------------------------------------------------- command line
 def mode_name(args):
     """The run's name for directories and logs: ce, skd, skd-map, with -noce for --no-ce."""
@@ -622,43 +642,56 @@ def mode_name(args):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=MODEL, help=f"mBERT-qa-en dir, hub name or 'tiny' (default {MODEL})")
-    p.add_argument("--ntl", type=int, default=NTL, help="target languages per XQuAD id, 0..6 (Eq. 3)")
-    p.add_argument("--t", type=float, default=T, help="distillation temperature, > 0")
-    p.add_argument("--map-k", action="store_true", help="a_kl = mAP@k of the teacher (Eq. 5, 6)")
-    p.add_argument("--no-ce", action="store_true", help="a_ce = 0: KL only (Table 5 ablation)")
-    p.add_argument("--ce-only", action="store_true", help="cross-entropy only, no teacher ('w/ ce')")
-    p.add_argument("--k", type=int, default=K, help="top-k of Eq. 5")
-    p.add_argument("--delta", type=int, default=DELTA, help="window half-width of Eq. 5")
-    p.add_argument("--map-variant", default=MAP_VARIANT, choices=VARIANTS,
-                   help="first-hit (the authors' score, default) or eq5 (Eq. 5 as printed)")
-    p.add_argument("--alpha-rows", type=int, default=ALPHA_ROWS,
+    p = ArgumentParser(description=__doc__.split("\n")[0], epilog=OUTPUT_NAME_RULE)
+    m = p.add_argument_group("method (Sec. 4.2-4.4, Eq. 3-6)")
+    m.add_argument("--model", default=MODEL, help="phase-1 model directory, hub name, 'tiny' or "
+                                                  "'tiny-xlmr' (random small models, offline)")
+    m.add_argument("--ntl", type=int, default=NTL, help="target languages per XQuAD id, 0..6 (Eq. 3)")
+    m.add_argument("--t", type=float, default=T, help="distillation temperature, > 0")
+    m.add_argument("--map-k", action="store_true", help="a_kl = mAP@k of the teacher (Eq. 5, 6)")
+    m.add_argument("--no-ce", action="store_true", help="a_ce = 0: KL only (Table 5 ablation)")
+    m.add_argument("--ce-only", action="store_true", help="cross-entropy only, no teacher ('w/ ce')")
+    m.add_argument("--k", type=int, default=K, help="top-k of Eq. 5")
+    m.add_argument("--delta", type=int, default=DELTA, help="window half-width of Eq. 5")
+    m.add_argument("--map-variant", default=MAP_VARIANT, choices=VARIANTS,
+                   help="first-hit (the authors' score) or eq5 (Eq. 5 as printed)")
+    m.add_argument("--alpha-rows", type=int, default=ALPHA_ROWS,
                    help="rows per alpha (the authors' 6-row micro-batches); >= --batch-size: one "
                         "alpha per batch")
-    p.add_argument("--keep-best-epoch", action="store_true",
-                   help="final model = the epoch with the best MLQA-dev G-XLT F1 (default: the last)")
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--xquad-dir", default=XQUAD_DIR)
-    p.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 for the per-epoch dev scores "
-                                                    f"(default {MLQA_DIR} when present)")
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="effective batch per step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--weight-decay", type=float, default=train_qa.WEIGHT_DECAY)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--max-examples", type=int, default=None, help="keep the first N sampled examples")
-    p.add_argument("--max-length", type=int, default=train_qa.MAX_LENGTH)
-    p.add_argument("--stride", type=int, default=train_qa.STRIDE)
-    p.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
+    t = p.add_argument_group("training (Sec. 5.2; the authors' scripts)")
+    t.add_argument("--epochs", type=int, default=EPOCHS)
+    t.add_argument("--lr", type=float, default=LR)
+    t.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="effective batch per step")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--weight-decay", type=float, default=train_qa.WEIGHT_DECAY)
+    t.add_argument("--seed", type=int, default=SEED)
+    t.add_argument("--max-examples", type=int, default=None, help="keep the first N sampled examples")
+    t.add_argument("--max-length", type=int, default=train_qa.MAX_LENGTH)
+    t.add_argument("--stride", type=int, default=train_qa.STRIDE)
+    t.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
                    help="question tokens kept (the authors' 64); longer questions are cut")
-    p.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
+    t.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
-    prepare.add_arguments(p)                 # --no-prepare (and test-only overrides)
+    d = p.add_argument_group("data and model selection")
+    d.add_argument("--xquad-dir", default=XQUAD_DIR)
+    d.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 for the per-epoch dev scores "
+                                                    f"(default {MLQA_DIR} when present)")
+    d.add_argument("--keep-best-epoch", action="store_true",
+                   help="final model = the epoch with the best MLQA-dev G-XLT F1 (default: the last)")
+    prepare.add_arguments(d)                 # --no-prepare (and test-only overrides)
+    o = p.add_argument_group("output, checkpoints, resuming")
+    o.add_argument("--output-dir", default=None, help="default: the name rule below the options")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier distill.py run in --output-dir (kept aside until this "
+                        "run completes); never anything else")
+    o.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    o.add_argument("--save-steps", default="auto",
+                   help=f"a mid-epoch checkpoint every N optimiser steps; auto: about every "
+                        f"{SAVE_MINUTES} minutes; 0: at epoch ends only")
+    o.add_argument("--keep-checkpoint", default="last", choices=("last", "none"),
+                   help="after the run: keep checkpoint/ (about 4x the model: --resume, or more "
+                        "epochs) or remove it")
+    o.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
     args = p.parse_args(argv)
 
     if not 0 <= args.ntl <= len(LANGUAGES) - 1:
@@ -671,6 +704,8 @@ def parse_args(argv=None):
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise InputError(f"--weight-decay must be 0 or a positive number, got {args.weight_decay}")
     if not 0 < args.stride < args.max_length:
         raise InputError("--stride must be between 0 and --max-length")
     if args.max_examples is not None and args.max_examples < 1:
@@ -679,6 +714,7 @@ def parse_args(argv=None):
         raise InputError("--ce-only cannot be combined with --map-k or --no-ce")
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite exclude each other")
+    args.save_steps = parse_save_steps(args.save_steps)
     args.mode = mode_name(args)
     if args.output_dir is None:
         tag = "ce" if args.ce_only else f"t{args.t:g}-{args.mode}"
@@ -687,9 +723,16 @@ def parse_args(argv=None):
     return args
 
 
+OUTPUT_NAME_RULE = f"""\
+Default --output-dir: runs/distill-ntl{{ntl}}-t{{t}}-{{mode}} (mode: skd-map, skd, with -noce
+for --no-ce), runs/distill-ntl{{ntl}}-ce for --ce-only; then -seed{{N}} for a --seed other than {SEED}.
+Exit status: 0 done, 2 bad input or an unwritable output, 3 a non-finite loss, 130/143/138
+stopped by SIGINT/SIGTERM/SIGUSR1 (during training: the checkpoint is saved first)."""
+
+
 def cli():
     try:
-        run_main(main)
+        run_main(main, resume_hint)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

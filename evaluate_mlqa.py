@@ -38,6 +38,7 @@ transcription of those rules. The rules, to the letter:
     (0 when no token is shared); both the max over the gold answers, summed over the questions,
     divided by the number of questions (unanswered ones included) and multiplied by 100.
 """
+import contextlib
 import functools
 import json
 import os
@@ -54,9 +55,11 @@ from tqdm import tqdm
 import report
 import significance
 import train_qa
+from rundir import check_output_dir, write_marker
 from common import (LANGUAGES, MLQA_DIR, TYDIQA_FILE, TYDIQA_ID_PREFIXES, TYDIQA_ZERO_SHOT,
                     XQUAD_DIR, XQUAD_ZERO_SHOT, ArgumentParser, InputError, atomic_output_dir,
-                    atomic_write_json, atomic_write_text, load_squad_examples, read_json, run_main)
+                    atomic_write_json, atomic_write_text, check_writable, load_squad_examples,
+                    read_json, run_main)
 
 SQUAD = "squad"  # pseudo-language selecting the SQuAD v1.1 rules
 
@@ -491,9 +494,9 @@ def _check_model_args(args):
         _check_lang(args.lang)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    if os.path.exists(args.output_dir) and not args.overwrite:
-        raise InputError(f"{args.output_dir}: output directory exists (pass --overwrite to "
-                         "replace it)")
+    check_output(args, [("--model", args.model), ("--baseline", args.baseline),
+                        ("--mlqa-dir", args.mlqa_dir), ("--xquad-dir", args.xquad_dir),
+                        ("--tydiqa-file", args.tydiqa_file), ("--dataset", args.dataset)])
 
 
 def _collect_tasks(args, notes):
@@ -529,6 +532,25 @@ def _data_sources(args, tasks):
             if any(g == name or g.startswith(name + "-") for g in groups)}
 
 
+def check_output(args, inputs):
+    """Before any work: --output-dir is not an input (nor holds one), is an earlier evaluation
+    (or new, or empty) when it exists, and can be written (rundir)."""
+    check_output_dir(args.output_dir, "evaluate", args.overwrite, inputs=inputs)
+    check_writable(args.output_dir)
+
+
+@contextlib.contextmanager
+def output_dir(args):
+    """The evaluation is written under a temporary name beside --output-dir and swapped in whole
+    at the end (common.atomic_output_dir); the earlier evaluation it replaces is named."""
+    replacing = os.path.isdir(args.output_dir) and bool(os.listdir(args.output_dir))
+    with atomic_output_dir(args.output_dir, overwrite=True) as tmp:
+        write_marker(tmp, "evaluate")
+        yield tmp
+    if replacing:
+        print(f"replaced the earlier evaluation in {args.output_dir}", file=sys.stderr)
+
+
 def model_mode(args):
     """--model DIR --output-dir OUT: predict, score, write predictions, metrics.json, Fig. 1/8,
     summary.md; with --baseline, Fig. 3/9 and the significance of the difference."""
@@ -537,7 +559,7 @@ def model_mode(args):
     baseline = _load_baseline(args.baseline) if args.baseline else None
     tasks = _collect_tasks(args, notes)
     name = _model_name(args.model)
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    with output_dir(args) as tmp:
         kw = dict(batch_size=args.batch_size, device=args.device, precision=args.precision,
                   max_query_length=args.max_query_length,
                   hidden_criterion=args.hidden_knowledge, hidden_f1=args.hidden_knowledge_f1)
@@ -583,6 +605,8 @@ def compare_mode(args):
     """--compare EVAL ... [--baseline EVAL]: one summary.md with a row per model in every table
     (Tables 1-5), seed variance of runs that differ only in --seed, and significance.json: each
     model against the baseline (else against the first), paired bootstrap over instances."""
+    check_output(args, [("--compare", path) for path in args.compare] +
+                 [("--baseline", args.baseline)])
     runs = [_compared(path) for path in args.compare]
     baseline = _compared(args.baseline) if args.baseline else None
     _unique_names(([baseline] if baseline else []) + runs)
@@ -601,7 +625,7 @@ def compare_mode(args):
     text += report.seed_variance_markdown([(r["name"], r["metrics"], report.run_config(
         r["metrics"])) for r in shown])
     text += report.significance_markdown(comparisons)
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    with output_dir(args) as tmp:
         atomic_write_text(os.path.join(tmp, "summary.md"), text)
         _write_significance(tmp, comparisons, args)
         for (a, b), comparison in zip(pairs, comparisons):
@@ -613,7 +637,8 @@ def compare_mode(args):
 
 def sweep_mode(args):
     """--sweep RUN_DIR ...: Fig. 5, 6, 10, 11 and a table over distill.py runs (report.py)."""
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    check_output(args, [("--sweep", path) for path in args.sweep])
+    with output_dir(args) as tmp:
         text, _ = report.sweep_report(args.sweep, tmp, fig5_t=args.fig5_t)
     print(text, end="")
 

@@ -6,8 +6,9 @@ default, runs/mbert-qa-en (phase 1's output, train_qa.OUTPUT_DIR):
   and valid are reused), then phase 1 runs with train_qa.py's own defaults, in this process
   (train_qa.parse_args + train_qa.run), as `python data/download.py squad && python train_qa.py`;
 - data/mlqa/MLQA_V1 missing and no --mlqa-dir: MLQA v1 is downloaded for the per-epoch dev scores.
-Every download and the phase-1 model land by one rename, so a run that fails or is killed never
-leaves a half-written file that a later run would take as done. Without internet the run stops
+Every download lands by one rename, and the phase-1 model is loadable only once its config.json,
+written last, is there, so a run that fails or is killed never leaves a half-written file that a
+later run would take as done; a phase 1 that was stopped resumes from its checkpoint. Without internet the run stops
 with one line naming what could not be fetched and how to provide it by hand. With --model DIR or
 tiny nothing is fetched or built; --no-prepare fails with one line when runs/mbert-qa-en is missing.
 
@@ -27,18 +28,16 @@ process group's 1-hour timeout, however long another job holds the lock.
 """
 import argparse
 import contextlib
-import datetime
-import fcntl
 import os
 import re
 import shutil
-import socket
 import time
 
 import torch
 
 import train_qa
 from common import MLQA_DIR, InputError
+from rundir import Lock, from_rank0, has_checkpoint, output_kind
 from data import download   # data/ is a namespace package: download.py stays a plain script too
 
 PHASE1_DIR = train_qa.OUTPUT_DIR               # = distill.py's default --model
@@ -70,7 +69,8 @@ def add_arguments(parser):
 def missing(args):
     """What distill.py's run needs and is not there: 'model' (phase 1), 'mlqa' (dev scores)."""
     need = []
-    if args.model == PHASE1_DIR and not args.resume and not os.path.isdir(PHASE1_DIR):
+    built = os.path.isfile(os.path.join(PHASE1_DIR, "config.json"))   # written last
+    if args.model == PHASE1_DIR and not args.resume and not built:
         need.append("model")              # --resume reads its checkpoint, not the phase-1 model
     if args.model == PHASE1_DIR and args.mlqa_dir is None and not os.path.isdir(MLQA_DIR):
         need.append("mlqa")               # present, even in part: the user's, left as it is
@@ -82,7 +82,7 @@ def prepare_inputs(args):
     if args.model != PHASE1_DIR:          # --model DIR or tiny: the user's own model, nothing to do
         return
     _, world_size, device, is_master = train_qa.setup_distributed()
-    need = share(missing(args) if is_master else None, world_size)  # one decision for all ranks
+    need = from_rank0(missing(args) if is_master else None, world_size)  # one decision for all ranks
     if not need:
         return
     if args.no_prepare:
@@ -92,9 +92,13 @@ def prepare_inputs(args):
         return                            # no MLQA: phase 2 runs without dev scores, as before
     phase1_args = train_qa.parse_args(["--output-dir", PHASE1_DIR] +
                                       (["--model", args.phase1_model] if args.phase1_model else []))
+    if has_checkpoint(PHASE1_DIR):        # a phase 1 stopped earlier: it goes on where it was
+        phase1_args.resume = True
+    elif output_kind(PHASE1_DIR) == "train_qa":   # stopped before its first checkpoint: again
+        phase1_args.overwrite = True
     with BuildLock(LOCK_FILE) if is_master else contextlib.nullcontext() as lock:
         wait_for(lock, world_size)
-        need = share(missing(args) if is_master else None, world_size)  # the other run's work counts
+        need = from_rank0(missing(args) if is_master else None, world_size)  # the other run's work counts
         error = None
         if is_master:
             if lock.waited:
@@ -112,11 +116,12 @@ def prepare_inputs(args):
                     fetch(name, args.data_base_url)
             except InputError as e:
                 error = str(e)
-        error = share(error, world_size)  # a failed download stops every rank, with the same line
+        error = from_rank0(error, world_size)  # a failed download stops every rank, with the same line
         if error:
             raise InputError(error)
         if "model" in need:
-            train_qa.run(phase1_args)     # every rank: DDP under torchrun; the master saves
+            train_qa.run(phase1_args,     # every rank: DDP under torchrun; the master saves
+                         resume_with="the same command (phase 1 resumes from its checkpoint)")
             if world_size > 1:
                 torch.distributed.barrier()   # the others load it next: wait for the save
             if is_master:
@@ -145,19 +150,10 @@ def duration(phase1_args, device, world_size):
     return f"; roughly {round(hours)} hours on this CPU ({threads} threads), minutes on a GPU"
 
 
-def share(obj, world_size):
-    """Rank 0's `obj` on every rank (the object itself in a single process)."""
-    if world_size == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wait_for(lock, world_size):
     """Rank 0 tries the lock every POLL_S seconds; the other ranks of a torchrun job wait with it."""
     said = False
-    while not share(lock.try_acquire() if lock is not None else None, world_size):
+    while not from_rank0(lock.try_acquire() if lock is not None else None, world_size):
         if lock is not None and not said:
             print(f"{LOCK_FILE}: another run ({lock.holder or 'starting'}) is preparing "
                   f"{PHASE1_DIR} or its data; waiting for it", flush=True)
@@ -165,52 +161,14 @@ def wait_for(lock, world_size):
         time.sleep(POLL_S)
 
 
-class BuildLock:
-    """An exclusive flock(2) on `path`, which holds "pid N on HOST since TIME" of its holder.
+class BuildLock(Lock):
+    """rundir.Lock on runs/mbert-qa-en.lock; a lock left by a run that died holding it (a file that
+    can be locked at once but is not empty) also had its partial phase-1 directory removed
+    (atomic_output_dir's .tmp-mbert-qa-enXXXXXXXX)."""
 
-    The holder removes the file before it unlocks; a waiter that had opened the removed file sees
-    that the path no longer names it and tries again on the new one. A file that can be locked at
-    once but is not empty was left by a run that died holding it: said, and its partial phase-1
-    directory (atomic_output_dir's .tmp-mbert-qa-enXXXXXXXX) is removed.
-    """
-
-    def __init__(self, path):
-        self.path, self.fd, self.holder, self.waited, self.made_dir = path, None, "", False, False
-
-    def try_acquire(self):
-        directory = os.path.dirname(self.path) or "."
-        while True:
-            if not os.path.isdir(directory):
-                os.makedirs(directory, exist_ok=True)
-                self.made_dir = True      # removed again at release when empty (a failed run)
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:     # another run removed the empty directory just now
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.holder = os.read(fd, 200).decode(errors="replace").strip()
-                self.waited = True
-                os.close(fd)
-                return False
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)                  # locked a file its holder had just removed: again
-        previous = os.read(fd, 200).decode(errors="replace").strip()
-        if previous:
-            print(f"note: {self.path} was left by a run that stopped before finishing "
-                  f"({previous}); taking over", flush=True)
-            self.remove_partial_build(directory)
-        since = datetime.datetime.now().isoformat(" ", "seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
-        self.fd = fd
-        return True
+    def on_stale(self, previous, directory):
+        super().on_stale(previous, directory)
+        self.remove_partial_build(directory)
 
     def remove_partial_build(self, directory):
         # exactly the prefix + mkdtemp's 8 characters: another output dir's build is left alone
@@ -218,19 +176,3 @@ class BuildLock:
         for name in os.listdir(directory):
             if pattern.fullmatch(name):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
-    def release(self):
-        if self.fd is None:
-            return
-        os.unlink(self.path)              # before unlocking: see the class docstring
-        os.close(self.fd)
-        self.fd = None
-        if self.made_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(self.path) or ".")   # only when empty
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()

@@ -2,6 +2,8 @@
 
 Sections in pipeline order, one per module (search for `# ==== <name>`):
   common        common.py: shared facts, I/O, user errors, atomic writes
+  rundir        rundir.py: --overwrite, read-only and full disks, signals, mid-epoch checkpoints,
+                progress without a terminal, one run per directory (train_qa, distill, evaluate)
   download      data/download.py: verified downloads, against a server on 127.0.0.1
   sample        sample.py: cross-lingual sampling (Sec. 4.2, Eq. 3)
   train_qa      train_qa.py: windows and offsets (any encoder), batching, Eq. 1 masking, answer
@@ -31,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import string
 import struct
@@ -55,6 +58,7 @@ import evaluate_mlqa
 import map_at_k as mapk
 import prepare
 import report
+import rundir
 import sample
 import significance as sig
 import train_qa
@@ -117,6 +121,443 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     with common.atomic_output_dir(str(target), overwrite=True) as tmp:
         open(os.path.join(tmp, "new.txt"), "w").write("y")
     assert os.listdir(target) == ["new.txt"]
+
+
+# ==================================================================================================
+# ==== rundir
+# rundir.py and its use in train_qa, distill, evaluate_mlqa: whose an output is (--overwrite),
+# read-only and full disks, Ctrl-C and SIGTERM, progress without a terminal, checkpoints mid-epoch,
+# one run per directory
+# ==================================================================================================
+RUN_TINY = ["--model", "tiny", "--ntl", "1", "--max-examples", "24", "--batch-size", "4",
+            "--epochs", "2", "--t", "2", "--map-k", "--save-steps", "0"]          # 6 steps/epoch
+PHASE1_TINY = ["--model", "tiny", "--train-file", os.path.join(XQUAD_DIR, "xquad.en.json"), "--max-examples", "40",
+               "--batch-size", "4", "--epochs", "2", "--save-steps", "0"]         # 10 steps/epoch
+
+
+def _script(name, argv, **kw):
+    """A script as a user runs it (a process of its own, stderr not a terminal)."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, name)] + [str(a) for a in argv],
+                            cwd=REPO, env=OFFLINE_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return types.SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
+
+
+def _run(name, argv, timeout=300):
+    return _finish(_script(name, argv), timeout)
+
+
+def _wait_for_rows(path, n, proc, timeout=240):
+    """Until the .jsonl log at `path` has n rows (the run is then mid-epoch)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(path) and len(rundir.read_log(path)) >= n:
+            return
+        assert proc.poll() is None, _finish(proc).stderr[-2000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {n} rows after {timeout} s")
+
+
+def _weights(directory):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _tree(path):
+    """{relative path: bytes} of every file below path (a directory left exactly as it was)."""
+    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(path) for f in fs}
+
+
+def _no_temporaries(root):
+    left = [os.path.join(d, n) for d, ds, fs in os.walk(root) for n in ds + fs
+            if n.startswith(".tmp-") or n.endswith(".tmp")]
+    assert not left, left
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The runs the interrupted ones must equal: phase 2 and phase 1 of RUN_TINY / PHASE1_TINY."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    runs = {"root": root, "distill": str(root / "distill"), "train_qa": str(root / "train_qa")}
+    r = _run("distill.py", RUN_TINY + ["--output-dir", runs["distill"]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run("train_qa.py", PHASE1_TINY + ["--output-dir", runs["train_qa"]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs["train_qa_stdout"] = r.stdout
+    return runs
+
+
+def test_rundir_whose_output_and_what_is_refused(tmp_path):
+    own = tmp_path / "distill-run"
+    own.mkdir()
+    (own / "args.json").write_text(json.dumps({"ntl": 5, "mode": "skd-map", "seed": 3}))
+    (own / "train_log.jsonl").write_text("")                     # a run written before the marker
+    phase1 = tmp_path / "phase1"
+    phase1.mkdir()
+    (phase1 / "config.json").write_text("{}")
+    (phase1 / "train_args.json").write_text(json.dumps({"train_file": "x"}))
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "args.json").write_text(json.dumps({"my": "own"}))  # looks a bit like a run: is not
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    rundir.write_marker(str(evaluation), "evaluate")
+    assert [rundir.output_kind(str(p)) for p in (own, phase1, user, evaluation)] == \
+        ["distill", "train_qa", None, "evaluate"]
+
+    def refused(path, kind, *words, **kw):
+        with pytest.raises(InputError) as e:
+            rundir.check_output_dir(str(path), kind, **kw)
+        for word in words:
+            assert word in str(e.value), (word, str(e.value))
+
+    refused(user, "distill", "not an output of this project", overwrite=True)
+    refused(phase1, "distill", "an output of train_qa.py", overwrite=True)
+    refused(evaluation, "train_qa", "an output of evaluate_mlqa.py", overwrite=True)
+    refused(own, "distill", "--overwrite", "no checkpoint to --resume")     # killed before one
+    (own / "checkpoint").mkdir()
+    (own / "checkpoint" / "state.pt").write_bytes(b"x")
+    refused(own, "distill", "--overwrite", "or --resume to continue it")
+    refused(tmp_path, "evaluate", "holds --model", overwrite=True, inputs=[("--model", str(own))])
+    refused(own, "evaluate", "is --model", overwrite=True, inputs=[("--model", str(own))])
+    (tmp_path / "file").write_text("mine")
+    refused(tmp_path / "file", "distill", "is a file", overwrite=True)
+    assert rundir.check_output_dir(str(own), "distill", overwrite=True) == str(own)
+    assert rundir.check_output_dir(str(own / "eval"), "evaluate",           # eval inside a model
+                                   inputs=[("--model", str(own))]) == str(own / "eval")
+    (tmp_path / "empty").mkdir()
+    assert rundir.check_output_dir(str(tmp_path / "empty"), "distill")      # nothing to lose
+
+
+def test_rundir_overwrite_never_replaces_a_model_a_users_directory_or_a_file(uninterrupted,
+                                                                             tmp_path, capsys):
+    model = uninterrupted["distill"]
+    before = _tree(model)
+    with pytest.raises(SystemExit) as e:       # forgetting /eval: the model would have gone
+        _eval_main(["--model", model, "--output-dir", model, "--overwrite", "--skip", "mlqa",
+                    "tydiqa"])
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err, "is --model")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("a week of work")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine too")
+    for target in (user, a_file):
+        code, err = _distill_main(RUN_TINY + ["--output-dir", target, "--overwrite"], capsys)
+        assert code == 2
+        _one_error_line(err, str(target))
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--model", model, "--output-dir", str(target), "--overwrite", "--skip",
+                        "mlqa", "tydiqa"])
+        assert e.value.code == 2
+        _one_error_line(capsys.readouterr().err, str(target))
+    code, err = _distill_main(RUN_TINY + ["--model", model, "--output-dir", uninterrupted["root"],
+                                          "--overwrite"], capsys)
+    assert code == 2
+    _one_error_line(err, "holds --model")
+    assert _tree(model) == before
+    assert (user / "notes.txt").read_text() == "a week of work" and a_file.read_text() == "mine too"
+    _no_temporaries(tmp_path)
+
+
+def test_rundir_overwrite_replaces_its_own_run_and_says_so(uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted["distill"], out)
+    argv = RUN_TINY + ["--epochs", "1", "--seed", "4", "--output-dir", out, "--keep-checkpoint", "none"]
+    real = distill.forward_backward
+    seen = []
+
+    def looking(*args, **kw):              # during the new run the old one waits aside
+        seen.append(os.path.isfile(tmp_path / ".run.replaced" / "model.safetensors"))
+        return real(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "forward_backward", looking)
+        code = _distill_main(argv + ["--overwrite"])[0]
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    stdout = captured.out
+    assert seen and all(seen)
+    assert "kept aside" in stdout or "replaced the previous run" in stdout
+    assert json.load(open(out / "args.json"))["seed"] == 4
+    assert not _same_weights(out, uninterrupted["distill"])
+    assert not os.path.exists(tmp_path / ".run.replaced")
+    assert not os.path.exists(out / "checkpoint")                      # --keep-checkpoint none
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_rundir_unwritable_output_is_one_line_before_any_work(uninterrupted, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k,ro", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount refused (not root, or no tmpfs): no read-only file system to test on")
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)], check=True)
+    try:
+        model = uninterrupted["distill"]
+        eval_dir = os.path.join(uninterrupted["root"], "eval-for-ro")
+        r = _run("evaluate_mlqa.py", ["--model", model, "--output-dir", eval_dir, "--skip", "mlqa",
+                                      "tydiqa", "--xquad-langs", "el"])
+        assert r.returncode == 0, r.stderr
+        cases = [
+            ("train_qa.py", PHASE1_TINY + ["--output-dir", ro / "p1"], "Read-only"),
+            ("distill.py", RUN_TINY + ["--output-dir", ro / "p2"], "Read-only"),
+            ("evaluate_mlqa.py", ["--model", model, "--output-dir", ro / "e", "--skip", "mlqa",
+                                  "tydiqa"], "Read-only"),
+            ("evaluate_mlqa.py", ["--compare", eval_dir, eval_dir + "/metrics.json",
+                                  "--output-dir", ro / "c"], "Read-only"),
+            ("evaluate_mlqa.py", ["--sweep", model, "--output-dir", ro / "s"], "Read-only"),
+            ("sample.py", ["--ntl", "1", "--output", ro / "s.json"], "Read-only"),
+            ("train_qa.py", PHASE1_TINY + ["--output-dir", full / "p1"], "free"),   # room, known
+            ("distill.py", RUN_TINY + ["--output-dir", full / "p2"], "free"),       # from the model
+            ("sample.py", ["--ntl", "6", "--output", full / "s.json"], "No space left"),
+        ]
+        for script, argv, words in cases:
+            r = _run(script, argv)
+            assert r.returncode == 2, (script, argv, r.stderr[-2000:])
+            _one_error_line(r.stderr, words)
+            assert os.listdir(full) == [] and os.listdir(ro) == []
+    finally:
+        for m in (ro, full):
+            subprocess.run(["umount", str(m)], capture_output=True)
+
+
+def test_rundir_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def filling(obj, f, *args, **kw):      # the second checkpoint runs out of space half-way
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rundir.torch, "save", filling)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", out], capsys)
+    assert code == 2
+    _one_error_line(err, "No space left on device", "state.pt")
+    state = _distill_state(str(out))
+    assert state["epoch"] == 1 and state["in_epoch"] == 0          # epoch 1's, loadable
+    _no_temporaries(tmp_path)
+    assert not os.path.exists(out / "config.json")
+    assert _distill_main(RUN_TINY + ["--output-dir", out, "--resume"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("script,signum", [("distill.py", signal.SIGTERM),
+                                           ("train_qa.py", signal.SIGINT)])
+def test_rundir_signal_mid_epoch_saves_and_resume_equals_uninterrupted(uninterrupted, tmp_path,
+                                                                       script, signum):
+    argv = RUN_TINY if script == "distill.py" else PHASE1_TINY
+    out = tmp_path / "run"
+    proc = _script(script, argv + ["--output-dir", out])
+    _wait_for_rows(str(out / "train_log.jsonl"), 3, proc)          # epoch 1 of 2, step 3 of 6+
+    proc.send_signal(signum)
+    r = _finish(proc)
+    assert r.returncode == 128 + signum, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0] and "--resume" in lines[0]
+    assert "Traceback" not in r.stderr
+    state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 0 and 3 <= state["in_epoch"] < 6      # mid-epoch, not a boundary
+    assert len(rundir.read_log(str(out / "train_log.jsonl"))) == state["step"]
+    r = _run(script, argv + ["--output-dir", out, "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _same_weights(out, uninterrupted[script[:-3]])            # bitwise on CPU
+    assert open(out / "train_log.jsonl").read() == \
+        open(os.path.join(uninterrupted[script[:-3]], "train_log.jsonl")).read()
+
+
+def test_rundir_kill9_after_a_save_steps_checkpoint_resumes_bitwise(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    argv = [a if a != "0" else "4" for a in RUN_TINY]               # --save-steps 4
+    proc = _script("distill.py", argv + ["--output-dir", out])
+    _wait_for_rows(str(out / "train_log.jsonl"), 10, proc)         # epoch 2, after step 8's save
+    proc.kill()
+    proc.communicate()
+    state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 8 and state["epoch"] == 1 and state["in_epoch"] == 2
+    assert len(rundir.read_log(str(out / "train_log.jsonl"))) > state["step"]  # rows to forget
+    r = _run("distill.py", argv + ["--output-dir", out, "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _same_weights(out, uninterrupted["distill"])
+    assert open(out / "train_log.jsonl").read() == \
+        open(os.path.join(uninterrupted["distill"], "train_log.jsonl")).read()
+
+
+def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    first = _script("distill.py", RUN_TINY + ["--output-dir", out])
+    _wait_for_rows(str(out / "train_log.jsonl"), 1, first)
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        second = _run("distill.py", RUN_TINY + ["--output-dir", out] + extra)
+        assert second.returncode == 2
+        _one_error_line(second.stderr, "in use by another run", f"pid {first.pid}")
+    r = _finish(first)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _same_weights(out, uninterrupted["distill"])               # as a lone run
+    assert not os.path.exists(str(out) + ".lock")
+    other = tmp_path / "other"                                       # a run killed holding it
+    with open(str(other) + ".lock", "w") as f:
+        f.write("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")
+    r = _run("train_qa.py", PHASE1_TINY + ["--epochs", "1", "--output-dir", other])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "taking over" in r.stdout and "pid 999999" in r.stdout
+    assert not os.path.exists(str(other) + ".lock")
+
+
+def test_rundir_phase1_without_a_terminal_prints_progress_and_writes_its_log(uninterrupted):
+    out = uninterrupted["train_qa"]
+    rows = rundir.read_log(os.path.join(out, "train_log.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 21))         # 2 epochs x 10 steps
+    assert [r["epoch"] for r in rows] == [1] * 10 + [2] * 10
+    assert all(set(r) == {"step", "epoch", "lr", "loss"} and math.isfinite(r["loss"]) for r in rows)
+    stdout = uninterrupted["train_qa_stdout"]
+    assert "epoch 1/2: step 10" in stdout and "epoch 2/2: step 20" in stdout
+    assert re.search(r"step 1/20: loss [0-9.]+, [0-9.]+ windows/s, ETA", stdout)  # the first step
+
+
+def test_rundir_ctrl_c_before_a_checkpoint_then_the_messages_agree(tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "forward_backward", interrupted)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", out], capsys)
+    assert code == 130
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" not in lines[0]
+    code, err = _distill_main(RUN_TINY + ["--output-dir", out], capsys)   # no circular advice
+    assert code == 2
+    _one_error_line(err, "--overwrite", "no checkpoint to --resume")
+    code, err = _distill_main(RUN_TINY + ["--output-dir", out, "--resume"], capsys)
+    assert code == 2
+    _one_error_line(err, "no checkpoint", "--overwrite")
+    assert _distill_main(RUN_TINY + ["--output-dir", out, "--overwrite", "--epochs", "1"],
+                         capsys)[0] == 0
+
+
+def test_rundir_ctrl_c_in_evaluate_is_one_line_and_leaves_nothing(uninterrupted, tmp_path):
+    out = tmp_path / "eval"
+    proc = _script("evaluate_mlqa.py", ["--model", uninterrupted["distill"], "--output-dir", out,
+                                        "--skip", "mlqa", "tydiqa", "--xquad-langs",
+                                        *[f"{x}" for x in ENC_LANGS]])
+    t0 = time.time()
+    while not any(n.startswith(".tmp-eval") for n in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.time() - t0 < 120, _finish(proc).stderr[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    r = _finish(proc)
+    assert r.returncode == 130
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+DDP_TINY = ["--model", "tiny", "--ntl", "1", "--max-examples", "16", "--batch-size", "4",
+            "--epochs", "2", "--t", "2", "--map-k", "--save-steps", "0"]
+
+
+def _torchrun(argv, *launcher):
+    """distill.py under torchrun on this CPU (gloo), a process of its own."""
+    launcher = launcher or ("--standalone", "--nproc_per_node", "2")
+    env = dict(OFFLINE_ENV, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher,
+                             os.path.join(REPO, "distill.py")] + [str(a) for a in argv],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_pid(out, rank):
+    """The pid of the torchrun worker of `rank` writing into `out` (from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and f"RANK={rank}".encode() in environ and \
+                b"distill.py" in b" ".join(cmdline) and b"torch.distributed.run" not in cmdline:
+            return int(pid)
+    return None
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, eval_env):
+    """An uninterrupted 2-process run (one node) with MLQA-dev scores (49 pairs) after each epoch."""
+    root = tmp_path_factory.mktemp("ddp")
+    mlqa = eval_env["mlqa"]
+    out = root / "one-node"
+    r = _finish(_torchrun(DDP_TINY + ["--mlqa-dir", mlqa, "--output-dir", out]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"root": root, "mlqa": mlqa, "out": str(out)}
+
+
+def test_rundir_ddp_signal_to_one_rank_stops_all_at_one_step(ddp_reference, tmp_path):
+    out = tmp_path / "run"
+    argv = DDP_TINY + ["--mlqa-dir", ddp_reference["mlqa"], "--output-dir", out]
+    proc = _torchrun(argv)
+    _wait_for_rows(str(out / "train_log.jsonl"), 2, proc)          # epoch 1, mid-epoch
+    pid = _rank_pid(out, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)                                   # rank 1 alone gets it
+    r = _finish(proc)
+    assert r.returncode != 0
+    assert re.search(r"stopped by SIGTERM: checkpoint .*state\.pt saved; to continue: the same "
+                     r"torchrun command with --resume", r.stderr), r.stderr[-3000:]
+    state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["in_epoch"] > 0
+    r = _finish(_torchrun(argv + ["--resume"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _same_weights(out, ddp_reference["out"])
+    assert open(out / "train_log.jsonl").read() == \
+        open(os.path.join(ddp_reference["out"], "train_log.jsonl")).read()
+
+
+def test_rundir_ddp_two_nodes_equal_one_node(ddp_reference, tmp_path):
+    out = tmp_path / "two-nodes"
+    port = _free_port()
+    launcher = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes")
+    argv = DDP_TINY + ["--mlqa-dir", ddp_reference["mlqa"], "--output-dir", out]
+    nodes = [_torchrun(argv, *launcher) for _ in range(2)]
+    results = [_finish(node) for node in nodes]
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    assert _same_weights(out, ddp_reference["out"])
+    assert open(out / "train_log.jsonl").read() == \
+        open(os.path.join(ddp_reference["out"], "train_log.jsonl")).read()
+
+
+def test_rundir_ddp_dev_scores_shared_by_ranks_equal_one_process(ddp_reference):
+    """Each rank predicted its share of the context languages; rank 0 scored them: the same
+    scores as one process predicting every pair of the final model."""
+    rows = rundir.read_log(os.path.join(ddp_reference["out"], "dev_metrics.jsonl"))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    model, tokenizer = train_qa.load_model_and_tokenizer(ddp_reference["out"], require_qa_head=True)
+    alone = distill.evaluate_dev(model, tokenizer, distill.load_mlqa_dev(ddp_reference["mlqa"]), "cpu")
+    assert rows[-1]["pairs"] == alone["pairs"] and len(alone["pairs"]) == 49
+    assert rows[-1]["gxlt"] == alone["gxlt"] and rows[-1]["xlt"] == alone["xlt"]
 
 
 # ==================================================================================================
@@ -2051,7 +2492,7 @@ def test_distill_model_dir_loads_and_dev_evaluation_scores_it(distill_runs):
 def test_distill_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, capsys):
     out = str(tmp_path / "nan")
     saved = {}
-    real_save, real_loss = distill.save_state, distill.distill_loss
+    real_save, real_loss = rundir.save_state, distill.distill_loss
 
     def save(path, state):
         real_save(path, state)
@@ -2062,7 +2503,7 @@ def test_distill_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, capsys):
         return (total * float("nan"), ce, kl) if saved else (total, ce, kl)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(distill, "save_state", save)
+        mp.setattr(rundir, "save_state", save)
         mp.setattr(distill, "distill_loss", loss)
         code, err = _distill_main(DISTILL_TINY + ["--output-dir", out, "--epochs", "2"], capsys)
     assert code not in (0, None)
@@ -2142,7 +2583,7 @@ def test_distill_existing_output_dir_exit_2_without_traceback(tmp_path):
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert "--overwrite" in r.stderr and "--resume" in r.stderr
+    assert "not an output of this project" in r.stderr          # --overwrite would not help
     assert (out / "keep.txt").read_text() == "x"
 
 

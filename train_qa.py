@@ -25,16 +25,25 @@ weight decay 0, Adam betas (0.9, 0.999), eps 1e-8, gradient clipping at norm 1.0
 import contextlib
 import datetime
 import glob
+import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir, atomic_write_json,
-                    load_squad_examples, run_main)
+from tqdm import tqdm
+
+from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
+                    atomic_write_json, check_writable, load_squad_examples, read_json, run_main)
+from rundir import (SAVE_MINUTES, Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, aside_path,
+                    check_output_dir, finish_replacing, from_rank0, has_checkpoint,
+                    install_model_files, lock_output_dir, lock_path, parse_save_steps,
+                    remove_checkpoint, resume_hint, start_fresh, state_bytes, stop_after_save,
+                    truncate_log)
 
 # -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
 MODEL = "bert-base-multilingual-cased"
@@ -466,7 +475,7 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():   # a second call (distill.py after phase 1) reuses it
-        # rank 0 alone evaluates MLQA dev at an epoch's end while the others wait: allow an hour
+        # a long MLQA-dev evaluation, or a rank waiting in prepare.py: allow an hour
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=1))
     return rank, world_size, device, rank == 0
@@ -474,15 +483,15 @@ def setup_distributed():
 
 def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, grad_accum=1,
           seed=0, weight_decay=WEIGHT_DECAY, warmup_steps=0, device="cpu", rank=0, world_size=1,
-          progress=True, precision="auto"):
+          progress=True, precision="auto", run=None):
     """The loop: length-grouped batches, Eq. 2 loss, AdamW + linear decay, grad accumulation, DDP.
     `batch_size` is the effective batch of one optimiser step; `precision` that of the forward
-    (autocast). Returns the unwrapped model."""
+    (autocast). `run` (a Phase1Run, from run()): train_log.jsonl, checkpoints at every epoch's
+    end and mid-epoch (--save-steps, a stop signal), --resume. Returns the unwrapped model."""
     micro = batch_size // (world_size * grad_accum)
     if micro < 1 or micro * world_size * grad_accum != batch_size:
         raise InputError(f"--batch-size {batch_size} is not a multiple of world size {world_size} "
                          f"x --grad-accum {grad_accum}")
-    from tqdm import tqdm
     torch.manual_seed(seed + rank)                # dropout stream
     model.to(device).train()
     raw = model
@@ -494,29 +503,131 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
     steps_per_epoch = math.ceil(per_epoch / grad_accum)
     optimizer = make_optimizer(raw, lr, weight_decay)
     scheduler = make_scheduler(optimizer, steps_per_epoch * epochs, warmup_steps)
-    bar = tqdm(total=steps_per_epoch * epochs, unit="step",          # quiet when not a TTY
-               disable=None if progress and rank == 0 else True)
-    seen, t0 = 0, time.time()
-    for epoch in range(epochs):
-        batches = length_grouped_batches(lengths, micro, seed, epoch, rank=rank, world_size=world_size)
-        for i, idx in enumerate(batches):
-            batch = collate(features, idx, pad_token_id, device)
-            last = (i + 1) % grad_accum == 0 or i + 1 == len(batches)
-            sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
-            with sync:
-                start, end = qa_logits(model, batch, precision)
-                loss = ce_loss(start, end, batch["start_positions"], batch["end_positions"])
-                group = min(grad_accum, len(batches) - i // grad_accum * grad_accum)  # last may be short
-                (loss / group).backward()
-            seen += len(idx) * world_size
-            if last:
+    run = run or Phase1Run(None)
+    epoch0, step, skip = run.start(raw, optimizer, scheduler, rank, world_size)
+    log = Phase1Log(run.out, rank == 0 and progress, epochs, steps_per_epoch, epoch0, skip)
+    with run.stop.deferred():                     # a signal ends the step, saves, exits (rundir)
+        for epoch in range(epoch0, epochs):
+            batches = length_grouped_batches(lengths, micro, seed, epoch, rank=rank,
+                                             world_size=world_size)
+            steps = [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+            for i, step_batches in enumerate(steps):
+                if i < skip:                      # done before the checkpoint (--resume)
+                    continue
+                total = torch.zeros((), device=device)
+                for j, idx in enumerate(step_batches):
+                    batch = collate(features, idx, pad_token_id, device)
+                    last = j + 1 == len(step_batches)
+                    sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
+                    with sync:
+                        start, end = qa_logits(model, batch, precision)
+                        loss = ce_loss(start, end, batch["start_positions"], batch["end_positions"])
+                        (loss / len(step_batches)).backward()     # the last step may be short
+                    total += loss.detach() / len(step_batches)
+                step += 1
+                log.step(step, epoch, scheduler.get_last_lr()[0], mean_loss(total, world_size),
+                         sum(len(idx) for idx in step_batches) * world_size)
                 optimizer_step(raw, optimizer, scheduler)
-                bar.update(1)
-                if bar.n % LOG_EVERY == 0 or bar.n == bar.total:   # .item() syncs the GPU
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
-                                    feats_per_s=f"{seen / (time.time() - t0):.0f}")
-    bar.close()
+                run.after_step(epoch, step, i + 1, len(steps), world_size, device, log)
+            skip = 0
+            run.epoch_done(epoch, step, world_size)
+            log.epoch_done(epoch, step)
+    log.close()
     return raw
+
+
+def mean_loss(loss, world_size):
+    """The step's loss averaged over the DDP processes, as a float (one host sync per step)."""
+    if world_size > 1:
+        torch.distributed.all_reduce(loss)
+        loss = loss / world_size
+    return loss.item()
+
+
+class Phase1Run:
+    """What makes phase 1 a resumable run in `out` (None: a bare training loop, e.g. in tests):
+    the checkpoint, --resume, --save-steps and the stop signals (rundir)."""
+
+    def __init__(self, out, resume=False, save_steps=0, options=None, resume_with=None,
+                 stop=None):
+        self.out, self.resume, self.options, self.resume_with = out, resume, options, resume_with
+        self.clock, self.stop = SaveClock(save_steps), stop or StopSignals()
+        self.checkpoint, self.is_master = None, True
+
+    def start(self, model, optimizer, scheduler, rank, world_size):
+        """-> (epochs done, steps done, steps done in the unfinished epoch)."""
+        self.is_master = rank == 0
+        if self.out is None:
+            return 0, 0, 0
+        self.checkpoint = Checkpoint(self.out, {"model": model}, optimizer, scheduler,
+                                     self.resume_with)
+        if not self.resume:
+            return 0, 0, 0
+        state = self.checkpoint.restore(rank, world_size, self.is_master)
+        if self.is_master:        # forget what the interrupted run logged after the checkpoint
+            truncate_log(os.path.join(self.out, "train_log.jsonl"), "step", state["step"])
+        return state["epoch"], state["step"], state["in_epoch"]
+
+    def after_step(self, epoch, step, in_epoch, steps_in_epoch, world_size, device, log):
+        if self.checkpoint is None:
+            return
+        signum, save_now = self.stop.agree(self.clock.due(step), world_size, device)
+        if signum or (save_now and in_epoch < steps_in_epoch):      # a mid-epoch checkpoint
+            self.save(epoch, step, in_epoch, world_size)
+        if signum:
+            log.close()
+            stop_after_save(signum, self.checkpoint, self.is_master)
+
+    def epoch_done(self, epoch, step, world_size):
+        if self.checkpoint is not None:
+            self.save(epoch + 1, step, 0, world_size)
+
+    def save(self, epochs_done, step, in_epoch, world_size):
+        self.checkpoint.save(epochs_done, step, in_epoch, self.options, world_size, self.is_master)
+        self.clock.saved()
+
+
+class Phase1Log:
+    """Rank 0's record of phase 1: train_log.jsonl (step, epoch, lr, loss) when there is an
+    output directory, a progress bar on a terminal, otherwise a line every few minutes (step,
+    loss, windows/s, ETA), and a line per epoch."""
+
+    def __init__(self, out, enabled, epochs, steps_per_epoch, epoch0, skip):
+        self.enabled, self.epochs, self.steps_per_epoch = enabled, epochs, steps_per_epoch
+        self.file = open(os.path.join(out, "train_log.jsonl"), "a", encoding="utf-8") \
+            if out and enabled else None
+        self.bar = tqdm(total=steps_per_epoch * epochs, initial=epoch0 * steps_per_epoch + skip,
+                        unit="step", disable=None if enabled else True)   # quiet when not a TTY
+        self.lines = ProgressLines(enabled)
+        self.t0, self.windows, self.done = time.time(), 0, 0
+
+    def step(self, step, epoch, lr, loss, windows):
+        self.windows, self.done = self.windows + windows, self.done + 1
+        if not self.enabled:
+            return
+        if self.file:
+            self.file.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss})
+                            + "\n")
+            self.file.flush()
+        elapsed = time.time() - self.t0
+        self.bar.update(1)
+        if self.done % LOG_EVERY == 0:
+            self.bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}",
+                                 windows_per_s=f"{self.windows / elapsed:.0f}")
+        left = (self.steps_per_epoch * self.epochs - step) * elapsed / self.done
+        self.lines.maybe(lambda: f"epoch {epoch + 1}/{self.epochs} step {step}/"
+                                 f"{self.steps_per_epoch * self.epochs}: loss {loss:.4f}, "
+                                 f"{self.windows / elapsed:.1f} windows/s, ETA {left / 60:.1f} min")
+
+    def epoch_done(self, epoch, step):
+        if self.enabled and self.file is not None:
+            print(f"epoch {epoch + 1}/{self.epochs}: step {step}, "
+                  f"{time.time() - self.t0:.0f}s", flush=True)
+
+    def close(self):
+        self.bar.close()
+        if self.file and not self.file.closed:
+            self.file.close()
 
 
 # -------------------------------------------------------------------- prediction
@@ -629,28 +740,44 @@ def check_offsets(xquad_dir=XQUAD_DIR, model="tiny"):
 
 # -------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None,
-                   help=f"hub name, local dir, 'tiny' or 'tiny-xlmr' (default {MODEL})")
-    p.add_argument("--train-file", default=SQUAD_TRAIN_FILE)
-    p.add_argument("--output-dir", default=OUTPUT_DIR)
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="effective batch per step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--stride", type=int, default=STRIDE)
-    p.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="question tokens kept")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+    p = ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG)
+    t = p.add_argument_group("training (Sec. 4.1, 5.2)")
+    t.add_argument("--model", default=None, help=f"hub name, local dir, or 'tiny' / 'tiny-xlmr' "
+                                                 f"(random small models, offline) (default: {MODEL})")
+    t.add_argument("--train-file", default=SQUAD_TRAIN_FILE)
+    t.add_argument("--epochs", type=int, default=EPOCHS)
+    t.add_argument("--lr", type=float, default=LR)
+    t.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="effective batch per step")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--max-examples", type=int, default=None, help="keep the first N examples")
+    t.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    t.add_argument("--stride", type=int, default=STRIDE)
+    t.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="question tokens kept")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
-    p.add_argument("--xquad-dir", default=XQUAD_DIR)
+    o = p.add_argument_group("output, checkpoints, resuming")
+    o.add_argument("--output-dir", default=OUTPUT_DIR)
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier train_qa.py run in --output-dir (kept aside until this "
+                        "run completes); never anything else")
+    o.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    o.add_argument("--save-steps", default="auto",
+                   help=f"a mid-epoch checkpoint every N optimiser steps; auto: about every "
+                        f"{SAVE_MINUTES} minutes; 0: at epoch ends only")
+    o.add_argument("--keep-checkpoint", default="last", choices=("last", "none"),
+                   help="after the run: keep checkpoint/ (about 3x the model) or remove it")
+    c = p.add_argument_group("offset-recovery report (instead of training)")
+    c.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
+    c.add_argument("--xquad-dir", default=XQUAD_DIR)
     return p.parse_args(argv)
+
+
+EPILOG = ("Exit status: 0 done, 2 bad input or an unwritable output, 130/143/138 stopped by "
+          "SIGINT/SIGTERM/SIGUSR1\n(during training: the checkpoint is saved first; --resume "
+          "continues).")
 
 
 def main(argv=None):
@@ -666,41 +793,159 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
 
 
-def run(args):
-    """Phase 1 from parse_args' options: check, train, save (the master, atomically). Under torchrun
-    it joins the process group, or the one already initialised, and leaves it open: distill.py
-    runs phase 1 this way inside its own process (prepare.py) before phase 2."""
+def run(args, resume_with=None):
+    """Phase 1 from parse_args' options: check, train, install the model (the master). Under
+    torchrun it joins the process group, or the one already initialised, and leaves it open:
+    distill.py runs phase 1 this way inside its own process (prepare.py) before phase 2, with
+    `resume_with` saying how to continue it after a stop."""
+    check_args(args)
+    examples = load_squad_examples(args.train_file)[:args.max_examples]
+    if not examples:
+        raise InputError(f"{args.train_file}: no examples")
+    rank, world_size, device, is_master = setup_distributed()
+    out, lock = claim_output_dir(args, is_master, world_size)     # one run per directory
+    with lock, StopSignals() as stop:       # Ctrl-C, SIGTERM, SIGUSR1: see rundir
+        torch.set_float32_matmul_precision("high")      # TF32 on Ampere+ GPUs
+        texts = [x for ex in examples for x in (ex["question"], ex["context"])]
+        model, tokenizer = load_phase1_model(args, out, texts)
+        check_space(args.output_dir, model, is_master, world_size)
+        features = build_features(examples, tokenizer, args.max_length, args.stride,
+                                  max_query_length=args.max_query_length)
+        if is_master:
+            print(f"{len(examples)} examples -> {len(features['input_ids'])} features; device "
+                  f"{device} x {world_size}" + ("; resuming" if args.resume else ""), flush=True)
+            if not args.resume:
+                start_output_dir(out, args, model, tokenizer)
+        barrier(world_size)
+        run_state = Phase1Run(out, args.resume, args.save_steps, resume_options(args), resume_with,
+                              stop)
+        model = train(model, features, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                      device=device, rank=rank, world_size=world_size, precision=args.precision,
+                      run=run_state)
+        if is_master:
+            install_phase1_model(out, args, model, tokenizer)
+
+
+def check_args(args):
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_examples",
                  "max_query_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise InputError(f"--weight-decay must be 0 or a positive number, got {args.weight_decay}")
+    if args.warmup_steps < 0:
+        raise InputError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     if not 0 < args.stride < args.max_length:
         raise InputError("--stride must be between 0 and --max-length")
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    args.save_steps = parse_save_steps(str(args.save_steps))
     if args.train_file == SQUAD_TRAIN_FILE and not os.path.exists(SQUAD_TRAIN_FILE):
         raise InputError(f"{SQUAD_TRAIN_FILE}: not found; run `python data/download.py squad` first")
-    if os.path.exists(args.output_dir) and not args.overwrite:
-        raise InputError(f"{args.output_dir}: output directory exists (pass --overwrite to replace it)")
-    examples = load_squad_examples(args.train_file)[:args.max_examples]
-    if not examples:
-        raise InputError(f"{args.train_file}: no examples")
 
-    rank, world_size, device, is_master = setup_distributed()
-    torch.set_float32_matmul_precision("high")      # TF32 on Ampere+ GPUs
-    texts = [x for ex in examples for x in (ex["question"], ex["context"])]
-    model, tokenizer = load_model_and_tokenizer(args.model or MODEL, texts=texts, seed=args.seed)
-    features = build_features(examples, tokenizer, args.max_length, args.stride,
-                              max_query_length=args.max_query_length)
+
+# options that must match for --resume (the rest, e.g. --save-steps, may change)
+RESUME_KEYS = ("model", "train_file", "epochs", "lr", "batch_size", "grad_accum", "weight_decay",
+               "warmup_steps", "seed", "max_examples", "max_length", "stride", "max_query_length",
+               "precision")
+
+
+def resume_options(args):
+    return {key: getattr(args, key) for key in RESUME_KEYS}
+
+
+def claim_output_dir(args, is_master, world_size):
+    """Rank 0: writable, the lock (one run per directory), then not an input, not someone
+    else's (--overwrite replaces only a train_qa.py run); --resume's holds a checkpoint of a run
+    with the same options. One decision for every rank. -> (absolute path, the lock)."""
+    out, lock, error = os.path.abspath(args.output_dir), Lock(lock_path(args.output_dir)), None
     if is_master:
-        print(f"{len(examples)} examples -> {len(features['input_ids'])} features; device {device} "
-              f"x {world_size}")
-    model = train(model, features, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr,
-                  batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
-                  weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, device=device,
-                  rank=rank, world_size=world_size, precision=args.precision)
+        try:
+            check_writable(args.output_dir)
+            lock = lock_output_dir(out, args.output_dir)
+            check_output_dir(args.output_dir, "train_qa", args.overwrite, args.resume,
+                             inputs=[("--model", args.model), ("--train-file", args.train_file)])
+            if args.resume:
+                if not has_checkpoint(out):
+                    raise InputError(f"{args.output_dir}: no checkpoint to resume; --overwrite "
+                                     "starts the run again")
+                saved = read_json(os.path.join(out, "train_args.json"))
+                diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+                if diff:
+                    raise InputError("--resume with options that differ from the checkpoint's "
+                                     "run: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} "
+                                                         f"(now {getattr(args, k)})" for k in diff))
+        except InputError as e:
+            error = str(e)
+            lock.release()
+    error = from_rank0(error, world_size)
+    if error:
+        raise InputError(error)
+    return out, lock
+
+
+def check_space(output_dir, model, is_master, world_size):
+    """Room for the checkpoint (weights and Adam's two moments) twice while it is replaced, and
+    the final model."""
+    error = None
     if is_master:
-        save_model(model, tokenizer, args.output_dir, args.overwrite, {"train_args.json": vars(args)})
-        print(f"saved {args.output_dir}")
+        try:
+            check_writable(output_dir, state_bytes(model, 3 * 2 + 1), "the checkpoint and model")
+        except InputError as e:
+            error = str(e)
+    error = from_rank0(error, world_size)
+    if error:
+        raise InputError(error)
+
+
+def load_phase1_model(args, out, texts):
+    """The model phase 1 starts from, or on --resume the run's own config and tokenizer (weights:
+    the checkpoint)."""
+    if args.resume:
+        from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
+        ckpt_dir = os.path.join(out, "checkpoint")
+        config = AutoConfig.from_pretrained(ckpt_dir)
+        model = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
+        return model, AutoTokenizer.from_pretrained(ckpt_dir)
+    return load_model_and_tokenizer(args.model or MODEL, texts=texts, seed=args.seed)
+
+
+def start_output_dir(out, args, model, tokenizer):
+    """A new run's directory: a previous phase-1 run there (--overwrite) set aside until this one
+    completes, then the run's options, config and tokenizer (what --resume rebuilds it from)."""
+    if start_fresh(out, "train_qa"):
+        print(f"--overwrite: the previous run in {args.output_dir} is kept aside as "
+              f"{os.path.basename(aside_path(out))} until this one completes", flush=True)
+    ckpt_dir = os.path.join(out, "checkpoint")
+    os.makedirs(ckpt_dir)
+    with quiet_transformers():
+        model.config.save_pretrained(ckpt_dir)
+        tokenizer.save_pretrained(ckpt_dir)
+    atomic_write_json(os.path.join(out, "train_args.json"), vars(args), indent=1)
+
+
+def install_phase1_model(out, args, model, tokenizer):
+    """The trained model's files into the output directory (config.json last), then the run it
+    replaced and, with --keep-checkpoint none, the checkpoint go."""
+    source = os.path.join(out, ".tmp-final")
+    shutil.rmtree(source, ignore_errors=True)                  # ours: a crash's leftover
+    save_model(model, tokenizer, source)
+    install_model_files(source, out)
+    print(f"saved {args.output_dir}", flush=True)
+    finish_replacing(out, args.output_dir)
+    if args.keep_checkpoint == "none":
+        remove_checkpoint(out)
+        print(f"removed {os.path.join(args.output_dir, 'checkpoint')} (--keep-checkpoint none)")
+
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, resume_hint)

@@ -1,0 +1,490 @@
+"""Run management shared by train_qa.py, distill.py and evaluate_mlqa.py: whose an output directory
+is, whether it can be written, one run per directory, checkpoints that resume exactly, and stopping
+on a signal with the state saved.
+
+Rules a user can rely on:
+- `--overwrite` replaces only an output this project wrote, of the same script (recognised by the
+  marker file `.written-by`, or for runs made before it existed by their own files), never a
+  directory that is, or holds, one of the run's inputs (`--model`, a baseline, a compared run).
+  What it replaces is kept aside (`.NAME.replaced`) until the new output is complete.
+- Before any work, the output location is checked: writable, and with room for what the run will
+  write when that can be estimated (a checkpoint's size is known from the model).
+- One run per output directory: an flock(2) on `NAME.lock` beside it for the run's life; a second
+  run exits 2 naming the holder; a lock left by a killed run is recognised and taken over.
+- SIGINT, SIGTERM and SIGUSR1 during training end the current optimiser step, write the checkpoint
+  and exit with 128 + the signal's number (130, 143, 138) after one line saying how to resume;
+  elsewhere they end the run with one line and the same status, nothing half-written.
+"""
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from common import InputError, Stopped, atomic_write_json, atomic_write_text
+
+MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
+SCRIPTS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+SAVE_MINUTES = 30                           # --save-steps auto: a checkpoint every 30 minutes
+PROGRESS_EVERY_S = 120                      # a progress line this often when stderr is no terminal
+ACTIVE = {"resume_with": None}              # this process's run, once it has a checkpoint: how
+                                            # to continue it (for common.run_main's last line)
+
+
+# -------------------------------------------------------------------- whose is a directory
+def output_kind(path):
+    """'train_qa', 'distill' or 'evaluate' for an output this project wrote; None otherwise.
+    Runs made before the marker existed are recognised by the files only that script writes."""
+    marker = os.path.join(path, MARKER)
+    if os.path.isfile(marker):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(marker, encoding="utf-8") as f:
+                kind = json.load(f).get("kind")
+            return kind if kind in SCRIPTS else None
+        return None
+
+    def has(*names):
+        return all(os.path.exists(os.path.join(path, n)) for n in names)
+
+    def json_keys(name):
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                obj = json.load(f)
+            return set(obj) if isinstance(obj, dict) else set()
+        return set()
+
+    if has("args.json") and {"ntl", "mode", "seed"} <= json_keys("args.json") and \
+            (has("checkpoint") or has("train_log.jsonl")):
+        return "distill"
+    if has("train_args.json", "config.json") and "train_file" in json_keys("train_args.json"):
+        return "train_qa"
+    if has("metrics.json") and "model" in json_keys("metrics.json"):
+        return "evaluate"
+    return None
+
+
+def write_marker(directory, kind):
+    atomic_write_json(os.path.join(directory, MARKER), {
+        "script": SCRIPTS[kind], "kind": kind,
+        "created": datetime.datetime.now().isoformat(" ", "seconds")})
+
+
+def _inside(path, directory):
+    """path is `directory` or lies below it (both absolute, links resolved)."""
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_output_dir(path, kind, overwrite=False, resume=False, inputs=(), option="--output-dir"):
+    """Refuse, with one line, an output directory that cannot be used: a file; one that is or
+    holds an input (`inputs`: (option, path) pairs); an existing one without --overwrite or
+    --resume; with --overwrite, one that is not an output of this script. An empty directory is
+    used as it is. Returns the absolute path."""
+    out = os.path.abspath(path)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{path}: is a file, not a directory; choose another {option}")
+    real = os.path.realpath(out)
+    for name, value in inputs:
+        if value and os.path.exists(value) and _inside(os.path.realpath(value), real):
+            what = "is" if os.path.realpath(value) == real else "holds"
+            raise InputError(f"{path}: {option} {what} {name} {value}; writing there would "
+                             f"replace it: choose another {option}")
+    if not os.path.isdir(out) or resume or not os.listdir(out):
+        return out
+    found = output_kind(out)
+    script = SCRIPTS[kind]
+    if found != kind:
+        whose = f"an output of {SCRIPTS[found]}" if found else "not an output of this project"
+        raise InputError(f"{path}: {option} exists and is {whose}; {script} replaces only its "
+                         f"own outputs (--overwrite): choose another {option}")
+    if not overwrite:
+        hint = "--overwrite to replace it"
+        if kind != "evaluate":
+            hint += (", or --resume to continue it" if has_checkpoint(out) else
+                     " (it has no checkpoint to --resume from)")
+        raise InputError(f"{path}: {option} exists (a {script} run: pass {hint})")
+    return out
+
+
+def state_bytes(model, copies):
+    """Bytes of `copies` float32 copies of the model's parameters (weights, teacher, Adam)."""
+    return copies * sum(p.numel() for p in model.parameters()) * 4
+
+
+def has_checkpoint(out):
+    return os.path.isfile(os.path.join(out, "checkpoint", "state.pt"))
+
+
+def aside_path(out):
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.replaced")
+
+
+def start_fresh(out, kind):
+    """A new run's directory: an --overwrite'n previous output of this script goes aside (kept
+    until the new run completes: finish_replacing), then the directory is made with its marker.
+    Returns the path of what was set aside, or None."""
+    aside = aside_path(out)
+    moved = None
+    if os.path.isdir(out) and os.listdir(out):
+        if os.path.isdir(aside):
+            # an earlier --overwrite never finished: the run aside is the last complete one and
+            # stays; the unfinished one here (ours: checked by check_output_dir) goes
+            shutil.rmtree(out)
+        else:
+            os.replace(out, aside)
+            moved = aside
+    os.makedirs(out, exist_ok=True)
+    write_marker(out, kind)
+    return moved
+
+
+def finish_replacing(out, display):
+    """The new output is complete: the run it replaced, set aside at the start, goes."""
+    aside = aside_path(out)
+    if os.path.isdir(aside):
+        shutil.rmtree(aside)
+        print(f"replaced the previous run in {display} (kept aside until now)")
+
+
+# -------------------------------------------------------------------- one run per directory
+class Lock:
+    """An exclusive flock(2) on `path`, which holds "pid N on HOST since TIME" of its holder.
+
+    The kernel drops an flock when its holder dies, so a killed run never blocks the next; the
+    file it leaves behind (not empty) tells the next run that one was killed (`on_stale`). The
+    holder removes the file before it unlocks; a waiter that had opened the removed file sees that
+    the path no longer names it and tries again. One process may take the same path again
+    (phase 1 built inside distill.py's process): that is a no-op."""
+
+    held = {}                                   # path -> Lock, in this process
+
+    def __init__(self, path):
+        self.path, self.fd, self.holder, self.waited, self.made_dir = path, None, "", False, False
+        self.reentered = False
+
+    def try_acquire(self):
+        key = os.path.abspath(self.path)
+        if key in Lock.held:
+            self.reentered = True
+            return True
+        directory = os.path.dirname(self.path) or "."
+        while True:
+            if not os.path.isdir(directory):
+                os.makedirs(directory, exist_ok=True)
+                self.made_dir = True      # removed again at release when empty (a failed run)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:     # another run removed the empty directory just now
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.holder = os.read(fd, 200).decode(errors="replace").strip()
+                self.waited = True
+                os.close(fd)
+                return False
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)                  # locked a file its holder had just removed: again
+        previous = os.read(fd, 200).decode(errors="replace").strip()
+        if previous:
+            self.on_stale(previous, directory)
+        since = datetime.datetime.now().isoformat(" ", "seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        self.fd = fd
+        Lock.held[key] = self
+        return True
+
+    def on_stale(self, previous, directory):
+        print(f"note: {self.path} was left by a run that stopped before finishing "
+              f"({previous}); taking over", flush=True)
+
+    def release(self):
+        if self.reentered:
+            self.reentered = False
+            return
+        if self.fd is None:
+            return
+        Lock.held.pop(os.path.abspath(self.path), None)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)          # before unlocking: see the class docstring
+        os.close(self.fd)
+        self.fd = None
+        if self.made_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.path) or ".")   # only when empty
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_path(out):
+    return out.rstrip(os.sep) + ".lock"
+
+
+def lock_output_dir(out, display):
+    """The run's lock (see Lock), or one line naming the run that holds it."""
+    lock = Lock(lock_path(out))
+    if not lock.try_acquire():
+        raise InputError(f"{display}: in use by another run ({lock.holder or 'starting'}; "
+                         f"lock {lock_path(display)}): wait for it, or choose another --output-dir")
+    return lock
+
+
+# -------------------------------------------------------------------- checkpoints
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng(world_size):
+    """Every rank's RNG state (rank order), so a resume continues each stream."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def from_rank0(obj, world_size):
+    """Rank 0's `obj` on every rank (the object itself in a single process)."""
+    if world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Checkpoint:
+    """OUTPUT_DIR/checkpoint/state.pt: the models (`models`: {name: module or None}), optimiser,
+    scheduler, every rank's RNG state, and where the run stands: epochs done, optimiser steps
+    done, steps done in the unfinished epoch (0 at an epoch's end), plus `extra` (e.g. the best
+    dev score). Written at every epoch's end and mid-epoch (--save-steps, a stop signal),
+    replaced atomically; --resume continues at the next batch of the same data order, to the same
+    final weights as an uninterrupted run (bitwise on CPU)."""
+
+    def __init__(self, out, models, optimizer, scheduler, resume_with=None):
+        self.out, self.state_path = out, os.path.join(out, "checkpoint", "state.pt")
+        self.models, self.optimizer, self.scheduler = models, optimizer, scheduler
+        self.resume_with = resume_with or resume_command()   # the command that continues it
+        ACTIVE["resume_with"] = self.resume_with if has_checkpoint(out) else None
+
+    def save(self, epochs_done, step, in_epoch, run_options, world_size, is_master, **extra):
+        rngs = gather_rng(world_size)
+        if is_master:
+            save_state(self.state_path, dict(
+                {name: m.state_dict() if m is not None else None for name, m in self.models.items()},
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                rng=rngs, epoch=epochs_done, step=step, in_epoch=in_epoch, world_size=world_size,
+                args=run_options, **extra))
+            ACTIVE["resume_with"] = self.resume_with
+        if world_size > 1:
+            torch.distributed.barrier()
+
+    def restore(self, rank, world_size, is_master):
+        """Weights, optimiser, schedule and RNG of the last checkpoint -> its state dict (epoch,
+        step, in_epoch and the extras)."""
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        for name, model in self.models.items():
+            if model is not None:
+                model.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        state.setdefault("in_epoch", 0)               # checkpoints written before mid-epoch ones
+        if state["world_size"] == world_size:
+            set_rng_state(state["rng"][rank])
+        elif is_master:
+            print(f"note: checkpoint from {state['world_size']} processes, now {world_size}: "
+                  "RNG streams restart (weights will not match an uninterrupted run exactly)")
+        return state
+
+
+def save_state(path, state):
+    """torch.save under a temporary name, fsync, then one rename: never a half-written file, and
+    a failed write (full disk) leaves the previous checkpoint as it was and no temporary file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise OSError(e.errno, e.strerror, path) from None     # name the file
+        raise
+
+
+def read_log(path):
+    """The rows of a .jsonl log; a last line cut short (a full disk, a kill) is dropped."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                if line.strip():
+                    rows.append(json.loads(line))
+    return rows
+
+
+def truncate_log(path, key, last):
+    """Keep the rows of a .jsonl log with row[key] <= last (what a checkpoint had seen)."""
+    if os.path.exists(path):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                        for r in read_log(path) if r[key] <= last))
+
+
+def remove_checkpoint(out):
+    """--keep-checkpoint none: the run is complete; its checkpoint (ours) goes."""
+    shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
+
+
+def parse_save_steps(value):
+    """--save-steps: 'auto' (a checkpoint about every SAVE_MINUTES minutes), 0 (at epoch ends
+    only) or N optimiser steps."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise InputError(f"--save-steps must be 'auto' or a number of steps, got {value}") from None
+    if n < 0:
+        raise InputError(f"--save-steps must be 0 (epoch ends only) or more, got {n}")
+    return n
+
+
+class SaveClock:
+    """When to write a mid-epoch checkpoint: every N steps, or (auto) every SAVE_MINUTES."""
+
+    def __init__(self, save_steps):
+        self.save_steps, self.last = save_steps, time.time()
+
+    def due(self, step):
+        if self.save_steps == "auto":
+            return time.time() - self.last >= SAVE_MINUTES * 60
+        return bool(self.save_steps) and step % self.save_steps == 0
+
+    def saved(self):
+        self.last = time.time()
+
+
+# -------------------------------------------------------------------- signals
+class StopSignals:
+    """While `deferred`, a stop signal is noted, and the training loop ends its optimiser step,
+    saves and exits (`requested`); otherwise it raises Stopped at once. A second signal while
+    deferred (an impatient Ctrl-C) raises at once too: every write is atomic."""
+
+    def __init__(self):
+        self.signum, self.deferring, self.previous = None, False, {}
+
+    def __enter__(self):
+        """Install the handlers (main thread only: tests may call main() from another thread);
+        the previous ones come back on exit, so a caller in the same process keeps its own."""
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.deferring and self.signum is None:
+            self.signum = signum
+            return
+        raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield self
+        finally:
+            self.deferring = False
+
+    def agree(self, save_due, world_size, device):
+        """(signal number or 0, save now?) agreed by every rank: a signal reaching one rank stops
+        them all at the same step."""
+        flags = [float(self.signum or 0), float(save_due)]
+        if world_size > 1:
+            t = torch.tensor(flags, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flags = t.tolist()
+        return int(flags[0]), bool(flags[1])
+
+
+def resume_hint():
+    """For common.run_main: the command that continues this process's run, if it can be."""
+    return ACTIVE["resume_with"]
+
+
+def resume_command():
+    """The command that continues this run: this one with --resume (and without --overwrite)."""
+    if "RANK" in os.environ:
+        return "the same torchrun command with --resume"
+    argv = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    return shlex.join(["python", os.path.basename(sys.argv[0])] + argv + ["--resume"])
+
+
+def stop_after_save(signum, checkpoint, is_master):
+    """The one line after a signal's checkpoint, then exit 128 + signum."""
+    if is_master:
+        print(f"stopped by {signal.Signals(signum).name}: checkpoint {checkpoint.state_path} "
+              f"saved; to continue: {checkpoint.resume_with}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+def install_model_files(source, out):
+    """Move a saved model's files from `source` into the run directory `out`, config.json last:
+    until it lands the directory is not a loadable model, so a crash never leaves a half-written
+    one. `source` (ours, inside `out`) is removed."""
+    for name in sorted(os.listdir(source), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(source, name), os.path.join(out, name))
+    shutil.rmtree(source)
+
+
+class ProgressLines:
+    """A line every PROGRESS_EVERY_S seconds when stderr is not a terminal (nohup, sbatch), where
+    tqdm's bar is off: step, loss, windows/s, ETA."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled and not sys.stderr.isatty()
+        self.last = 0.0
+
+    def maybe(self, text_fn, final=False):
+        if self.enabled and (final or time.time() - self.last >= PROGRESS_EVERY_S):
+            self.last = time.time()
+            print(text_fn(), flush=True)
