@@ -463,16 +463,18 @@ def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device
     return metrics
 
 
-def _load_baseline(path):
-    """--baseline: a metrics.json, an evaluation directory holding one, or a model directory
-    (then None: it is evaluated like the model)."""
+def _load_baseline(path, option="--baseline"):
+    """--baseline (or --compare, named by `option` in errors): a metrics.json, an evaluation
+    directory holding one, or a model directory (then None: it is evaluated like the model)."""
     if os.path.isfile(path):
         return read_json(path)
     if os.path.isfile(os.path.join(path, "metrics.json")):
         return read_json(os.path.join(path, "metrics.json"))
     if os.path.isfile(os.path.join(path, "config.json")):
         return None
-    raise InputError(f"{path}: --baseline is neither a metrics.json, an evaluation directory "
+    if not os.path.exists(path):
+        raise InputError(f"{path}: {option}: not found")
+    raise InputError(f"{path}: {option} is neither a metrics.json, an evaluation directory "
                      "holding one, nor a model directory")
 
 
@@ -583,8 +585,9 @@ def compare_mode(args):
     """--compare EVAL ... [--baseline EVAL]: one summary.md with a row per model in every table
     (Tables 1-5), seed variance of runs that differ only in --seed, and significance.json: each
     model against the baseline (else against the first), paired bootstrap over instances."""
-    runs = [_compared(path) for path in args.compare]
-    baseline = _compared(args.baseline) if args.baseline else None
+    runs = [_compared(path, "--compare") for path in args.compare]
+    baseline = _compared(args.baseline, "--baseline") if args.baseline else None
+    runs, dropped = _distinct_evaluations(runs, baseline)
     _unique_names(([baseline] if baseline else []) + runs)
     pairs = [(baseline, r) for r in runs] if baseline else [(runs[0], r) for r in runs[1:]]
     comparisons = [] if args.bootstrap == 0 else \
@@ -598,6 +601,8 @@ def compare_mode(args):
         if alone:
             text += (f"\n- note: {b['name']} - {a['name']}: not compared on "
                      f"{', '.join(alone)} (evaluated for one of them only)\n")
+    text += "".join(f"\n- note: {path} is the --baseline; compared once, as the baseline\n"
+                    for path in dropped)
     text += report.seed_variance_markdown([(r["name"], r["metrics"], report.run_config(
         r["metrics"])) for r in shown])
     text += report.significance_markdown(comparisons)
@@ -675,15 +680,36 @@ def compare_two(a, b, gold, n_resamples, seed):
     return out
 
 
-def _compared(path):
-    """A --compare / --baseline input: {"name", "metrics", "dir"} (dir: the evaluation directory
-    holding predictions/, or None for a bare metrics.json elsewhere)."""
-    metrics = _load_baseline(path)
+def _compared(path, option):
+    """A --compare / --baseline input (`option`, named in errors): {"name", "metrics", "dir",
+    "path"} (dir: the evaluation directory holding predictions/)."""
+    metrics = _load_baseline(path, option)
     if metrics is None:
-        raise InputError(f"{path}: a model directory; evaluate it first (--model {path} "
-                         "--output-dir DIR) and compare DIR")
+        raise InputError(f"{path}: {option} got a model directory; evaluate it first (--model "
+                         f"{path} --output-dir DIR) and compare DIR")
     name = metrics.get("model") if isinstance(metrics.get("model"), str) else path
     return {"name": _model_name(name), "metrics": metrics, "dir": _eval_dir(path), "path": path}
+
+
+def _distinct_evaluations(runs, baseline):
+    """Duplicates are not seeds: the same evaluation given twice to --compare (the same path, its
+    metrics.json, a link) is refused; the --baseline met again among --compare (a glob such as
+    runs/*/eval) is left out there. Returns (runs, paths left out)."""
+    identity = lambda run: os.path.realpath(os.path.join(run["dir"], "metrics.json")) \
+        if os.path.isdir(run["path"]) else os.path.realpath(run["path"])  # noqa: E731
+    seen, kept, dropped = {}, [], []
+    base = identity(baseline) if baseline else None
+    for run in runs:
+        key = identity(run)
+        if key == base:
+            dropped.append(run["path"])
+            continue
+        if key in seen:
+            raise InputError(f"--compare: {seen[key]} and {run['path']} are the same evaluation "
+                             f"({key}); give each once (the same run twice is not two seeds)")
+        seen[key] = run["path"]
+        kept.append(run)
+    return kept, dropped
 
 
 def _eval_dir(path):

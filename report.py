@@ -452,16 +452,32 @@ def significance_markdown(comparisons):
     return "\n".join(out).rstrip() + "\n"
 
 
+def _same_model(metrics):
+    """The model directory an evaluation's metrics.json names, resolved (None when absent): two
+    evaluations of one model are one run, not two seeds."""
+    model = metrics.get("model") if isinstance(metrics, dict) else None
+    return os.path.realpath(model) if isinstance(model, str) else None
+
+
 def seed_variance_markdown(rows):
     """Compared models whose runs differ only in --seed (rows: (name, metrics, configuration
-    key or None)): mean±sd over the seeds and n of every average. Empty without such a group."""
-    groups = {}
+    key or None)): mean±sd over the seeds and, per column, n = the runs evaluated there. Two
+    evaluations of the same model directory count once (the first; a note says so): the same
+    run is not a second seed. Empty without a group of two runs or more."""
+    groups, first_of, repeats = {}, {}, []
     for name, metrics, config in rows:
-        if config is not None:
-            groups.setdefault(config, []).append((name, metrics))
+        if config is None:
+            continue
+        model = _same_model(metrics)
+        if model is not None and model in first_of:
+            repeats.append(f"{name} evaluates the same model as {first_of[model]} ({model}): "
+                           "counted once")
+            continue
+        first_of.setdefault(model, name)
+        groups.setdefault(config, []).append((name, metrics))
     groups = [g for g in groups.values() if len(g) > 1]
     if not groups:
-        return ""
+        return "".join(f"\n- note: {r}\n" for r in repeats)
     columns = [(s, key) for s in ("mlqa-dev", "mlqa-test") for key in ("gxlt", "xlt")
                if any(s in m for g in groups for _, m in g)]
     columns += [(s, "xlt") for s in ("xquad", "tydiqa") if any(s in m for g in groups for _, m in g)]
@@ -479,15 +495,18 @@ def seed_variance_markdown(rows):
         for split, key in columns:
             stats = [[v for v in (mean_of(m, split, key, metric) for _, m in g) if v is not None]
                      for metric in METRICS]
+            n = max(len(v) for v in stats)     # the runs evaluated on this split
             cells.append("/".join(f"{seed_summary(v)['mean']:.1f}±{seed_summary(v)['std']:.1f}"
-                                  if len(v) > 1 else "-" for v in stats))
+                                  if len(v) > 1 else "-" for v in stats) + f" (n={n})")
         table.append([", ".join(name for name, _ in g), len(g)] + cells)
-    header = ["runs (same configuration, other seeds)", "n"] + [
+    header = ["runs (same configuration, other seeds)", "runs"] + [
         f"{_split_title(s)} {'G-XLT' if k == 'gxlt' else 'XLT'}" for s, k in columns]
     return "\n".join(["", "## Seed variance: mean±sd over runs that differ only in --seed", "",
-                      "sd: the sample standard deviation (n - 1). A difference between two "
-                      "configurations smaller than a few sd of either is within seed noise.", "",
-                      _table(header, table), ""])
+                      "sd: the sample standard deviation (n - 1); n: the runs evaluated on that "
+                      "data (sd needs two). A difference between two configurations smaller "
+                      "than a few sd of either is within seed noise.", "",
+                      _table(header, table), ""] + [f"- note: {r}" for r in repeats] +
+                     [""] * bool(repeats))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +588,8 @@ def load_run(run_dir):
         selection += f" ({metrics['epoch']})"
     return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "mode": mode,
             "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
-            "config": _config_key(args), "metrics": metrics}
+            "config": _config_key(args), "metrics": metrics,
+            "run": os.path.realpath(os.path.dirname(os.path.abspath(args_path)))}
 
 
 def _config_key(args):
@@ -623,12 +643,15 @@ def _group_stat(group, split, key, metric):
 
 
 def _fmt_seeds(group, split, key):
-    """'F1/EM' of a group; with several seeds 'mean±sd' each (n is its own column)."""
+    """'F1/EM' of a group; with several seeds 'mean±sd' each (the seeds are their own column;
+    '(n=K)' when only K of them were evaluated on this split)."""
     stats = [_group_stat(group, split, key, m) for m in METRICS]
     if all(st is None for st in stats):
         return "-"
+    n = max(st["n"] for st in stats if st is not None)
     return "/".join("-" if st is None else f"{st['mean']:.1f}" +
-                    ("" if st["std"] is None else f"±{st['std']:.1f}") for st in stats)
+                    ("" if st["std"] is None else f"±{st['std']:.1f}") for st in stats) + \
+        (f" (n={n})" if n < len(group) else "")
 
 
 def sweep_markdown(runs):
@@ -737,6 +760,12 @@ def sweep_report(run_dirs, out_dir, fig5_t=None):
     if not run_dirs:
         raise InputError("--sweep: give at least one run directory")
     runs = [load_run(d) for d in run_dirs]
+    seen = {}
+    for r in runs:    # one run given twice (runs/X and runs/X/eval, a link) is not two seeds
+        if r["run"] in seen:
+            raise InputError(f"--sweep: {seen[r['run']]} and {r['dir']} are the same run "
+                             f"({r['run']}); give each run once")
+        seen[r["run"]] = r["dir"]
     text = sweep_markdown(runs)
     paths = [os.path.join(out_dir, "sweep.md")]
     atomic_write_text(paths[0], text)

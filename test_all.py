@@ -2713,9 +2713,10 @@ def test_eval_compare_writes_significance_and_marks_summary(eval_env, tmp_path, 
     assert "| en | +100.0* | +0.0 |" in summary          # the starred pair of the F1 matrix
     for name in ("fig3_mlqa_f1_diff_model-b.png", "fig9_mlqa_em_diff_model-b.png"):
         assert os.path.getsize(out / name) > 1000
-    # the same evaluation twice: no difference anywhere
-    same = tmp_path / "same"
-    _eval_main(["--compare", a, a, "--output-dir", str(same), "--bootstrap", "500"])
+    # identical predictions (a copy of an evaluation): no difference anywhere
+    same, copy = tmp_path / "same", str(tmp_path / "a-copy")
+    shutil.copytree(a, copy)
+    _eval_main(["--compare", a, copy, "--output-dir", str(same), "--bootstrap", "500"])
     (c,) = json.loads((same / "significance.json").read_text())["comparisons"]
     for metric in ("f1", "exact_match"):
         for r in [c["mlqa-dev"][metric]["gxlt"], c["mlqa-dev"][metric]["xlt"],
@@ -2765,6 +2766,82 @@ def test_eval_compare_groups_runs_that_differ_only_in_seed(eval_env, tmp_path, c
     # G-XLT F1 per seed: 100/49, 200/49, 0 -> mean 2.04, sd 2.04
     assert "| run-s1, run-s2, run-s3 | 3 | 2.0±2.0/" in section
     assert len(json.loads((tmp_path / "o" / "significance.json").read_text())["comparisons"]) == 2
+
+
+def test_eval_compare_missing_input_blames_its_own_option(eval_env, tmp_path, capsys):
+    """Issue 16 item 7: a --compare path that does not exist is blamed on --compare (it used
+    to say --baseline), a --baseline one on --baseline; one line, exit 2."""
+    a = _eval_fake_eval_dir(tmp_path, "a", eval_env)
+    missing = str(tmp_path / "nonexist" / "eval")
+    for argv, option in ((["--compare", missing, a], "--compare"),
+                         (["--compare", a, "--baseline", missing], "--baseline")):
+        with pytest.raises(SystemExit) as e:
+            _eval_main([*argv, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{missing}: {option}: not found" in err
+        other = {"--compare": "--baseline", "--baseline": "--compare"}[option]
+        assert other not in err
+    # a model directory given to --compare names --compare too
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        _eval_main(["--compare", a, str(tmp_path / "model"), "--output-dir", str(tmp_path / "o")])
+    assert "--compare got a model directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_compare_duplicates_are_not_seeds(eval_env, tmp_path, capsys):
+    """Issue 16 item 8: the same evaluation twice (same path, its metrics.json, a link) is a
+    user error; the --baseline met again among --compare (a glob) is compared once; the same
+    model evaluated into two directories is two rows but one run in the seed table."""
+    runs, evals = {}, {}
+    for seed, answered in ((1, ("en-en",)), (2, ("en-en", "de-de"))):
+        runs[seed] = tmp_path / f"run-s{seed}"
+        runs[seed].mkdir()
+        (runs[seed] / "args.json").write_text(json.dumps({"ntl": 5, "t": 2.0, "seed": seed}))
+        evals[seed] = _eval_fake_eval_dir(tmp_path, f"eval-s{seed}", eval_env, answered,
+                                          str(runs[seed]))
+    os.symlink(evals[1], tmp_path / "link")
+    for dup in (evals[1], os.path.join(evals[1], "metrics.json"), str(tmp_path / "link"),
+                evals[1] + os.sep):
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--compare", evals[1], evals[2], dup, "--output-dir",
+                        str(tmp_path / "o"), "--bootstrap", "0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "same evaluation" in err and "--compare" in err
+        assert not (tmp_path / "o").exists()
+    # seed 1's model evaluated again elsewhere: a row of its own, but not a third seed
+    again = _eval_fake_eval_dir(tmp_path, "eval-s1-again", eval_env, ("en-en",), str(runs[1]))
+    _eval_main(["--compare", evals[1], evals[2], again, "--output-dir", str(tmp_path / "o"),
+                "--bootstrap", "0"])
+    text = capsys.readouterr().out
+    section = text.split("## Seed variance")[1]
+    # G-XLT F1 100/49 and 200/49: mean 3.06, sd 1.44 over n=2 (three values: 2.7±1.2, n=3)
+    assert "| run-s1, run-s2 | 2 | 3.1±1.4/" in section and "(n=2)" in section
+    assert "run-s1 (2) evaluates the same model as run-s1" in section
+    assert "(n=3)" not in section
+    # the baseline inside the --compare list: compared once
+    _eval_main(["--compare", evals[1], evals[2], "--baseline", evals[1], "--output-dir",
+                str(tmp_path / "o2"), "--bootstrap", "200"])
+    text = capsys.readouterr().out
+    comparisons = json.loads((tmp_path / "o2" / "significance.json").read_text())["comparisons"]
+    assert [(c["a"], c["b"]) for c in comparisons] == [("run-s1", "run-s2")]
+    assert f"{evals[1]} is the --baseline; compared once" in text
+
+
+def test_eval_sweep_refuses_the_same_run_twice(tmp_path, capsys):
+    """Issue 16 item 8 in --sweep: a run given twice (or through a link) is not two seeds."""
+    runs = _eval_sweep_dirs(tmp_path)
+    os.symlink(runs[0], tmp_path / "link")
+    for dup in (runs[0], str(tmp_path / "link")):
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", *runs, dup, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "are the same run" in err and "--sweep" in err
+        assert not (tmp_path / "o").exists()
 
 
 def test_eval_question_mode_answers_through_predict(eval_env, capsys, tmp_path):
