@@ -154,16 +154,31 @@ def _questions(examples_or_dataset, name):
             yield item, item["id"]
 
 
+UNANSWERED_SHOWN = 5  # unanswered questions named on stderr one by one; the rest are counted
+
+
+def report_unanswered_questions(ids, total, name="dataset"):
+    """The official scripts' "Unanswered question ID will receive score 0." lines on stderr, for
+    the first UNANSWERED_SHOWN ids only, then one line with the count (a predictions file that
+    covers 100 of 1,190 ids would print 1,090 lines)."""
+    for qid in ids[:UNANSWERED_SHOWN]:
+        print(f"Unanswered question {qid} will receive score 0.", file=sys.stderr)
+    if len(ids) > UNANSWERED_SHOWN:
+        print(f"... and {len(ids) - UNANSWERED_SHOWN} more: {len(ids)} of {total} questions of "
+              f"{name} unanswered, each scored 0", file=sys.stderr)
+
+
 def question_scores(examples_or_dataset, predictions, lang, report_unanswered=True,
                     name="dataset"):
     """(id, EM, F1) of every question in file order, each in 0..1 (the max over its gold
-    answers); an unanswered question scores (0, 0) and, with report_unanswered, is named on
-    stderr like the official scripts."""
+    answers); an unanswered question scores (0, 0) and, with report_unanswered, is reported on
+    stderr like the official scripts (the first few by id, then a count)."""
     _check_lang(lang)
+    unanswered, total = [], 0
     for qa, qid in _questions(examples_or_dataset, name):
+        total += 1
         if qid not in predictions:
-            if report_unanswered:
-                print(f"Unanswered question {qid} will receive score 0.", file=sys.stderr)
+            unanswered.append(qid)
             yield qid, 0.0, 0.0
             continue
         prediction = predictions[qid]
@@ -176,6 +191,8 @@ def question_scores(examples_or_dataset, predictions, lang, report_unanswered=Tr
             raise InputError(f"{name}: question '{qid}' has no gold answers")
         yield (qid, max(exact_match_score(prediction, g, lang) for g in golds),
                max(f1_score(prediction, g, lang) for g in golds))
+    if report_unanswered:
+        report_unanswered_questions(unanswered, total, name)
 
 
 def evaluate_predictions(examples_or_dataset, predictions, lang, report_unanswered=True,

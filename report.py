@@ -117,33 +117,35 @@ def save_figure(fig, path):
 
 def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
                    xlabel="context language", ylabel="question language", diverging=False,
-                   fmt="{:.1f}", suptitle=None, marks=None):
+                   fmt="{:.1f}", suptitle=None, marks=None, cbar_label="score"):
     """One PNG with one annotated heat map per panel, side by side.
 
-    panels: list of (title, 2-D array); NaN cells stay blank. Each panel has its own colour range
-    (the paper's Fig. 6: "minimum and maximum values are relative to each figure"); with
-    diverging, the range is symmetric around 0 (red = worse, green = better: Fig. 3 and 9).
-    marks: per panel a set of (row, column) cells to dot (a difference whose CI excludes 0).
+    panels: list of (title, 2-D array); NaN cells stay blank. One colour scale for the whole
+    figure, shared by all its panels (dev and test side by side are comparable; the paper's
+    Fig. 6: "minimum and maximum values are relative to each figure"), shown by one colour bar
+    labelled `cbar_label`; with diverging, the range is symmetric around 0 (red = worse, green =
+    better: Fig. 3 and 9). marks: per panel a set of (row, column) cells to dot (a difference
+    whose CI excludes 0).
     """
     plt = pyplot()
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(FIGSIZE[0] * n, FIGSIZE[1]), dpi=DPI, squeeze=False)
-    for p, (ax, (title, matrix)) in enumerate(zip(axes[0], panels)):
-        matrix = np.asarray(matrix, dtype=float)
-        finite = matrix[np.isfinite(matrix)]
-        if diverging:
-            bound = float(np.abs(finite).max()) if finite.size else 1.0
-            bound = bound or 1.0
-            vmin, vmax, cmap = -bound, bound, "RdYlGn"
-        else:
-            vmin = float(finite.min()) if finite.size else 0.0
-            vmax = float(finite.max()) if finite.size else 1.0
-            if vmax == vmin:
-                vmax = vmin + 1.0
-            cmap = "viridis"
+    matrices = [np.asarray(matrix, dtype=float) for _, matrix in panels]
+    finite = np.concatenate([m[np.isfinite(m)] for m in matrices]) if matrices else np.array([])
+    if diverging:
+        bound = float(np.abs(finite).max()) if finite.size else 1.0
+        bound = bound or 1.0
+        vmin, vmax, cmap = -bound, bound, "RdYlGn"
+    else:
+        vmin = float(finite.min()) if finite.size else 0.0
+        vmax = float(finite.max()) if finite.size else 1.0
+        if vmax == vmin:
+            vmax = vmin + 1.0
+        cmap = "viridis"
+    fig, axes = plt.subplots(1, n, figsize=(FIGSIZE[0] * n, FIGSIZE[1]), dpi=DPI, squeeze=False,
+                             layout="constrained")
+    for p, (ax, (title, _), matrix) in enumerate(zip(axes[0], panels, matrices)):
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax,
                           aspect="auto")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         ax.set_xticks(range(len(col_labels)), [str(x) for x in col_labels])
         ax.set_yticks(range(len(row_labels)), [str(x) for x in row_labels])
         ax.set_xlabel(xlabel)
@@ -164,15 +166,17 @@ def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
                                           label="95% CI of the difference excludes 0 (paired "
                                                 "bootstrap)")],
                       loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, fontsize=7)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.046 / n, pad=0.02, label=cbar_label)
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
 def alpha_figure(rows, path):
     """Fig. 4 / Fig. 7: alpha per optimisation step (distill.py's train_log.jsonl rows), a dashed
-    line at each epoch boundary. Returns False (nothing drawn) for a run without alpha."""
+    line at each epoch boundary. Returns False (nothing drawn) for a run without alpha. Only for
+    --map-k runs: plain skd logs its constant a_kl = 1 as alpha, which is no mAP@k (the caller
+    knows the mode; the log rows do not)."""
     rows = [r for r in rows if r.get("alpha") is not None]
     if not rows:
         return False
@@ -206,7 +210,8 @@ def pair_heatmaps(metrics, out_dir, splits=("mlqa-dev", "mlqa-test"), name=""):
     for metric, fig, stem in (("f1", "fig1", "f1"), ("exact_match", "fig8", "em")):
         panels = [(f"{_split_title(s)} {METRICS[metric]}" + (f" ({name})" if name else ""),
                    pair_matrix(metrics[s]["pairs"], metric)) for s in present]
-        paths.append(heatmap_figure(panels, os.path.join(out_dir, f"{fig}_mlqa_{stem}.png")))
+        paths.append(heatmap_figure(panels, os.path.join(out_dir, f"{fig}_mlqa_{stem}.png"),
+                                    cbar_label=f"{METRICS[metric]} (0-100)"))
     return paths
 
 
@@ -235,7 +240,9 @@ def difference_heatmaps(metrics, baseline, out_dir, splits=("mlqa-dev", "mlqa-te
              for k in marks.get(s, {}).get(metric, ())} for s in present]
         paths.append(heatmap_figure(panels, os.path.join(out_dir,
                                                          f"{fig}_mlqa_{stem}_diff{suffix}.png"),
-                                    diverging=True, fmt="{:+.1f}", marks=cells))
+                                    diverging=True, fmt="{:+.1f}", marks=cells,
+                                    cbar_label=f"{METRICS[metric]} difference, {name} - "
+                                               f"{baseline_name}"))
     return paths
 
 
@@ -778,5 +785,6 @@ def sweep_report(run_dirs, out_dir, fig5_t=None):
                 [(f"MLQA-dev G-XLT {METRICS[metric]}, {mode}", m)],
                 os.path.join(out_dir, f"{fig}_t_ntl_{stem}_{mode}.png"),
                 row_labels=[f"{t:g}" for t in ts], col_labels=ntls,
-                xlabel="number of target languages ntl", ylabel="temperature t"))
+                xlabel="number of target languages ntl", ylabel="temperature t",
+                cbar_label=f"MLQA-dev G-XLT {METRICS[metric]}"))
     return text, paths

@@ -2092,6 +2092,18 @@ def test_distill_ce_only_runs_no_teacher(tmp_path):
     assert _distill_state(out)["teacher"] is None
 
 
+def test_distill_plain_skd_writes_no_alpha_figure(tmp_path):
+    """Issue 16 item 9: without --map-k, a_kl = 1 throughout; alpha.png would be a flat line
+    titled "mAP@k coefficient", so it is not written (the --map-k run's is: see above)."""
+    out = str(tmp_path / "skd")
+    argv = [a for a in DISTILL_TINY if a != "--map-k"]
+    assert _distill_main(argv + ["--epochs", "1", "--output-dir", out])[0] == 0
+    rows = distill.read_log(os.path.join(out, "train_log.jsonl"))
+    assert rows and all(r["alpha"] == 1.0 for r in rows)    # what the figure would have shown
+    assert os.path.isfile(os.path.join(out, "config.json"))
+    assert not os.path.exists(os.path.join(out, "alpha.png"))
+
+
 def test_distill_two_process_gloo(tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -2371,7 +2383,9 @@ def test_score_matches_reference_on_random_predictions(lang, capsys):
     flat = evaluate_mlqa.evaluate_predictions(examples, predictions, lang, report_unanswered=False)
     assert flat == ours
     unanswered = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(unanswered) == len(examples) - len(predictions)
+    missing = len(examples) - len(predictions)
+    shown = min(missing, evaluate_mlqa.UNANSWERED_SHOWN)
+    assert len(unanswered) == shown + (missing > shown)      # a few by id, then the count
     assert unanswered[0].startswith("Unanswered question ") and unanswered[0].endswith(
         " will receive score 0.")
 
@@ -2415,7 +2429,31 @@ def test_score_cli_drop_in_matches_reference(lang, tmp_path):
     ref = ref_evaluate(dataset["data"], predictions, lang)
     assert abs(scores["exact_match"] - ref["exact_match"]) < 1e-9
     assert abs(scores["f1"] - ref["f1"]) < 1e-9
-    assert proc.stderr.count("Unanswered question") == len(examples) - len(predictions)
+    missing = len(examples) - len(predictions)
+    assert proc.stderr.count("Unanswered question") == min(missing, evaluate_mlqa.UNANSWERED_SHOWN)
+    if missing > evaluate_mlqa.UNANSWERED_SHOWN:
+        assert f"{missing} of {len(examples)} questions" in proc.stderr
+
+
+def test_score_cli_many_unanswered_prints_a_few_and_a_count(tmp_path):
+    """Issue 16 item 9: predictions for 100 of XQuAD's 1,190 ids printed 1,090 stderr lines;
+    now the first few ids and one count line, stdout the official JSON line unchanged."""
+    dataset_file = os.path.join(XQUAD_DIR, "xquad.en.json")
+    examples = common.load_squad_examples(dataset_file)
+    assert len(examples) == 1190
+    predictions = {ex["id"]: ex["answers"][0]["text"] for ex in examples[:100]}
+    pred_file = tmp_path / "pred.json"
+    pred_file.write_text(json.dumps(predictions), encoding="utf-8")
+    proc = run_script("evaluate_mlqa.py", dataset_file, str(pred_file), "en")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"exact_match": 100 * 100 / 1190, "f1": 100 * 100 / 1190}
+    assert proc.stdout.count("\n") == 1
+    err = proc.stderr.strip().splitlines()
+    shown = evaluate_mlqa.UNANSWERED_SHOWN
+    assert len(err) == shown + 1
+    assert err[:shown] == [f"Unanswered question {ex['id']} will receive score 0."
+                           for ex in examples[100:100 + shown]]
+    assert f"1090 of 1190 questions of {dataset_file} unanswered" in err[-1]
 
 
 def _write(path, text):
@@ -3451,6 +3489,36 @@ def test_report_sweep_fig5_temperature_choice(tmp_path):
     assert all(r["t"] is None for r in runs if r["mode"] == "ce")
     path = report.ntl_figure(runs, str(tmp_path / "f.png"), t=1.0)
     assert _eval_png_size(path)[0] == 2 * int(report.FIGSIZE[0] * report.DPI)
+
+
+def test_report_heatmaps_share_one_labelled_colour_scale_per_figure(monkeypatch, tmp_path):
+    """Issue 16 item 9: dev and test side by side are comparable: one colour range for all
+    panels of a figure (each panel used to get its own), one colour bar, labelled."""
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    dev = {k: dict(v, f1=v["f1"] - 20) for k, v in _eval_fake_pairs().items()}   # a lower range
+    metrics = {"mlqa-dev": {"pairs": dev}, "mlqa-test": {"pairs": _eval_fake_pairs(1)}}
+    report.pair_heatmaps(metrics, str(tmp_path))
+    baseline = {s: {"pairs": _eval_fake_pairs(-5)} for s in metrics}
+    report.difference_heatmaps(metrics, baseline, str(tmp_path), name="B", baseline_name="A")
+    for fig, metric, label in zip(figures, ["f1", "exact_match"] * 2,
+                                  ["F1 (0-100)", "EM (0-100)", "F1 difference, B - A",
+                                   "EM difference, B - A"]):
+        panels = [ax for ax in fig.axes if ax.images]
+        bars = [ax for ax in fig.axes if not ax.images]
+        assert len(panels) == 2 and len(bars) == 1
+        assert bars[0].get_ylabel() == label
+        norms = {(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in panels}
+        assert len(norms) == 1                                   # one scale for both panels
+        (vmin, vmax), = norms
+        values = np.concatenate([np.asarray(ax.images[0].get_array()).ravel() for ax in panels])
+        if "difference" in label:
+            assert vmin == -vmax == -np.abs(values).max()
+        else:
+            assert (vmin, vmax) == (values.min(), values.max())
+            own = [(float(np.min(ax.images[0].get_array())), float(np.max(ax.images[0].get_array())))
+                   for ax in panels]
+            assert own[0] != own[1]                               # the panels' own ranges differ
 
 
 def test_report_difference_heatmap_marks_significant_cells_with_a_legend(monkeypatch, tmp_path):
