@@ -682,11 +682,21 @@ def compare_two(a, b, gold, n_resamples, seed):
                   for side, run in (("a", a), ("b", b))}
         aggregates = _aggregates(group, list(pairs))
         out[group] = {}
-        for m, metric in enumerate(("f1", "exact_match")):
-            cells = significance.align_cells(
-                *({key: {qid: v[m] for qid, v in scores[side][key].items()} for key in pairs}
-                  for side in ("a", "b")))
-            result = significance.bootstrap_differences(cells, aggregates, n_resamples, seed)
+        metrics = ("f1", "exact_match")
+        aligned = {metric: significance.align_cells(
+            *({key: {qid: v[m] for qid, v in scores[side][key].items()} for key in pairs}
+              for side in ("a", "b"))) for m, metric in enumerate(metrics)}
+        # F1 and EM in one pass: the same resamples (draws of instances) for both
+        both = significance.bootstrap_differences(
+            {f"{metric}:{key}": cell for metric in metrics
+             for key, cell in aligned[metric].items()},
+            {f"{metric}:{name}": [f"{metric}:{k}" for k in members]
+             for metric in metrics for name, members in aggregates.items() if members},
+            n_resamples, seed)
+        for metric in metrics:
+            cells = aligned[metric]
+            result = {name.split(":", 1)[1]: r for name, r in both.items()
+                      if name.startswith(metric + ":")}
             for name, members in aggregates.items():
                 if members:
                     result[name]["wilcoxon_p"] = significance.wilcoxon_p(
@@ -829,7 +839,9 @@ def _write_significance(out_dir, comparisons, args):
     if comparisons:
         atomic_write_json(os.path.join(out_dir, "significance.json"), {
             "method": {"test": "paired bootstrap over instances (ids shared across pairs), "
-                               "percentile interval, null-centred two-sided p",
+                               "percentile interval, two-sided p of the same percentile "
+                               "distribution (p < 1 - confidence iff the interval excludes 0; "
+                               "floored at 1/resamples)",
                        "resamples": args.bootstrap, "seed": args.bootstrap_seed,
                        "confidence": significance.CONFIDENCE,
                        "wilcoxon": "scipy.stats.wilcoxon on per-example differences, XLT "

@@ -413,8 +413,15 @@ def _other_datasets_section(runs):
     return ["## Other data sets, F1/EM", "", _table(["model", "data set", "F1/EM", "n"], rows), ""]
 
 
-def _p(p):
-    return "-" if p is None else (f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}")
+def _p(p, resamples=None):
+    """A p-value for the tables; at the bootstrap's floor 1/N (N resamples) "< 1/N", e.g.
+    "< 1e-4": the resamples cannot tell a smaller p."""
+    if p is None:
+        return "-"
+    if resamples and p <= 1 / resamples:
+        return f"< {1 / resamples:.0e}".replace("e-0", "e-") if resamples >= 1000 else \
+            f"< 1/{resamples}"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def _signed(x):
@@ -430,7 +437,9 @@ def significance_markdown(comparisons):
     out = ["", "## Is the difference real? B - A with its 95% confidence interval", "",
            "Paired bootstrap over instances (an MLQA instance's pairs, and an XQuAD question's "
            "languages, are resampled together, so their correlation is kept): the difference of "
-           "the means the tables report, its 95% percentile interval and a two-sided p-value. "
+           "the means the tables report, its 95% percentile interval and the two-sided p-value "
+           "of that same interval (p < 0.05 exactly when the 95% interval excludes 0; "
+           "\"< 1e-4\": beyond the resolution of the resamples). "
            "Wilcoxon p: the authors' signed-rank test on per-example differences (XLT pairs "
            "selected before the test), for comparability only: it counts the correlated pairs "
            "of an instance as independent examples. Per-pair p-values are not corrected for "
@@ -444,7 +453,8 @@ def significance_markdown(comparisons):
                     r = c[group][metric][key]
                     rows.append([_split_title(group), labels[key], METRICS[metric],
                         f"{r['mean_a']:.1f}", f"{r['mean_b']:.1f}", _signed(r["diff"]),
-                        f"[{_signed(r['ci'][0])}, {_signed(r['ci'][1])}]", _p(r["p"]),
+                        f"[{_signed(r['ci'][0])}, {_signed(r['ci'][1])}]",
+                        _p(r["p"], r.get("resamples")),
                         _p(r.get("wilcoxon_p"))])
         out += [f"### {c['b']} (B) - {c['a']} (A)", "",
                 _table(["data", "mean", "metric", "A", "B", "B - A", "95% CI", "p", "Wilcoxon p"],

@@ -2882,6 +2882,32 @@ def test_eval_sweep_refuses_the_same_run_twice(tmp_path, capsys):
         assert not (tmp_path / "o").exists()
 
 
+def test_eval_compare_two_draws_the_resamples_once_for_f1_and_em(eval_env, tmp_path,
+                                                                   monkeypatch):
+    """Issue 16 item 10: compare_two resamples the instances once for both metrics (it drew
+    them twice); the results equal two separate bootstraps with the same seed."""
+    a = _eval_fake_eval_dir(tmp_path, "a", eval_env)
+    b = _eval_fake_eval_dir(tmp_path, "b", eval_env, answer_pairs=("en-en", "de-es"))
+    args = evaluate_mlqa.parse_args(["--compare", a, b, "--output-dir", "x"])[0]
+    runs = [evaluate_mlqa._compared(p, "--compare") for p in (a, b)]
+    gold = evaluate_mlqa._gold_for(*runs, args)
+    calls = []
+    real = sig._draw_counts
+    monkeypatch.setattr(sig, "_draw_counts", lambda *x: calls.append(x) or real(*x))
+    result = evaluate_mlqa.compare_two(*runs, gold, 300, 4)
+    assert len(calls) == 1                        # one chunk of 300 resamples, F1 and EM alike
+    for m, metric in enumerate(("f1", "exact_match")):
+        scores = [{key: {qid: v[m] for qid, v in evaluate_mlqa.example_scores(
+            exs, run["predictions"]["mlqa-dev"][key], lang).items()}
+            for key, (exs, lang) in gold["mlqa-dev"].items()} for run in runs]
+        alone = sig.bootstrap_differences(sig.align_cells(*scores), evaluate_mlqa._aggregates(
+            "mlqa-dev", list(gold["mlqa-dev"])), 300, 4)
+        got = result["mlqa-dev"][metric]
+        for key in ("en-en", "de-es", "zh-vi"):
+            assert got["pairs"][key] == alone[key]
+        assert {k: v for k, v in got["gxlt"].items() if k != "wilcoxon_p"} == alone["gxlt"]
+
+
 def test_eval_question_mode_answers_through_predict(eval_env, capsys, tmp_path):
     """--model DIR --question Q --context C: the answer train_qa.predict gives, and its score
     p_start * p_end under the window's Eq. 1 softmax (checked by hand from qa_logits)."""
@@ -2993,22 +3019,33 @@ def test_eval_feature_cache_gives_the_same_predictions(eval_env):
 # ==================================================================================================
 
 
-def mlqa_sized_fixture(n_units=12_000, n_examples=41_000, seed=1):
-    """49 pair cells over shared instance ids, ~n_examples examples in all; B beats A on ~10%."""
+def mlqa_sized_fixture(n_units=11_600, seed=1):
+    """MLQA-test-shaped cells: every unit (instance) has English plus Binomial(6, 0.44) other
+    languages (bench.MLQA_OTHER_LANGUAGES) and one example in each of the k^2 pair cells of its k
+    languages (~14.7 examples per unit); an instance's difficulty is shared by its pairs (they
+    are correlated, as in MLQA); B beats A on ~10% of the examples."""
     rng = np.random.default_rng(seed)
+    members = {key: [] for key in (f"{q}-{c}" for q in LANGS7 for c in LANGS7)}
+    for u in range(n_units):
+        langs = ["en"] + list(rng.choice(LANGS7[1:], size=rng.binomial(*bench.MLQA_OTHER_LANGUAGES),
+                                         replace=False))
+        easy = rng.beta(1.1, 0.9)
+        for q, c in itertools.product(langs, langs):
+            members[f"{q}-{c}"].append((u, easy))
     cells = {}
-    for q, c in itertools.product(LANGS7, LANGS7):
-        ids = np.flatnonzero(rng.random(n_units) < n_examples / 49 / n_units)
-        a = rng.choice([0.0, 50.0, 100.0], size=len(ids))
-        b = np.where(rng.random(len(ids)) < 0.1, 100.0, a)
-        cells[f"{q}-{c}"] = ([f"q{i}" for i in ids], a, b)
+    for key, rows in members.items():
+        units = np.array([u for u, _ in rows], dtype=int)
+        easy = np.array([e for _, e in rows])
+        a = np.where(rng.random(len(rows)) < easy, 100.0, rng.choice([0.0, 50.0], size=len(rows)))
+        b = np.where(rng.random(len(rows)) < 0.1, 100.0, a)
+        cells[key] = ([f"q{i}" for i in units], a, b)
     aggregates = {"g_xlt": list(cells), "xlt": [f"{l}-{l}" for l in LANGS7]}
     return cells, aggregates
 
 
 # The observed difference, p and interval
 def test_significance_identical_predictions_give_zero_difference_p_one_and_zero_interval():
-    cells, aggregates = mlqa_sized_fixture(n_units=300, n_examples=2000)
+    cells, aggregates = mlqa_sized_fixture(n_units=300)
     cells = {name: (units, a, a.copy()) for name, (units, a, _) in cells.items()}
     results = sig.bootstrap_differences(cells, aggregates, n_resamples=500)
     assert set(results) == set(cells) | set(aggregates)
@@ -3053,7 +3090,7 @@ def test_significance_the_sign_follows_b_minus_a():
 
 
 def test_significance_deterministic_for_a_seed_and_different_across_seeds():
-    cells, aggregates = mlqa_sized_fixture(n_units=500, n_examples=3000)
+    cells, aggregates = mlqa_sized_fixture(n_units=500)
     first = sig.bootstrap_differences(cells, aggregates, n_resamples=1000, seed=7)
     again = sig.bootstrap_differences(cells, aggregates, n_resamples=1000, seed=7)
     other = sig.bootstrap_differences(cells, aggregates, n_resamples=1000, seed=8)
@@ -3118,17 +3155,80 @@ def test_significance_interval_and_p_come_from_the_resampled_distribution():
                    [100, 0, 100, 100, 0, 50, 100])}
     observed, boot = sig.resample_differences(cells, n_resamples=3000, seed=5)
     r = sig.bootstrap_differences(cells, n_resamples=3000, seed=5, confidence=0.9)["x"]
-    d = observed["x"]
     assert r["ci"] == pytest.approx(list(np.quantile(boot["x"], [0.05, 0.95])))
-    assert r["p"] == pytest.approx((1 + np.sum(np.abs(boot["x"] - d) >= abs(d))) / 3001)
+    # p: the level at which the percentile interval reaches 0, ~ twice the share of resamples at
+    # or below 0 here (d > 0), up to the interpolation between two neighbouring resamples
+    share = np.mean(boot["x"] <= 1e-9)
+    assert observed["x"] > 0 and 0.01 < share < 0.5
+    assert abs(r["p"] - 2 * share) <= 2 / 2999 + 1e-12
+    assert r["resamples"] == 3000
 
 
-def test_significance_a_resample_on_the_p_value_boundary_counts_despite_rounding():
-    d = 0.1 * 3                   # 0.30000000000000004; a resample of 0.6 = 2d lies on the
-                                  # boundary |d* - d| = |d|
-    assert abs(0.6 - d) < abs(d)  # ... but rounding puts it just inside
-    _, p = sig._interval_and_p(d, np.array([0.6, 0.35]), 0.95)
-    assert p == pytest.approx((1 + 1) / 3)
+def _p_by_bisection(resampled):
+    """The smallest two-sided level a at which np.quantile's (1 - a) percentile interval
+    excludes 0, found plainly by bisection on np.quantile itself."""
+    excludes = lambda a: (np.quantile(resampled, a / 2) > 0 or  # noqa: E731
+                          np.quantile(resampled, 1 - a / 2) < 0)
+    if not excludes(1.0):
+        return 1.0
+    low, high = 0.0, 1.0                                  # excludes(high) holds
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (low, mid) if excludes(mid) else (mid, high)
+    return high
+
+
+def test_significance_p_below_a_level_iff_that_interval_excludes_zero_in_random_cases():
+    """Issue 16 item 10: the p-value and the interval are one construction: over many random
+    comparisons (discrete scores with ties, identical models, tiny and larger cells, aggregates,
+    random levels), p < 1 - confidence exactly when the percentile interval excludes 0, and p
+    is the smallest level at which it does (bisection on np.quantile)."""
+    rng = np.random.default_rng(16)
+    checked = disagree_before = 0
+    for case in range(250):
+        n_units = int(rng.integers(2, 40))
+        cells = {}
+        for c in range(int(rng.integers(1, 4))):
+            units = rng.integers(0, n_units, size=int(rng.integers(1, 3 * n_units)))
+            a = rng.choice([0.0, 50.0, 100.0, 100 / 3], size=len(units))
+            flip = rng.random(len(units)) < rng.uniform(0, 0.6)
+            b = np.where(flip, rng.choice([0.0, 100.0, 200 / 3], size=len(units)), a)
+            cells[f"c{c}"] = (units.tolist(), a, a.copy() if case % 10 == 0 else b)
+        aggregates = {"all": list(cells)} if len(cells) > 1 else None
+        n = int(rng.integers(50, 600))
+        seed = int(rng.integers(1000))
+        observed, boot = sig.resample_differences(cells, aggregates, n_resamples=n, seed=seed)
+        by_level = {}
+        for confidence in (0.8, 0.9, 0.95, 0.99, float(rng.uniform(0.5, 0.99))):
+            for name, r in sig.bootstrap_differences(cells, aggregates, n, seed,
+                                                     confidence).items():
+                by_level.setdefault(name, set()).add(r["p"])
+                if 1 - confidence > 1 / r["resamples"]:
+                    assert (r["p"] < 1 - confidence) == sig.excludes_zero(r), (case, name, r)
+                    checked += 1
+                # the null-centred p used before: how often it disagreed with the interval
+                d, finite = observed[name], boot[name][np.isfinite(boot[name])]
+                old = (1 + np.sum(np.abs(finite - d) >= abs(d) - 1e-9)) / (finite.size + 1)
+                disagree_before += (old < 1 - confidence) != sig.excludes_zero(r)
+        for name, ps in by_level.items():
+            assert len(ps) == 1                               # p does not depend on the level
+            finite = boot[name][np.isfinite(boot[name])]
+            finite = np.where(np.abs(finite) <= sig.TIE_TOLERANCE, 0.0, finite)
+            expected = max(_p_by_bisection(finite), 1 / finite.size)
+            assert ps.pop() == pytest.approx(expected, abs=1e-9), (case, name)
+    assert checked > 1500
+    assert disagree_before > 0            # the old construction does disagree on these cases
+
+
+def test_significance_resamples_within_rounding_of_zero_count_as_zero():
+    # 0.1 * 3 - 0.3 = 5.6e-17: a resample that is 0 but for rounding must not make the interval
+    # exclude 0 (nor p small): both see it as 0
+    tiny = 0.1 * 3 - 0.3
+    assert tiny > 0
+    ci, p = sig._interval_and_p(np.array([tiny] * 50 + [0.5] * 50), 0.95)
+    assert ci[0] == 0.0 and not sig.excludes_zero({"ci": ci}) and p >= 0.05
+    ci, p = sig._interval_and_p(np.array([0.5] * 100), 0.95)   # all on one side: the floor
+    assert ci == [0.5, 0.5] and p == 1 / 100
 
 
 # Units are resampled jointly across cells; aggregates
@@ -3176,7 +3276,9 @@ def test_significance_mlqa_sized_fixture_runs_and_pools_to_narrower_intervals():
     cells, aggregates = mlqa_sized_fixture()
     r = sig.bootstrap_differences(cells, aggregates, n_resamples=300)
     assert r["g_xlt"]["n"] == sum(len(u) for u, _, _ in cells.values())
-    assert 11_000 < r["g_xlt"]["units"] <= 12_000
+    assert r["g_xlt"]["n"] / 11_600 == pytest.approx(14.73, rel=0.03)   # ~170k examples
+    assert r["xlt"]["n"] / 11_600 == pytest.approx(3.64, rel=0.02)      # ~42k same-language
+    assert r["g_xlt"]["units"] == 11_600
     width = {name: r[name]["ci"][1] - r[name]["ci"][0] for name in r}
     assert width["g_xlt"] < width["xlt"] < min(width[c] for c in cells)
     expected = np.mean([np.mean(b - a) for _, a, b in cells.values()])
@@ -3491,6 +3593,45 @@ def test_report_sweep_fig5_temperature_choice(tmp_path):
     assert _eval_png_size(path)[0] == 2 * int(report.FIGSIZE[0] * report.DPI)
 
 
+def test_report_p_at_the_bootstrap_floor_prints_as_less_than_one_over_n():
+    """Issue 16 item 10: a p at its floor 1/N said "1.0e-04"; it is "< 1e-4" (generally < 1/N)."""
+    assert report._p(1e-4, 10_000) == "< 1e-4"
+    assert report._p(1e-3, 1000) == "< 1e-3"
+    assert report._p(1 / 300, 300) == "< 1/300"
+    assert report._p(0.0312, 10_000) == "0.0312"
+    assert report._p(2e-4, 10_000) == "0.0002" and report._p(None) == "-"
+    # end to end: B always right where A never is: every resample on one side
+    cells = {"en-en": (["q1", "q2", "q3"], [0.0, 0.0, 0.0], [100.0, 100.0, 100.0])}
+    r = sig.bootstrap_differences(cells, {"gxlt": ["en-en"], "xlt": ["en-en"]}, n_resamples=10_000)
+    assert r["gxlt"]["p"] == 1e-4 and r["gxlt"]["resamples"] == 10_000
+    comparison = {"a": "A", "b": "B", "mlqa-dev": {m: {"pairs": {"en-en": r["en-en"]},
+                                                       "gxlt": r["gxlt"], "xlt": r["xlt"]}
+                                                   for m in ("f1", "exact_match")}}
+    text = report.significance_markdown([comparison])
+    assert "| < 1e-4 |" in text and "1.0e-04" not in text
+
+
+def test_report_seed_table_n_counts_only_runs_evaluated_on_the_split():
+    """Issue 16 item 10: three seeds, one of them evaluated on MLQA-test too: the test column
+    says n=1, the dev column n=3 (the table's n was 3 for both)."""
+    rows = []
+    for seed, f1 in ((1, 40.0), (2, 42.0), (3, 44.0)):
+        pairs = {k: dict(v, f1=f1) for k, v in _eval_fake_pairs().items()}
+        metrics = {"model": f"/runs/s{seed}", "mlqa-dev": {"pairs": pairs}}
+        if seed == 1:
+            metrics["mlqa-test"] = {"pairs": pairs}
+        rows.append((f"s{seed}", metrics, "config"))
+    text = report.seed_variance_markdown(rows)
+    row = [line for line in text.splitlines() if line.startswith("| s1, s2, s3")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = [c.strip() for c in [line for line in text.splitlines()
+                                  if line.startswith("| runs")][0].strip("|").split("|")]
+    by = dict(zip(header, cells))
+    assert by["runs"] == "3"
+    assert by["MLQA-dev G-XLT"].startswith("42.0±2.0/") and by["MLQA-dev G-XLT"].endswith("(n=3)")
+    assert by["MLQA-test G-XLT"] == "-/- (n=1)"
+
+
 def test_report_heatmaps_share_one_labelled_colour_scale_per_figure(monkeypatch, tmp_path):
     """Issue 16 item 9: dev and test side by side are comparable: one colour range for all
     panels of a figure (each panel used to get its own), one colour bar, labelled."""
@@ -3568,11 +3709,17 @@ def test_bench_reference_extract_finds_best_valid_span():
     assert (window, a, b) == (0, 0, 6) and score == 14.0     # tokens 2..3; 5..3 (17) is no span
 
 
-def test_bench_significance_at_mlqa_test_size(capsys):
-    bench.main(["--significance", "--reps", "1"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["significance"]
-    assert result["pairs"] == 49 and result["units"] == 11_600 and result["examples"] > 40_000
-    assert result["ci"][0] <= result["gxlt_f1_diff"] <= result["ci"][1] and result["seconds"] > 0
+def test_bench_significance_fixture_has_mlqa_test_shape():
+    """Issue 16 item 10: an instance has English plus Binomial(6, 0.44) other languages and is in
+    k^2 pair files: E[k] = 3.64, E[k^2] = 6 * 0.44 * 0.56 + 3.64^2 = 14.73, so MLQA-test's
+    ~11.6k instances fill the 7 same-language files with ~42k examples, the 49 with ~170k. (A
+    smaller fixture here; `bench.py --significance` runs the full 11,600.)"""
+    n_ids = 2000
+    result = bench.bench_significance(300, 1, n_ids=n_ids)
+    assert result["pairs"] == 49 and result["units"] == n_ids and result["seconds"] > 0
+    assert result["same_language_examples"] / n_ids == pytest.approx(3.64, rel=0.04)
+    assert result["examples"] / n_ids == pytest.approx(14.73, rel=0.06)
+    assert result["ci"][0] <= result["gxlt_f1_diff"] <= result["ci"][1]
 
 
 def test_bench_quick_runs_and_prints_json(capsys):
