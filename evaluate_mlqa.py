@@ -907,27 +907,24 @@ def main(argv=None):
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("files", nargs="*", metavar="FILE",
-                        help="DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE (or, with --squad, "
-                             "DATASET_FILE PREDICTION_FILE)")
-    parser.add_argument("--squad", action="store_true", help="SQuAD v1.1 rules")
+    d = parser.add_argument_group("scoring a predictions file (the official scripts' forms)")
+    d.add_argument("files", nargs="*", metavar="FILE",
+                   help="DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE (or, with --squad, "
+                        "DATASET_FILE PREDICTION_FILE)")
+    d.add_argument("--squad", action="store_true", help="SQuAD v1.1 rules")
+    o = parser.add_argument_group("output (--model, --compare and --sweep)")
+    o.add_argument("--output-dir", help="where metrics.json, predictions/, figures, summary.md go")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     m = parser.add_argument_group("model mode (--model DIR --output-dir OUT)")
     m.add_argument("--model", help="a fine-tuned QA model directory to evaluate")
-    m.add_argument("--output-dir", help="where metrics.json, predictions/, figures, summary.md go")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    m.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 root (default {MLQA_DIR})")
     m.add_argument("--split", nargs="+", choices=["dev", "test"], default=["dev", "test"])
-    m.add_argument("--xquad-dir", default=None, help=f"default {XQUAD_DIR}")
-    m.add_argument("--xquad-langs", nargs="+", default=XQUAD_ZERO_SHOT)
-    m.add_argument("--tydiqa-file", default=None, help=f"default {TYDIQA_FILE}")
-    m.add_argument("--tydiqa-langs", nargs="+", default=TYDIQA_ZERO_SHOT,
-                   help="TyDiQA-GoldP languages (codes), or 'all'")
     m.add_argument("--skip", nargs="+", choices=["mlqa", "xquad", "tydiqa"], default=[],
                    help="data sets not to evaluate")
     m.add_argument("--dataset", help="also score one SQuAD-format file (with --lang L or --squad)")
     m.add_argument("--lang", help="answer language of --dataset (MLQA rules)")
     m.add_argument("--baseline", help="metrics.json, its evaluation directory, or a model "
-                                      "directory: adds Fig. 3/9 difference heat maps")
+                                      "directory: adds Fig. 3/9 difference heat maps (with "
+                                      "--compare: the model every other is compared with)")
     m.add_argument("--hidden-knowledge", default="em", choices=HIDDEN_CRITERIA,
                    help="Table 1: a top-10 answer is correct by exact match with any gold answer "
                         "(default), by F1, or raw: equal to the first gold answer (the authors')")
@@ -940,20 +937,33 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     m.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
                    help="question tokens kept (the authors' 64); longer questions are cut")
-    m.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
-                   help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
-    m.add_argument("--fig5-t", type=float, default=None,
-                   help="temperature of the Fig. 5 curves (default: most common per mode)")
-    m.add_argument("--compare", nargs="+", metavar="EVAL",
+    w = parser.add_argument_group("data locations (model mode; --compare reads the gold answers "
+                                  "from the same files)")
+    w.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 root (default {MLQA_DIR})")
+    w.add_argument("--xquad-dir", default=None, help=f"default {XQUAD_DIR}")
+    w.add_argument("--xquad-langs", nargs="+", default=XQUAD_ZERO_SHOT)
+    w.add_argument("--tydiqa-file", default=None, help=f"default {TYDIQA_FILE}")
+    w.add_argument("--tydiqa-langs", nargs="+", default=TYDIQA_ZERO_SHOT,
+                   help="TyDiQA-GoldP languages (codes), or 'all'")
+    c = parser.add_argument_group("comparison (--compare EVAL ... [--baseline EVAL] --output-dir "
+                                  "OUT)")
+    c.add_argument("--compare", nargs="+", metavar="EVAL",
                    help="evaluation directories (or their metrics.json): one summary.md with a "
                         "row per model, and each model's difference to --baseline (else to the "
                         "first) with its 95%% confidence interval (significance.json)")
-    m.add_argument("--bootstrap", type=int, default=significance.N_RESAMPLES,
-                   help="resamples of the paired bootstrap (0: tables only, no significance)")
-    m.add_argument("--bootstrap-seed", type=int, default=significance.SEED)
-    m.add_argument("--question", help="with --model: ask the model this one question")
-    m.add_argument("--context", help="the context of --question")
-    m.add_argument("--context-file", help="a text file holding the context of --question")
+    c.add_argument("--bootstrap", type=int, default=significance.N_RESAMPLES,
+                   help="resamples of the paired bootstrap, also for --model with --baseline "
+                        "(0: tables only, no significance)")
+    c.add_argument("--bootstrap-seed", type=int, default=significance.SEED)
+    s = parser.add_argument_group("sweep (--sweep RUN_DIR ... --output-dir OUT)")
+    s.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
+                   help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
+    s.add_argument("--fig5-t", type=float, default=None,
+                   help="temperature of the Fig. 5 curves (default: most common per mode)")
+    q = parser.add_argument_group("one question (--model DIR --question Q --context C)")
+    q.add_argument("--question", help="with --model: ask the model this one question")
+    q.add_argument("--context", help="the context of --question")
+    q.add_argument("--context-file", help="a text file holding the context of --question")
     return parser.parse_args(argv), parser
 
 

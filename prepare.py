@@ -38,7 +38,7 @@ import time
 import torch
 
 import train_qa
-from common import MLQA_DIR, InputError
+from common import MLQA_DIR, InputError, not_a_script
 from data import download   # data/ is a namespace package: download.py stays a plain script too
 
 PHASE1_DIR = train_qa.OUTPUT_DIR               # = distill.py's default --model
@@ -234,3 +234,7 @@ class BuildLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

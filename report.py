@@ -34,7 +34,7 @@ import tempfile
 import numpy as np
 
 from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_write_text,
-                    read_json)
+                    not_a_script, read_json)
 import significance
 from significance import seed_summary
 
@@ -798,3 +798,7 @@ def sweep_report(run_dirs, out_dir, fig5_t=None):
                 xlabel="number of target languages ntl", ylabel="temperature t",
                 cbar_label=f"MLQA-dev G-XLT {METRICS[metric]}"))
     return text, paths
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

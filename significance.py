@@ -63,7 +63,7 @@ import warnings
 
 import numpy as np
 
-from common import InputError
+from common import InputError, not_a_script
 
 N_RESAMPLES = 10_000        # bootstrap resamples; the p-value's resolution is 1 / N
 CONFIDENCE = 0.95           # two-sided percentile interval
@@ -373,3 +373,7 @@ def seed_summary(values):
         raise InputError("seed summary: no values")
     std = float(np.std(x, ddof=1)) if x.size > 1 else None
     return {"mean": float(x.mean()), "std": std, "n": int(x.size)}
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

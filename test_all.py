@@ -119,6 +119,20 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(target) == ["new.txt"]
 
 
+@pytest.mark.parametrize("module", ["common.py", "map_at_k.py", "significance.py", "report.py",
+                                    "prepare.py"])
+def test_common_library_modules_run_as_scripts_say_so(module):
+    """Issue 16 item 11: `python report.py --help` printed nothing and exited 0, although the
+    README says every script prints its usage: a library module says what it is, one line, exit
+    2; the scripts it names do print a usage."""
+    proc = run_script(module, "--help")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert f"{module} is a library module, not a script" in proc.stderr
+    for script in common.SCRIPTS:
+        assert script in proc.stderr and os.path.isfile(os.path.join(REPO, script))
+
+
 # ==================================================================================================
 # ==== download
 # data/download.py: verified downloads, against a server on 127.0.0.1
@@ -2906,6 +2920,27 @@ def test_eval_compare_two_draws_the_resamples_once_for_f1_and_em(eval_env, tmp_p
         for key in ("en-en", "de-es", "zh-vi"):
             assert got["pairs"][key] == alone[key]
         assert {k: v for k, v in got["gxlt"].items() if k != "wilcoxon_p"} == alone["gxlt"]
+
+
+def test_eval_help_groups_the_options_by_mode():
+    """Issue 16 item 11: --sweep, --compare and --question were listed under "model mode"."""
+    proc = run_script("evaluate_mlqa.py", "--help")
+    assert proc.returncode == 0
+    sections = {}
+    for block in proc.stdout.split("\n\n"):
+        title, _, body = block.partition(":\n")
+        sections[title.strip()] = body
+    def section(prefix):  # the options a section lists (not those its help texts mention)
+        (found,) = [body for title, body in sections.items() if title.startswith(prefix)]
+        return set(re.findall(r"^  (--[a-z0-9-]+)", found, flags=re.M))
+    model = section("model mode")
+    for option in ("--sweep", "--compare", "--question", "--context", "--bootstrap", "--fig5-t"):
+        assert option not in model, option
+    assert "--model" in model and "--baseline" in model
+    assert "--compare" in section("comparison") and "--bootstrap" in section("comparison")
+    assert "--sweep" in section("sweep") and "--fig5-t" in section("sweep")
+    assert "--question" in section("one question") and "--context-file" in section("one question")
+    assert "--mlqa-dir" in section("data locations")
 
 
 def test_eval_question_mode_answers_through_predict(eval_env, capsys, tmp_path):
