@@ -821,6 +821,42 @@ def test_qa_model_dirs_that_do_not_load_are_one_quiet_error(tmp_path, capfd):
         "initialised (Sec. 4.1)"
 
 
+def _qa_closed_port():
+    with socket.socket() as s:      # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_qa_unreachable_hub_is_one_line_and_a_cached_model_still_loads(tmp_path):
+    """Issue 16 item 12: a hub name with no network (HF_HUB_OFFLINE unset) printed ~11 lines of
+    huggingface_hub retries over 15-30 s before the error; now the hub is probed once and, when
+    it does not answer, only the local cache is used: one line, or the cached model."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    port = _qa_closed_port()
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}",
+               TOKENIZERS_PARALLELISM="false")
+    ask = [sys.executable, "evaluate_mlqa.py", "--question", "Who?", "--context", "Bob went home."]
+    run = lambda *args, **extra: subprocess.run(  # noqa: E731
+        [*ask, *args], cwd=REPO, env=dict(env, **extra), capture_output=True, text=True, timeout=120)
+    proc = run("--model", "bert-base-multilingual-cased")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "not in the local Hugging Face cache" in proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and "Retry" not in proc.stderr
+    proc = run("--model", "bert-base-multilingual-cased", HF_HUB_OFFLINE="1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "HF_HUB_OFFLINE is set" in proc.stderr
+    # a model in the cache (the hub's layout: refs/main names the snapshot) loads without the hub
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-qa" / "snapshots" / "abc123"
+    model, tok = train_qa.load_model_and_tokenizer("tiny", ["Who? Bob went home."] * 4)
+    train_qa.save_model(model, tok, str(snapshot))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    proc = run("--model", "org/tiny-qa")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["answer"] in "Bob went home."
+
+
 def test_qa_two_process_gloo(tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
