@@ -55,7 +55,8 @@ The computation is vectorised: per-(unit, cell) sums of B - A and example counts
 [units, 2 * cells]; a chunk of resamples is a matrix of draw counts [chunk, units] (from
 `rng.integers` and one offset `np.bincount`), and one matrix product gives every cell's weighted
 sums for the chunk. MLQA-test size (49 cells, ~160k examples, ~11.6k units, 10,000 resamples)
-takes a few seconds. Results are deterministic for a seed (and a given numpy version and chunk size).
+takes a few seconds. Results are deterministic for a seed (and a given numpy version and chunk
+size).
 """
 import math
 import numbers

@@ -831,13 +831,15 @@ def test_qa_unreachable_hub_is_one_line_and_a_cached_model_still_loads(tmp_path)
     """Issue 16 item 12: a hub name with no network (HF_HUB_OFFLINE unset) printed ~11 lines of
     huggingface_hub retries over 15-30 s before the error; now the hub is probed once and, when
     it does not answer, only the local cache is used: one line, or the cached model."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     port = _qa_closed_port()
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}",
                TOKENIZERS_PARALLELISM="false")
     ask = [sys.executable, "evaluate_mlqa.py", "--question", "Who?", "--context", "Bob went home."]
     run = lambda *args, **extra: subprocess.run(  # noqa: E731
-        [*ask, *args], cwd=REPO, env=dict(env, **extra), capture_output=True, text=True, timeout=120)
+        [*ask, *args], cwd=REPO, env=dict(env, **extra), capture_output=True, text=True,
+        timeout=120)
     proc = run("--model", "bert-base-multilingual-cased")
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -3728,8 +3730,8 @@ def test_report_heatmaps_share_one_labelled_colour_scale_per_figure(monkeypatch,
             assert vmin == -vmax == -np.abs(values).max()
         else:
             assert (vmin, vmax) == (values.min(), values.max())
-            own = [(float(np.min(ax.images[0].get_array())), float(np.max(ax.images[0].get_array())))
-                   for ax in panels]
+            own = [(float(np.min(ax.images[0].get_array())),
+                    float(np.max(ax.images[0].get_array()))) for ax in panels]
             assert own[0] != own[1]                               # the panels' own ranges differ
 
 

@@ -200,8 +200,8 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
     QA head would be freshly initialised (not a fine-tuned QA model) is an InputError; without it
     (phase 1 starts from a pre-trained encoder), a one-line note says the head is new. A directory
     that does not load (no or corrupt weights, shapes that do not match its config), a model type
-    without a QA head class, or a tokenizer that is not fast (no character offsets) is an InputError.
-    A hub name when the hub cannot be used (offline mode, or no answer within HUB_PROBE_TIMEOUT)
+    without a QA head class, or a tokenizer that is not fast (no character offsets) is an
+    InputError. A hub name when the hub cannot be used (offline mode, or no answer within HUB_PROBE_TIMEOUT)
     loads from the local cache only: found, it loads; not, one line at once (no retries)."""
     import transformers
     from safetensors import SafetensorError
