@@ -400,23 +400,32 @@ def _peak_flops(device):
 
 
 # -------------------------------------------------------------------- significance (issue 11)
-def significance_fixture(n_ids=11_600, n_examples=41_000, seed=0):
-    """An MLQA-test-sized comparison: every instance id has en and 0-2 other languages, one
-    example per (question, context) language pair of them, over the 49 pairs; short gold answers;
-    models A and B right on about 55% of the examples, agreeing on 80% of them."""
+MLQA_OTHER_LANGUAGES = (6, 0.44)  # an MLQA instance: English plus Binomial(6, 0.44) of the other
+                                 # six (test: ~41k examples in the 7 same-language files over
+                                 # ~11.6k instances, 3.6 languages each on average)
+
+
+def significance_fixture(n_ids=11_600, seed=0):
+    """An MLQA-test-sized comparison: every instance id has en and Binomial(6, 0.44) other
+    languages, one example per (question, context) language pair of them over the 49 pairs (an
+    instance with k languages is in k^2 pair files: ~170k examples in all, ~42k in the 7
+    same-language files); short gold answers; models A and B right on about 55% of the examples,
+    with an instance's difficulty shared by its pairs (they are correlated, as in MLQA), and
+    agreeing on 80% of them."""
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(500)]
     gold, predictions = {}, {"a": {}, "b": {}}
     for i in range(n_ids):
-        extra = rng.choice([0, 1, 1, 2]) if sum(len(v) for v in gold.values()) < n_examples else 0
+        extra = rng.binomial(*MLQA_OTHER_LANGUAGES)
         langs = ["en"] + list(rng.choice(LANGUAGES[1:], size=extra, replace=False))
         answer = " ".join(rng.choice(words, size=rng.integers(1, 5)))
+        easy = rng.beta(1.1, 0.9)                      # mean 0.55: the instance's difficulty
         for q in langs:
             for c in langs:
                 ex = {"id": f"id{i}", "question": "?", "context": answer,
                       "answers": [{"text": answer, "answer_start": 0}]}
                 gold.setdefault(f"{q}-{c}", []).append(ex)
-                a_right = rng.random() < 0.55
+                a_right = rng.random() < easy
                 b_right = a_right if rng.random() < 0.8 else not a_right
                 for side, right in (("a", a_right), ("b", b_right)):
                     predictions[side].setdefault(f"{q}-{c}", {})[ex["id"]] = \
@@ -426,17 +435,19 @@ def significance_fixture(n_ids=11_600, n_examples=41_000, seed=0):
                   for name in ("a", "b")}
 
 
-def bench_significance(n_resamples, reps):
+def bench_significance(n_resamples, reps, n_ids=11_600):
     """Seconds of evaluate_mlqa.compare_two (per-example scoring of both models with the official
     rules, then the bootstrap of F1 and EM) on significance_fixture; the median of reps."""
-    gold, runs = significance_fixture()
+    gold, runs = significance_fixture(n_ids)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         result = evaluate_mlqa.compare_two(runs["a"], runs["b"], gold, n_resamples, 0)
         times.append(time.perf_counter() - t0)
     gxlt = result["mlqa-test"]["f1"]["gxlt"]
-    return {"examples": gxlt["n"], "units": gxlt["units"], "pairs": len(gold["mlqa-test"]),
+    same = sum(len(gold["mlqa-test"][f"{l}-{l}"][0]) for l in LANGUAGES)
+    return {"examples": gxlt["n"], "same_language_examples": same, "units": gxlt["units"],
+            "pairs": len(gold["mlqa-test"]),
             "resamples": n_resamples, "seconds": round(statistics.median(times), 2),
             "gxlt_f1_diff": round(gxlt["diff"], 3), "ci": [round(x, 3) for x in gxlt["ci"]]}
 

@@ -268,3 +268,20 @@ def examples_to_squad(examples, version="1.1"):
         paragraphs[key]["qas"].append({"id": ex["id"], "question": ex["question"],
                                        "answers": ex["answers"]})
     return {"version": version, "data": data}
+
+
+# -------------------------------------------------------------------- library modules run directly
+SCRIPTS = ["sample.py", "train_qa.py", "distill.py", "evaluate_mlqa.py", "bench.py",
+           "data/download.py"]                  # the files with a command line (and --help)
+
+
+def not_a_script(path):
+    """What a library module says when it is run as a script (with --help or anything else):
+    one line on stderr, exit status 2, instead of silently doing nothing."""
+    print(f"error: {os.path.basename(path)} is a library module, not a script; the scripts "
+          f"are {', '.join(SCRIPTS)} (each prints its usage with --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

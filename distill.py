@@ -606,7 +606,7 @@ def install_final_model(out, args, student, tokenizer, best, log):
     half-written one), its MLQA-dev scores and the command that evaluates it for every table."""
     log.close()
     rows = read_log(os.path.join(out, "train_log.jsonl"))
-    if report.alpha_figure(rows, os.path.join(out, "alpha.png")):
+    if args.map_k and report.alpha_figure(rows, os.path.join(out, "alpha.png")):  # else a_kl = 1
         print(f"wrote {os.path.join(args.output_dir, 'alpha.png')}")
     if best is not None and os.path.isdir(best_dir(out, best)):
         print(f"final model: the best on MLQA dev (epoch {best['epoch']}, G-XLT F1 "

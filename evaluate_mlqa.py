@@ -157,16 +157,31 @@ def _questions(examples_or_dataset, name):
             yield item, item["id"]
 
 
+UNANSWERED_SHOWN = 5  # unanswered questions named on stderr one by one; the rest are counted
+
+
+def report_unanswered_questions(ids, total, name="dataset"):
+    """The official scripts' "Unanswered question ID will receive score 0." lines on stderr, for
+    the first UNANSWERED_SHOWN ids only, then one line with the count (a predictions file that
+    covers 100 of 1,190 ids would print 1,090 lines)."""
+    for qid in ids[:UNANSWERED_SHOWN]:
+        print(f"Unanswered question {qid} will receive score 0.", file=sys.stderr)
+    if len(ids) > UNANSWERED_SHOWN:
+        print(f"... and {len(ids) - UNANSWERED_SHOWN} more: {len(ids)} of {total} questions of "
+              f"{name} unanswered, each scored 0", file=sys.stderr)
+
+
 def question_scores(examples_or_dataset, predictions, lang, report_unanswered=True,
                     name="dataset"):
     """(id, EM, F1) of every question in file order, each in 0..1 (the max over its gold
-    answers); an unanswered question scores (0, 0) and, with report_unanswered, is named on
-    stderr like the official scripts."""
+    answers); an unanswered question scores (0, 0) and, with report_unanswered, is reported on
+    stderr like the official scripts (the first few by id, then a count)."""
     _check_lang(lang)
+    unanswered, total = [], 0
     for qa, qid in _questions(examples_or_dataset, name):
+        total += 1
         if qid not in predictions:
-            if report_unanswered:
-                print(f"Unanswered question {qid} will receive score 0.", file=sys.stderr)
+            unanswered.append(qid)
             yield qid, 0.0, 0.0
             continue
         prediction = predictions[qid]
@@ -179,6 +194,8 @@ def question_scores(examples_or_dataset, predictions, lang, report_unanswered=Tr
             raise InputError(f"{name}: question '{qid}' has no gold answers")
         yield (qid, max(exact_match_score(prediction, g, lang) for g in golds),
                max(f1_score(prediction, g, lang) for g in golds))
+    if report_unanswered:
+        report_unanswered_questions(unanswered, total, name)
 
 
 def evaluate_predictions(examples_or_dataset, predictions, lang, report_unanswered=True,
@@ -466,16 +483,18 @@ def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device
     return metrics
 
 
-def _load_baseline(path):
-    """--baseline: a metrics.json, an evaluation directory holding one, or a model directory
-    (then None: it is evaluated like the model)."""
+def _load_baseline(path, option="--baseline"):
+    """--baseline (or --compare, named by `option` in errors): a metrics.json, an evaluation
+    directory holding one, or a model directory (then None: it is evaluated like the model)."""
     if os.path.isfile(path):
         return read_json(path)
     if os.path.isfile(os.path.join(path, "metrics.json")):
         return read_json(os.path.join(path, "metrics.json"))
     if os.path.isfile(os.path.join(path, "config.json")):
         return None
-    raise InputError(f"{path}: --baseline is neither a metrics.json, an evaluation directory "
+    if not os.path.exists(path):
+        raise InputError(f"{path}: {option}: not found")
+    raise InputError(f"{path}: {option} is neither a metrics.json, an evaluation directory "
                      "holding one, nor a model directory")
 
 
@@ -607,8 +626,9 @@ def compare_mode(args):
     model against the baseline (else against the first), paired bootstrap over instances."""
     check_output(args, [("--compare", path) for path in args.compare] +
                  [("--baseline", args.baseline)])
-    runs = [_compared(path) for path in args.compare]
-    baseline = _compared(args.baseline) if args.baseline else None
+    runs = [_compared(path, "--compare") for path in args.compare]
+    baseline = _compared(args.baseline, "--baseline") if args.baseline else None
+    runs, dropped = _distinct_evaluations(runs, baseline)
     _unique_names(([baseline] if baseline else []) + runs)
     pairs = [(baseline, r) for r in runs] if baseline else [(runs[0], r) for r in runs[1:]]
     comparisons = [] if args.bootstrap == 0 else \
@@ -622,6 +642,8 @@ def compare_mode(args):
         if alone:
             text += (f"\n- note: {b['name']} - {a['name']}: not compared on "
                      f"{', '.join(alone)} (evaluated for one of them only)\n")
+    text += "".join(f"\n- note: {path} is the --baseline; compared once, as the baseline\n"
+                    for path in dropped)
     text += report.seed_variance_markdown([(r["name"], r["metrics"], report.run_config(
         r["metrics"])) for r in shown])
     text += report.significance_markdown(comparisons)
@@ -685,11 +707,21 @@ def compare_two(a, b, gold, n_resamples, seed):
                   for side, run in (("a", a), ("b", b))}
         aggregates = _aggregates(group, list(pairs))
         out[group] = {}
-        for m, metric in enumerate(("f1", "exact_match")):
-            cells = significance.align_cells(
-                *({key: {qid: v[m] for qid, v in scores[side][key].items()} for key in pairs}
-                  for side in ("a", "b")))
-            result = significance.bootstrap_differences(cells, aggregates, n_resamples, seed)
+        metrics = ("f1", "exact_match")
+        aligned = {metric: significance.align_cells(
+            *({key: {qid: v[m] for qid, v in scores[side][key].items()} for key in pairs}
+              for side in ("a", "b"))) for m, metric in enumerate(metrics)}
+        # F1 and EM in one pass: the same resamples (draws of instances) for both
+        both = significance.bootstrap_differences(
+            {f"{metric}:{key}": cell for metric in metrics
+             for key, cell in aligned[metric].items()},
+            {f"{metric}:{name}": [f"{metric}:{k}" for k in members]
+             for metric in metrics for name, members in aggregates.items() if members},
+            n_resamples, seed)
+        for metric in metrics:
+            cells = aligned[metric]
+            result = {name.split(":", 1)[1]: r for name, r in both.items()
+                      if name.startswith(metric + ":")}
             for name, members in aggregates.items():
                 if members:
                     result[name]["wilcoxon_p"] = significance.wilcoxon_p(
@@ -700,15 +732,36 @@ def compare_two(a, b, gold, n_resamples, seed):
     return out
 
 
-def _compared(path):
-    """A --compare / --baseline input: {"name", "metrics", "dir"} (dir: the evaluation directory
-    holding predictions/, or None for a bare metrics.json elsewhere)."""
-    metrics = _load_baseline(path)
+def _compared(path, option):
+    """A --compare / --baseline input (`option`, named in errors): {"name", "metrics", "dir",
+    "path"} (dir: the evaluation directory holding predictions/)."""
+    metrics = _load_baseline(path, option)
     if metrics is None:
-        raise InputError(f"{path}: a model directory; evaluate it first (--model {path} "
-                         "--output-dir DIR) and compare DIR")
+        raise InputError(f"{path}: {option} got a model directory; evaluate it first (--model "
+                         f"{path} --output-dir DIR) and compare DIR")
     name = metrics.get("model") if isinstance(metrics.get("model"), str) else path
     return {"name": _model_name(name), "metrics": metrics, "dir": _eval_dir(path), "path": path}
+
+
+def _distinct_evaluations(runs, baseline):
+    """Duplicates are not seeds: the same evaluation given twice to --compare (the same path, its
+    metrics.json, a link) is refused; the --baseline met again among --compare (a glob such as
+    runs/*/eval) is left out there. Returns (runs, paths left out)."""
+    identity = lambda run: os.path.realpath(os.path.join(run["dir"], "metrics.json")) \
+        if os.path.isdir(run["path"]) else os.path.realpath(run["path"])  # noqa: E731
+    seen, kept, dropped = {}, [], []
+    base = identity(baseline) if baseline else None
+    for run in runs:
+        key = identity(run)
+        if key == base:
+            dropped.append(run["path"])
+            continue
+        if key in seen:
+            raise InputError(f"--compare: {seen[key]} and {run['path']} are the same evaluation "
+                             f"({key}); give each once (the same run twice is not two seeds)")
+        seen[key] = run["path"]
+        kept.append(run)
+    return kept, dropped
 
 
 def _eval_dir(path):
@@ -811,7 +864,9 @@ def _write_significance(out_dir, comparisons, args):
     if comparisons:
         atomic_write_json(os.path.join(out_dir, "significance.json"), {
             "method": {"test": "paired bootstrap over instances (ids shared across pairs), "
-                               "percentile interval, null-centred two-sided p",
+                               "percentile interval, two-sided p of the same percentile "
+                               "distribution (p < 1 - confidence iff the interval excludes 0; "
+                               "floored at 1/resamples)",
                        "resamples": args.bootstrap, "seed": args.bootstrap_seed,
                        "confidence": significance.CONFIDENCE,
                        "wilcoxon": "scipy.stats.wilcoxon on per-example differences, XLT "
@@ -877,27 +932,24 @@ def main(argv=None):
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("files", nargs="*", metavar="FILE",
-                        help="DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE (or, with --squad, "
-                             "DATASET_FILE PREDICTION_FILE)")
-    parser.add_argument("--squad", action="store_true", help="SQuAD v1.1 rules")
+    d = parser.add_argument_group("scoring a predictions file (the official scripts' forms)")
+    d.add_argument("files", nargs="*", metavar="FILE",
+                   help="DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE (or, with --squad, "
+                        "DATASET_FILE PREDICTION_FILE)")
+    d.add_argument("--squad", action="store_true", help="SQuAD v1.1 rules")
+    o = parser.add_argument_group("output (--model, --compare and --sweep)")
+    o.add_argument("--output-dir", help="where metrics.json, predictions/, figures, summary.md go")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     m = parser.add_argument_group("model mode (--model DIR --output-dir OUT)")
     m.add_argument("--model", help="a fine-tuned QA model directory to evaluate")
-    m.add_argument("--output-dir", help="where metrics.json, predictions/, figures, summary.md go")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    m.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 root (default {MLQA_DIR})")
     m.add_argument("--split", nargs="+", choices=["dev", "test"], default=["dev", "test"])
-    m.add_argument("--xquad-dir", default=None, help=f"default {XQUAD_DIR}")
-    m.add_argument("--xquad-langs", nargs="+", default=XQUAD_ZERO_SHOT)
-    m.add_argument("--tydiqa-file", default=None, help=f"default {TYDIQA_FILE}")
-    m.add_argument("--tydiqa-langs", nargs="+", default=TYDIQA_ZERO_SHOT,
-                   help="TyDiQA-GoldP languages (codes), or 'all'")
     m.add_argument("--skip", nargs="+", choices=["mlqa", "xquad", "tydiqa"], default=[],
                    help="data sets not to evaluate")
     m.add_argument("--dataset", help="also score one SQuAD-format file (with --lang L or --squad)")
     m.add_argument("--lang", help="answer language of --dataset (MLQA rules)")
     m.add_argument("--baseline", help="metrics.json, its evaluation directory, or a model "
-                                      "directory: adds Fig. 3/9 difference heat maps")
+                                      "directory: adds Fig. 3/9 difference heat maps (with "
+                                      "--compare: the model every other is compared with)")
     m.add_argument("--hidden-knowledge", default="em", choices=HIDDEN_CRITERIA,
                    help="Table 1: a top-10 answer is correct by exact match with any gold answer "
                         "(default), by F1, or raw: equal to the first gold answer (the authors')")
@@ -910,20 +962,33 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU")
     m.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
                    help="question tokens kept (the authors' 64); longer questions are cut")
-    m.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
-                   help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
-    m.add_argument("--fig5-t", type=float, default=None,
-                   help="temperature of the Fig. 5 curves (default: most common per mode)")
-    m.add_argument("--compare", nargs="+", metavar="EVAL",
+    w = parser.add_argument_group("data locations (model mode; --compare reads the gold answers "
+                                  "from the same files)")
+    w.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 root (default {MLQA_DIR})")
+    w.add_argument("--xquad-dir", default=None, help=f"default {XQUAD_DIR}")
+    w.add_argument("--xquad-langs", nargs="+", default=XQUAD_ZERO_SHOT)
+    w.add_argument("--tydiqa-file", default=None, help=f"default {TYDIQA_FILE}")
+    w.add_argument("--tydiqa-langs", nargs="+", default=TYDIQA_ZERO_SHOT,
+                   help="TyDiQA-GoldP languages (codes), or 'all'")
+    c = parser.add_argument_group("comparison (--compare EVAL ... [--baseline EVAL] --output-dir "
+                                  "OUT)")
+    c.add_argument("--compare", nargs="+", metavar="EVAL",
                    help="evaluation directories (or their metrics.json): one summary.md with a "
                         "row per model, and each model's difference to --baseline (else to the "
                         "first) with its 95%% confidence interval (significance.json)")
-    m.add_argument("--bootstrap", type=int, default=significance.N_RESAMPLES,
-                   help="resamples of the paired bootstrap (0: tables only, no significance)")
-    m.add_argument("--bootstrap-seed", type=int, default=significance.SEED)
-    m.add_argument("--question", help="with --model: ask the model this one question")
-    m.add_argument("--context", help="the context of --question")
-    m.add_argument("--context-file", help="a text file holding the context of --question")
+    c.add_argument("--bootstrap", type=int, default=significance.N_RESAMPLES,
+                   help="resamples of the paired bootstrap, also for --model with --baseline "
+                        "(0: tables only, no significance)")
+    c.add_argument("--bootstrap-seed", type=int, default=significance.SEED)
+    s = parser.add_argument_group("sweep (--sweep RUN_DIR ... --output-dir OUT)")
+    s.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
+                   help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
+    s.add_argument("--fig5-t", type=float, default=None,
+                   help="temperature of the Fig. 5 curves (default: most common per mode)")
+    q = parser.add_argument_group("one question (--model DIR --question Q --context C)")
+    q.add_argument("--question", help="with --model: ask the model this one question")
+    q.add_argument("--context", help="the context of --question")
+    q.add_argument("--context-file", help="a text file holding the context of --question")
     return parser.parse_args(argv), parser
 
 

@@ -35,6 +35,8 @@ gradients. No Python loop over examples or ranks.
 """
 import torch
 
+from common import not_a_script
+
 VARIANTS = ("first-hit", "eq5")   # the first is the default
 
 
@@ -98,3 +100,7 @@ def alpha_per_row(start_logits, end_logits, start_positions, end_positions, grou
     group = torch.arange(len(ap), device=ap.device) // group_rows
     sums = torch.zeros(int(group[-1]) + 1, device=ap.device).index_add_(0, group, ap)
     return (sums / torch.bincount(group))[group]
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

@@ -36,7 +36,7 @@ import time
 import torch
 
 import train_qa
-from common import MLQA_DIR, InputError
+from common import MLQA_DIR, InputError, not_a_script
 from rundir import Lock, from_rank0, has_checkpoint, output_kind
 from data import download   # data/ is a namespace package: download.py stays a plain script too
 
@@ -176,3 +176,7 @@ class BuildLock(Lock):
         for name in os.listdir(directory):
             if pattern.fullmatch(name):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

@@ -34,7 +34,7 @@ import tempfile
 import numpy as np
 
 from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_write_text,
-                    read_json)
+                    not_a_script, read_json)
 import significance
 from significance import seed_summary
 
@@ -117,33 +117,35 @@ def save_figure(fig, path):
 
 def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
                    xlabel="context language", ylabel="question language", diverging=False,
-                   fmt="{:.1f}", suptitle=None, marks=None):
+                   fmt="{:.1f}", suptitle=None, marks=None, cbar_label="score"):
     """One PNG with one annotated heat map per panel, side by side.
 
-    panels: list of (title, 2-D array); NaN cells stay blank. Each panel has its own colour range
-    (the paper's Fig. 6: "minimum and maximum values are relative to each figure"); with
-    diverging, the range is symmetric around 0 (red = worse, green = better: Fig. 3 and 9).
-    marks: per panel a set of (row, column) cells to dot (a difference whose CI excludes 0).
+    panels: list of (title, 2-D array); NaN cells stay blank. One colour scale for the whole
+    figure, shared by all its panels (dev and test side by side are comparable; the paper's
+    Fig. 6: "minimum and maximum values are relative to each figure"), shown by one colour bar
+    labelled `cbar_label`; with diverging, the range is symmetric around 0 (red = worse, green =
+    better: Fig. 3 and 9). marks: per panel a set of (row, column) cells to dot (a difference
+    whose CI excludes 0).
     """
     plt = pyplot()
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(FIGSIZE[0] * n, FIGSIZE[1]), dpi=DPI, squeeze=False)
-    for p, (ax, (title, matrix)) in enumerate(zip(axes[0], panels)):
-        matrix = np.asarray(matrix, dtype=float)
-        finite = matrix[np.isfinite(matrix)]
-        if diverging:
-            bound = float(np.abs(finite).max()) if finite.size else 1.0
-            bound = bound or 1.0
-            vmin, vmax, cmap = -bound, bound, "RdYlGn"
-        else:
-            vmin = float(finite.min()) if finite.size else 0.0
-            vmax = float(finite.max()) if finite.size else 1.0
-            if vmax == vmin:
-                vmax = vmin + 1.0
-            cmap = "viridis"
+    matrices = [np.asarray(matrix, dtype=float) for _, matrix in panels]
+    finite = np.concatenate([m[np.isfinite(m)] for m in matrices]) if matrices else np.array([])
+    if diverging:
+        bound = float(np.abs(finite).max()) if finite.size else 1.0
+        bound = bound or 1.0
+        vmin, vmax, cmap = -bound, bound, "RdYlGn"
+    else:
+        vmin = float(finite.min()) if finite.size else 0.0
+        vmax = float(finite.max()) if finite.size else 1.0
+        if vmax == vmin:
+            vmax = vmin + 1.0
+        cmap = "viridis"
+    fig, axes = plt.subplots(1, n, figsize=(FIGSIZE[0] * n, FIGSIZE[1]), dpi=DPI, squeeze=False,
+                             layout="constrained")
+    for p, (ax, (title, _), matrix) in enumerate(zip(axes[0], panels, matrices)):
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax,
                           aspect="auto")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         ax.set_xticks(range(len(col_labels)), [str(x) for x in col_labels])
         ax.set_yticks(range(len(row_labels)), [str(x) for x in row_labels])
         ax.set_xlabel(xlabel)
@@ -164,15 +166,17 @@ def heatmap_figure(panels, path, row_labels=LANGUAGES, col_labels=LANGUAGES,
                                           label="95% CI of the difference excludes 0 (paired "
                                                 "bootstrap)")],
                       loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, fontsize=7)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.046 / n, pad=0.02, label=cbar_label)
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
 def alpha_figure(rows, path):
     """Fig. 4 / Fig. 7: alpha per optimisation step (distill.py's train_log.jsonl rows), a dashed
-    line at each epoch boundary. Returns False (nothing drawn) for a run without alpha."""
+    line at each epoch boundary. Returns False (nothing drawn) for a run without alpha. Only for
+    --map-k runs: plain skd logs its constant a_kl = 1 as alpha, which is no mAP@k (the caller
+    knows the mode; the log rows do not)."""
     rows = [r for r in rows if r.get("alpha") is not None]
     if not rows:
         return False
@@ -206,7 +210,8 @@ def pair_heatmaps(metrics, out_dir, splits=("mlqa-dev", "mlqa-test"), name=""):
     for metric, fig, stem in (("f1", "fig1", "f1"), ("exact_match", "fig8", "em")):
         panels = [(f"{_split_title(s)} {METRICS[metric]}" + (f" ({name})" if name else ""),
                    pair_matrix(metrics[s]["pairs"], metric)) for s in present]
-        paths.append(heatmap_figure(panels, os.path.join(out_dir, f"{fig}_mlqa_{stem}.png")))
+        paths.append(heatmap_figure(panels, os.path.join(out_dir, f"{fig}_mlqa_{stem}.png"),
+                                    cbar_label=f"{METRICS[metric]} (0-100)"))
     return paths
 
 
@@ -235,7 +240,9 @@ def difference_heatmaps(metrics, baseline, out_dir, splits=("mlqa-dev", "mlqa-te
              for k in marks.get(s, {}).get(metric, ())} for s in present]
         paths.append(heatmap_figure(panels, os.path.join(out_dir,
                                                          f"{fig}_mlqa_{stem}_diff{suffix}.png"),
-                                    diverging=True, fmt="{:+.1f}", marks=cells))
+                                    diverging=True, fmt="{:+.1f}", marks=cells,
+                                    cbar_label=f"{METRICS[metric]} difference, {name} - "
+                                               f"{baseline_name}"))
     return paths
 
 
@@ -406,8 +413,15 @@ def _other_datasets_section(runs):
     return ["## Other data sets, F1/EM", "", _table(["model", "data set", "F1/EM", "n"], rows), ""]
 
 
-def _p(p):
-    return "-" if p is None else (f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}")
+def _p(p, resamples=None):
+    """A p-value for the tables; at the bootstrap's floor 1/N (N resamples) "< 1/N", e.g.
+    "< 1e-4": the resamples cannot tell a smaller p."""
+    if p is None:
+        return "-"
+    if resamples and p <= 1 / resamples:
+        return f"< {1 / resamples:.0e}".replace("e-0", "e-") if resamples >= 1000 else \
+            f"< 1/{resamples}"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def _signed(x):
@@ -423,7 +437,9 @@ def significance_markdown(comparisons):
     out = ["", "## Is the difference real? B - A with its 95% confidence interval", "",
            "Paired bootstrap over instances (an MLQA instance's pairs, and an XQuAD question's "
            "languages, are resampled together, so their correlation is kept): the difference of "
-           "the means the tables report, its 95% percentile interval and a two-sided p-value. "
+           "the means the tables report, its 95% percentile interval and the two-sided p-value "
+           "of that same interval (p < 0.05 exactly when the 95% interval excludes 0; "
+           "\"< 1e-4\": beyond the resolution of the resamples). "
            "Wilcoxon p: the authors' signed-rank test on per-example differences (XLT pairs "
            "selected before the test), for comparability only: it counts the correlated pairs "
            "of an instance as independent examples. Per-pair p-values are not corrected for "
@@ -437,7 +453,8 @@ def significance_markdown(comparisons):
                     r = c[group][metric][key]
                     rows.append([_split_title(group), labels[key], METRICS[metric],
                         f"{r['mean_a']:.1f}", f"{r['mean_b']:.1f}", _signed(r["diff"]),
-                        f"[{_signed(r['ci'][0])}, {_signed(r['ci'][1])}]", _p(r["p"]),
+                        f"[{_signed(r['ci'][0])}, {_signed(r['ci'][1])}]",
+                        _p(r["p"], r.get("resamples")),
                         _p(r.get("wilcoxon_p"))])
         out += [f"### {c['b']} (B) - {c['a']} (A)", "",
                 _table(["data", "mean", "metric", "A", "B", "B - A", "95% CI", "p", "Wilcoxon p"],
@@ -452,16 +469,32 @@ def significance_markdown(comparisons):
     return "\n".join(out).rstrip() + "\n"
 
 
+def _same_model(metrics):
+    """The model directory an evaluation's metrics.json names, resolved (None when absent): two
+    evaluations of one model are one run, not two seeds."""
+    model = metrics.get("model") if isinstance(metrics, dict) else None
+    return os.path.realpath(model) if isinstance(model, str) else None
+
+
 def seed_variance_markdown(rows):
     """Compared models whose runs differ only in --seed (rows: (name, metrics, configuration
-    key or None)): mean±sd over the seeds and n of every average. Empty without such a group."""
-    groups = {}
+    key or None)): mean±sd over the seeds and, per column, n = the runs evaluated there. Two
+    evaluations of the same model directory count once (the first; a note says so): the same
+    run is not a second seed. Empty without a group of two runs or more."""
+    groups, first_of, repeats = {}, {}, []
     for name, metrics, config in rows:
-        if config is not None:
-            groups.setdefault(config, []).append((name, metrics))
+        if config is None:
+            continue
+        model = _same_model(metrics)
+        if model is not None and model in first_of:
+            repeats.append(f"{name} evaluates the same model as {first_of[model]} ({model}): "
+                           "counted once")
+            continue
+        first_of.setdefault(model, name)
+        groups.setdefault(config, []).append((name, metrics))
     groups = [g for g in groups.values() if len(g) > 1]
     if not groups:
-        return ""
+        return "".join(f"\n- note: {r}\n" for r in repeats)
     columns = [(s, key) for s in ("mlqa-dev", "mlqa-test") for key in ("gxlt", "xlt")
                if any(s in m for g in groups for _, m in g)]
     columns += [(s, "xlt") for s in ("xquad", "tydiqa") if any(s in m for g in groups for _, m in g)]
@@ -479,15 +512,18 @@ def seed_variance_markdown(rows):
         for split, key in columns:
             stats = [[v for v in (mean_of(m, split, key, metric) for _, m in g) if v is not None]
                      for metric in METRICS]
+            n = max(len(v) for v in stats)     # the runs evaluated on this split
             cells.append("/".join(f"{seed_summary(v)['mean']:.1f}±{seed_summary(v)['std']:.1f}"
-                                  if len(v) > 1 else "-" for v in stats))
+                                  if len(v) > 1 else "-" for v in stats) + f" (n={n})")
         table.append([", ".join(name for name, _ in g), len(g)] + cells)
-    header = ["runs (same configuration, other seeds)", "n"] + [
+    header = ["runs (same configuration, other seeds)", "runs"] + [
         f"{_split_title(s)} {'G-XLT' if k == 'gxlt' else 'XLT'}" for s, k in columns]
     return "\n".join(["", "## Seed variance: mean±sd over runs that differ only in --seed", "",
-                      "sd: the sample standard deviation (n - 1). A difference between two "
-                      "configurations smaller than a few sd of either is within seed noise.", "",
-                      _table(header, table), ""])
+                      "sd: the sample standard deviation (n - 1); n: the runs evaluated on that "
+                      "data (sd needs two). A difference between two configurations smaller "
+                      "than a few sd of either is within seed noise.", "",
+                      _table(header, table), ""] + [f"- note: {r}" for r in repeats] +
+                     [""] * bool(repeats))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +605,8 @@ def load_run(run_dir):
         selection += f" ({metrics['epoch']})"
     return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "mode": mode,
             "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
-            "config": _config_key(args), "metrics": metrics}
+            "config": _config_key(args), "metrics": metrics,
+            "run": os.path.realpath(os.path.dirname(os.path.abspath(args_path)))}
 
 
 def _config_key(args):
@@ -623,12 +660,15 @@ def _group_stat(group, split, key, metric):
 
 
 def _fmt_seeds(group, split, key):
-    """'F1/EM' of a group; with several seeds 'mean±sd' each (n is its own column)."""
+    """'F1/EM' of a group; with several seeds 'mean±sd' each (the seeds are their own column;
+    '(n=K)' when only K of them were evaluated on this split)."""
     stats = [_group_stat(group, split, key, m) for m in METRICS]
     if all(st is None for st in stats):
         return "-"
+    n = max(st["n"] for st in stats if st is not None)
     return "/".join("-" if st is None else f"{st['mean']:.1f}" +
-                    ("" if st["std"] is None else f"±{st['std']:.1f}") for st in stats)
+                    ("" if st["std"] is None else f"±{st['std']:.1f}") for st in stats) + \
+        (f" (n={n})" if n < len(group) else "")
 
 
 def sweep_markdown(runs):
@@ -737,6 +777,12 @@ def sweep_report(run_dirs, out_dir, fig5_t=None):
     if not run_dirs:
         raise InputError("--sweep: give at least one run directory")
     runs = [load_run(d) for d in run_dirs]
+    seen = {}
+    for r in runs:    # one run given twice (runs/X and runs/X/eval, a link) is not two seeds
+        if r["run"] in seen:
+            raise InputError(f"--sweep: {seen[r['run']]} and {r['dir']} are the same run "
+                             f"({r['run']}); give each run once")
+        seen[r["run"]] = r["dir"]
     text = sweep_markdown(runs)
     paths = [os.path.join(out_dir, "sweep.md")]
     atomic_write_text(paths[0], text)
@@ -749,5 +795,10 @@ def sweep_report(run_dirs, out_dir, fig5_t=None):
                 [(f"MLQA-dev G-XLT {METRICS[metric]}, {mode}", m)],
                 os.path.join(out_dir, f"{fig}_t_ntl_{stem}_{mode}.png"),
                 row_labels=[f"{t:g}" for t in ts], col_labels=ntls,
-                xlabel="number of target languages ntl", ylabel="temperature t"))
+                xlabel="number of target languages ntl", ylabel="temperature t",
+                cbar_label=f"MLQA-dev G-XLT {METRICS[metric]}"))
     return text, paths
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

@@ -32,10 +32,10 @@ import time
 import numpy as np
 import torch
 
-from common import InputError, Stopped, atomic_write_json, atomic_write_text
+from common import InputError, Stopped, atomic_write_json, atomic_write_text, not_a_script
 
 MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
-SCRIPTS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
+WRITERS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 SAVE_MINUTES = 30                           # --save-steps auto: a checkpoint every 30 minutes
 PROGRESS_EVERY_S = 120                      # a progress line this often when stderr is no terminal
@@ -52,7 +52,7 @@ def output_kind(path):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             with open(marker, encoding="utf-8") as f:
                 kind = json.load(f).get("kind")
-            return kind if kind in SCRIPTS else None
+            return kind if kind in WRITERS else None
         return None
 
     def has(*names):
@@ -77,7 +77,7 @@ def output_kind(path):
 
 def write_marker(directory, kind):
     atomic_write_json(os.path.join(directory, MARKER), {
-        "script": SCRIPTS[kind], "kind": kind,
+        "script": WRITERS[kind], "kind": kind,
         "created": datetime.datetime.now().isoformat(" ", "seconds")})
 
 
@@ -103,9 +103,9 @@ def check_output_dir(path, kind, overwrite=False, resume=False, inputs=(), optio
     if not os.path.isdir(out) or resume or not os.listdir(out):
         return out
     found = output_kind(out)
-    script = SCRIPTS[kind]
+    script = WRITERS[kind]
     if found != kind:
-        whose = f"an output of {SCRIPTS[found]}" if found else "not an output of this project"
+        whose = f"an output of {WRITERS[found]}" if found else "not an output of this project"
         raise InputError(f"{path}: {option} exists and is {whose}; {script} replaces only its "
                          f"own outputs (--overwrite): choose another {option}")
     if not overwrite:
@@ -488,3 +488,7 @@ class ProgressLines:
         if self.enabled and (final or time.time() - self.last >= PROGRESS_EVERY_S):
             self.last = time.time()
             print(text_fn(), flush=True)
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

@@ -14,21 +14,28 @@ resample draws the distinct units of all cells together, with replacement, as ma
 a drawn unit brings all its examples in every cell, so its weight is the number of times it was
 drawn. A cell's resampled statistic is the weighted mean of B - A over its examples; an
 aggregate's is the unweighted mean of its cells' statistics, exactly as the paper averages. The
-percentile interval of the resampled statistics is the confidence interval; the two-sided p-value
-is that of the null-centred bootstrap (the resampled differences, shifted to mean zero, are the
-null distribution):
+percentile interval of the resampled statistics is the confidence interval, and the two-sided
+p-value is read off the same percentile distribution (one construction, so "p < 0.05" if and
+only if "the 95% interval excludes 0", and the heat maps' dots agree with both): p is the
+smallest a at which the (1 - a) percentile interval excludes 0,
 
-    p = (1 + #{b : |d*_b - d| >= |d|}) / (n_resamples + 1)
+    p = 2 * min(u_low, 1 - u_high),   u_low = max{u : Q(u) <= 0},  u_high = min{u : Q(u) >= 0}
 
-which is 1 for an observed difference d = 0. Identical predictions give d = 0, p = 1 and the
-interval [0, 0].
+for Q the quantile function of the resamples (np.quantile's linear interpolation), i.e. about
+twice the share of resamples on the far side of 0. Identical predictions give d = 0, p = 1 and
+the interval [0, 0]. p is floored at 1 / n_resamples, the bootstrap's resolution (printed as
+"< 1e-4" for 10,000 resamples). (Until issue 16, p came from the null-centred bootstrap,
+|d* - d| >= |d|, a symmetric construction that disagreed with the percentile interval in 0.4-2.7%
+of comparisons near the 5% boundary.)
 
 Why resample instances and not examples. An instance's 49 pairs share their question and context
 (in translation) and their answer, so a model that gets it right in one pair tends to get it right
 in the others: the pairs are positively correlated. Resampling examples independently per pair
-would treat ~41,000 MLQA-test examples as ~41,000 independent draws, while the test set holds
-only ~12,000 instances; intervals of G-XLT would come out too narrow and p-values too small.
-Drawing instances keeps every correlation between pairs, and the aggregate's interval follows.
+would treat the ~160,000 examples of MLQA-test's 49 pair files as independent draws, while the
+test set holds only ~11,600 instances (~41,000 examples are in the 7 same-language files; an
+instance with k languages appears in k^2 pair files, k ~ 3.6 on average); intervals of G-XLT
+would come out too narrow and p-values too small. Drawing instances keeps every correlation
+between pairs, and the aggregate's interval follows.
 
 Why not the authors' Wilcoxon test. Their (unpublished) test runs scipy's Wilcoxon signed-rank
 test on the per-example F1 differences pooled over pairs. It (a) treats the examples of all
@@ -47,8 +54,9 @@ their own pair; about 1 in 20 pairs with no real difference will show p < 0.05.
 The computation is vectorised: per-(unit, cell) sums of B - A and example counts form a matrix
 [units, 2 * cells]; a chunk of resamples is a matrix of draw counts [chunk, units] (from
 `rng.integers` and one offset `np.bincount`), and one matrix product gives every cell's weighted
-sums for the chunk. MLQA-test size (49 cells, ~41k examples, ~12k units, 10,000 resamples) takes a
-few seconds. Results are deterministic for a seed (and a given numpy version and chunk size).
+sums for the chunk. MLQA-test size (49 cells, ~160k examples, ~11.6k units, 10,000 resamples)
+takes a few seconds. Results are deterministic for a seed (and a given numpy version and chunk
+size).
 """
 import math
 import numbers
@@ -56,15 +64,15 @@ import warnings
 
 import numpy as np
 
-from common import InputError
+from common import InputError, not_a_script
 
-N_RESAMPLES = 10_000        # bootstrap resamples; the p-value's resolution is 1 / (N + 1)
+N_RESAMPLES = 10_000        # bootstrap resamples; the p-value's resolution is 1 / N
 CONFIDENCE = 0.95           # two-sided percentile interval
 SEED = 0                    # np.random.default_rng seed; results are reproducible for a seed
 CHUNK_ELEMENTS = 8_000_000  # resamples x units per chunk: 64 MB per [chunk, units] int64 or
                             # float64 array, at most two alive at once: peak memory < ~300 MB
-TIE_TOLERANCE = 1e-9        # score units (0..100): resampled differences this close to the
-                            # p-value's boundary |d* - d| = |d| count as reaching it (rounding)
+TIE_TOLERANCE = 1e-9        # score units (0..100): resampled differences this close to 0 are
+                            # 0 (rounding must not put them on either side)
 WILCOXON_ZERO_METHOD = "wilcox"  # scipy's default (drop zero differences), as the authors ran it
 
 
@@ -224,18 +232,41 @@ def _resample(checked, aggregates, n_resamples, seed):
     return observed, resampled
 
 
-def _interval_and_p(observed, resampled, confidence):
-    """Percentile interval and null-centred two-sided p-value, ignoring NaN resamples."""
+def _percentile_p(sorted_values):
+    """Two-sided p of the percentile interval: the infimum of the levels a at which the
+    (1 - a) interval [Q(a/2), Q(1 - a/2)] excludes 0, for Q = np.quantile's default (linear)
+    interpolation of the sorted resamples. Q is continuous and non-decreasing, so the interval
+    excludes 0 exactly when a/2 > min(u_low, 1 - u_high), with u_low the largest u where
+    Q(u) <= 0 and u_high the smallest u where Q(u) >= 0: p = 2 * min(u_low, 1 - u_high),
+    clipped to [0, 1]. Hence p < a if and only if the (1 - a) interval excludes 0."""
+    x, n = sorted_values, len(sorted_values)
+
+    def crossing(k):  # the h in [k-1, k] where the line from x[k-1] < ... to x[k] reaches 0
+        return (k - 1) + (-x[k - 1]) / (x[k] - x[k - 1])
+
+    at_most = int(np.searchsorted(x, 0.0, side="right"))   # values <= 0
+    below = int(np.searchsorted(x, 0.0, side="left"))      # values < 0
+    if at_most == 0 or below == n:         # every resample on one side of 0: no level includes 0
+        return 0.0
+    u_low = 1.0 if at_most == n else crossing(at_most) / (n - 1)
+    u_high = 0.0 if below == 0 else crossing(below) / (n - 1)
+    return float(min(1.0, 2 * min(u_low, 1 - u_high)))
+
+
+def _interval_and_p(resampled, confidence):
+    """Percentile interval and its two-sided p (one construction, see _percentile_p), ignoring
+    NaN resamples. p is floored at 1/N for N resamples, the resolution of the bootstrap (the
+    report prints "< 1/N" there); p < 1 - confidence exactly when the interval excludes 0, for
+    any confidence whose 1 - confidence exceeds 1/N."""
     finite = resampled[np.isfinite(resampled)]
     if finite.size == 0:
         return [math.nan, math.nan], math.nan
+    # Differences that should be exactly 0 can come out as +-1e-14 after the weighted means:
+    # rounding must decide neither the interval's side of 0 nor p.
+    finite = np.sort(np.where(np.abs(finite) <= TIE_TOLERANCE, 0.0, finite))
     tail = (1 - confidence) / 2
     low, high = np.quantile(finite, [tail, 1 - tail])
-    # |d* - d| >= |d|: how often the null-centred distribution (d* - d) is at least as extreme
-    # as d. For d = 0 every resample counts and p = 1. Small cases put resamples exactly on the
-    # boundary (d* = 0 or 2d), where rounding must not decide.
-    extreme = np.count_nonzero(np.abs(finite - observed) >= abs(observed) - TIE_TOLERANCE)
-    p = (1 + extreme) / (finite.size + 1)
+    p = max(_percentile_p(finite), 1 / finite.size)
     return [float(low), float(high)], float(p)
 
 
@@ -248,7 +279,9 @@ def bootstrap_differences(cells, aggregates=None, n_resamples=N_RESAMPLES, seed=
         (G-XLT: all 49 MLQA pairs; XLT: the 7 same-language pairs).
     Returns {name: {"diff", "ci": [low, high], "p", "n", "units", "mean_a", "mean_b"}} for every
     cell, then every aggregate: diff = observed mean_b - mean_a; ci the percentile interval at
-    `confidence`; p the two-sided null-centred bootstrap p-value; n the number of examples; units
+    `confidence`; p the two-sided p of that percentile construction (p < 1 - confidence iff the
+    interval excludes 0; floored at 1/resamples); resamples the resamples in which the cell (or
+    aggregate) got weight; n the number of examples; units
     the number of distinct units (for an aggregate: over its cells; mean_a/mean_b are then the
     unweighted means of its cells' means, like diff).
     """
@@ -267,8 +300,9 @@ def bootstrap_differences(cells, aggregates=None, n_resamples=N_RESAMPLES, seed=
                        "mean_b": float(np.mean([facts[m]["mean_b"] for m in members]))}
     results = {}
     for name, diff in observed.items():
-        ci, p = _interval_and_p(diff, resampled[name], confidence)
-        results[name] = {"diff": diff, "ci": ci, "p": p, **facts[name]}
+        ci, p = _interval_and_p(resampled[name], confidence)
+        resamples = int(np.isfinite(resampled[name]).sum())
+        results[name] = {"diff": diff, "ci": ci, "p": p, "resamples": resamples, **facts[name]}
     return results
 
 
@@ -340,3 +374,7 @@ def seed_summary(values):
         raise InputError("seed summary: no values")
     std = float(np.std(x, ddof=1)) if x.size > 1 else None
     return {"mean": float(x.mean()), "std": std, "n": int(x.size)}
+
+
+if __name__ == "__main__":
+    not_a_script(__file__)

@@ -123,6 +123,20 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(target) == ["new.txt"]
 
 
+@pytest.mark.parametrize("module", ["common.py", "map_at_k.py", "significance.py", "report.py",
+                                    "prepare.py"])
+def test_common_library_modules_run_as_scripts_say_so(module):
+    """Issue 16 item 11: `python report.py --help` printed nothing and exited 0, although the
+    README says every script prints its usage: a library module says what it is, one line, exit
+    2; the scripts it names do print a usage."""
+    proc = run_script(module, "--help")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert f"{module} is a library module, not a script" in proc.stderr
+    for script in common.SCRIPTS:
+        assert script in proc.stderr and os.path.isfile(os.path.join(REPO, script))
+
+
 # ==================================================================================================
 # ==== rundir
 # rundir.py and its use in train_qa, distill, evaluate_mlqa: whose an output is (--overwrite),
@@ -1246,6 +1260,44 @@ def test_qa_model_dirs_that_do_not_load_are_one_quiet_error(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert err == "" and out.strip() == f"note: {not_qa} has no QA head; it starts newly " \
         "initialised (Sec. 4.1)"
+
+
+def _qa_closed_port():
+    with socket.socket() as s:      # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_qa_unreachable_hub_is_one_line_and_a_cached_model_still_loads(tmp_path):
+    """Issue 16 item 12: a hub name with no network (HF_HUB_OFFLINE unset) printed ~11 lines of
+    huggingface_hub retries over 15-30 s before the error; now the hub is probed once and, when
+    it does not answer, only the local cache is used: one line, or the cached model."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    port = _qa_closed_port()
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}",
+               TOKENIZERS_PARALLELISM="false")
+    ask = [sys.executable, "evaluate_mlqa.py", "--question", "Who?", "--context", "Bob went home."]
+    run = lambda *args, **extra: subprocess.run(  # noqa: E731
+        [*ask, *args], cwd=REPO, env=dict(env, **extra), capture_output=True, text=True,
+        timeout=120)
+    proc = run("--model", "bert-base-multilingual-cased")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "not in the local Hugging Face cache" in proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and "Retry" not in proc.stderr
+    proc = run("--model", "bert-base-multilingual-cased", HF_HUB_OFFLINE="1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "HF_HUB_OFFLINE is set" in proc.stderr
+    # a model in the cache (the hub's layout: refs/main names the snapshot) loads without the hub
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-qa" / "snapshots" / "abc123"
+    model, tok = train_qa.load_model_and_tokenizer("tiny", ["Who? Bob went home."] * 4)
+    train_qa.save_model(model, tok, str(snapshot))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    proc = run("--model", "org/tiny-qa")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["answer"] in "Bob went home."
 
 
 def test_qa_two_process_gloo(tmp_path):
@@ -2533,6 +2585,18 @@ def test_distill_ce_only_runs_no_teacher(tmp_path):
     assert _distill_state(out)["teacher"] is None
 
 
+def test_distill_plain_skd_writes_no_alpha_figure(tmp_path):
+    """Issue 16 item 9: without --map-k, a_kl = 1 throughout; alpha.png would be a flat line
+    titled "mAP@k coefficient", so it is not written (the --map-k run's is: see above)."""
+    out = str(tmp_path / "skd")
+    argv = [a for a in DISTILL_TINY if a != "--map-k"]
+    assert _distill_main(argv + ["--epochs", "1", "--output-dir", out])[0] == 0
+    rows = distill.read_log(os.path.join(out, "train_log.jsonl"))
+    assert rows and all(r["alpha"] == 1.0 for r in rows)    # what the figure would have shown
+    assert os.path.isfile(os.path.join(out, "config.json"))
+    assert not os.path.exists(os.path.join(out, "alpha.png"))
+
+
 def test_distill_two_process_gloo(tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -2812,7 +2876,9 @@ def test_score_matches_reference_on_random_predictions(lang, capsys):
     flat = evaluate_mlqa.evaluate_predictions(examples, predictions, lang, report_unanswered=False)
     assert flat == ours
     unanswered = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(unanswered) == len(examples) - len(predictions)
+    missing = len(examples) - len(predictions)
+    shown = min(missing, evaluate_mlqa.UNANSWERED_SHOWN)
+    assert len(unanswered) == shown + (missing > shown)      # a few by id, then the count
     assert unanswered[0].startswith("Unanswered question ") and unanswered[0].endswith(
         " will receive score 0.")
 
@@ -2856,7 +2922,31 @@ def test_score_cli_drop_in_matches_reference(lang, tmp_path):
     ref = ref_evaluate(dataset["data"], predictions, lang)
     assert abs(scores["exact_match"] - ref["exact_match"]) < 1e-9
     assert abs(scores["f1"] - ref["f1"]) < 1e-9
-    assert proc.stderr.count("Unanswered question") == len(examples) - len(predictions)
+    missing = len(examples) - len(predictions)
+    assert proc.stderr.count("Unanswered question") == min(missing, evaluate_mlqa.UNANSWERED_SHOWN)
+    if missing > evaluate_mlqa.UNANSWERED_SHOWN:
+        assert f"{missing} of {len(examples)} questions" in proc.stderr
+
+
+def test_score_cli_many_unanswered_prints_a_few_and_a_count(tmp_path):
+    """Issue 16 item 9: predictions for 100 of XQuAD's 1,190 ids printed 1,090 stderr lines;
+    now the first few ids and one count line, stdout the official JSON line unchanged."""
+    dataset_file = os.path.join(XQUAD_DIR, "xquad.en.json")
+    examples = common.load_squad_examples(dataset_file)
+    assert len(examples) == 1190
+    predictions = {ex["id"]: ex["answers"][0]["text"] for ex in examples[:100]}
+    pred_file = tmp_path / "pred.json"
+    pred_file.write_text(json.dumps(predictions), encoding="utf-8")
+    proc = run_script("evaluate_mlqa.py", dataset_file, str(pred_file), "en")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"exact_match": 100 * 100 / 1190, "f1": 100 * 100 / 1190}
+    assert proc.stdout.count("\n") == 1
+    err = proc.stderr.strip().splitlines()
+    shown = evaluate_mlqa.UNANSWERED_SHOWN
+    assert len(err) == shown + 1
+    assert err[:shown] == [f"Unanswered question {ex['id']} will receive score 0."
+                           for ex in examples[100:100 + shown]]
+    assert f"1090 of 1190 questions of {dataset_file} unanswered" in err[-1]
 
 
 def _write(path, text):
@@ -3154,9 +3244,10 @@ def test_eval_compare_writes_significance_and_marks_summary(eval_env, tmp_path, 
     assert "| en | +100.0* | +0.0 |" in summary          # the starred pair of the F1 matrix
     for name in ("fig3_mlqa_f1_diff_model-b.png", "fig9_mlqa_em_diff_model-b.png"):
         assert os.path.getsize(out / name) > 1000
-    # the same evaluation twice: no difference anywhere
-    same = tmp_path / "same"
-    _eval_main(["--compare", a, a, "--output-dir", str(same), "--bootstrap", "500"])
+    # identical predictions (a copy of an evaluation): no difference anywhere
+    same, copy = tmp_path / "same", str(tmp_path / "a-copy")
+    shutil.copytree(a, copy)
+    _eval_main(["--compare", a, copy, "--output-dir", str(same), "--bootstrap", "500"])
     (c,) = json.loads((same / "significance.json").read_text())["comparisons"]
     for metric in ("f1", "exact_match"):
         for r in [c["mlqa-dev"][metric]["gxlt"], c["mlqa-dev"][metric]["xlt"],
@@ -3206,6 +3297,129 @@ def test_eval_compare_groups_runs_that_differ_only_in_seed(eval_env, tmp_path, c
     # G-XLT F1 per seed: 100/49, 200/49, 0 -> mean 2.04, sd 2.04
     assert "| run-s1, run-s2, run-s3 | 3 | 2.0±2.0/" in section
     assert len(json.loads((tmp_path / "o" / "significance.json").read_text())["comparisons"]) == 2
+
+
+def test_eval_compare_missing_input_blames_its_own_option(eval_env, tmp_path, capsys):
+    """Issue 16 item 7: a --compare path that does not exist is blamed on --compare (it used
+    to say --baseline), a --baseline one on --baseline; one line, exit 2."""
+    a = _eval_fake_eval_dir(tmp_path, "a", eval_env)
+    missing = str(tmp_path / "nonexist" / "eval")
+    for argv, option in ((["--compare", missing, a], "--compare"),
+                         (["--compare", a, "--baseline", missing], "--baseline")):
+        with pytest.raises(SystemExit) as e:
+            _eval_main([*argv, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{missing}: {option}: not found" in err
+        other = {"--compare": "--baseline", "--baseline": "--compare"}[option]
+        assert other not in err
+    # a model directory given to --compare names --compare too
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        _eval_main(["--compare", a, str(tmp_path / "model"), "--output-dir", str(tmp_path / "o")])
+    assert "--compare got a model directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_compare_duplicates_are_not_seeds(eval_env, tmp_path, capsys):
+    """Issue 16 item 8: the same evaluation twice (same path, its metrics.json, a link) is a
+    user error; the --baseline met again among --compare (a glob) is compared once; the same
+    model evaluated into two directories is two rows but one run in the seed table."""
+    runs, evals = {}, {}
+    for seed, answered in ((1, ("en-en",)), (2, ("en-en", "de-de"))):
+        runs[seed] = tmp_path / f"run-s{seed}"
+        runs[seed].mkdir()
+        (runs[seed] / "args.json").write_text(json.dumps({"ntl": 5, "t": 2.0, "seed": seed}))
+        evals[seed] = _eval_fake_eval_dir(tmp_path, f"eval-s{seed}", eval_env, answered,
+                                          str(runs[seed]))
+    os.symlink(evals[1], tmp_path / "link")
+    for dup in (evals[1], os.path.join(evals[1], "metrics.json"), str(tmp_path / "link"),
+                evals[1] + os.sep):
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--compare", evals[1], evals[2], dup, "--output-dir",
+                        str(tmp_path / "o"), "--bootstrap", "0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "same evaluation" in err and "--compare" in err
+        assert not (tmp_path / "o").exists()
+    # seed 1's model evaluated again elsewhere: a row of its own, but not a third seed
+    again = _eval_fake_eval_dir(tmp_path, "eval-s1-again", eval_env, ("en-en",), str(runs[1]))
+    _eval_main(["--compare", evals[1], evals[2], again, "--output-dir", str(tmp_path / "o"),
+                "--bootstrap", "0"])
+    text = capsys.readouterr().out
+    section = text.split("## Seed variance")[1]
+    # G-XLT F1 100/49 and 200/49: mean 3.06, sd 1.44 over n=2 (three values: 2.7±1.2, n=3)
+    assert "| run-s1, run-s2 | 2 | 3.1±1.4/" in section and "(n=2)" in section
+    assert "run-s1 (2) evaluates the same model as run-s1" in section
+    assert "(n=3)" not in section
+    # the baseline inside the --compare list: compared once
+    _eval_main(["--compare", evals[1], evals[2], "--baseline", evals[1], "--output-dir",
+                str(tmp_path / "o2"), "--bootstrap", "200"])
+    text = capsys.readouterr().out
+    comparisons = json.loads((tmp_path / "o2" / "significance.json").read_text())["comparisons"]
+    assert [(c["a"], c["b"]) for c in comparisons] == [("run-s1", "run-s2")]
+    assert f"{evals[1]} is the --baseline; compared once" in text
+
+
+def test_eval_sweep_refuses_the_same_run_twice(tmp_path, capsys):
+    """Issue 16 item 8 in --sweep: a run given twice (or through a link) is not two seeds."""
+    runs = _eval_sweep_dirs(tmp_path)
+    os.symlink(runs[0], tmp_path / "link")
+    for dup in (runs[0], str(tmp_path / "link")):
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", *runs, dup, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "are the same run" in err and "--sweep" in err
+        assert not (tmp_path / "o").exists()
+
+
+def test_eval_compare_two_draws_the_resamples_once_for_f1_and_em(eval_env, tmp_path,
+                                                                   monkeypatch):
+    """Issue 16 item 10: compare_two resamples the instances once for both metrics (it drew
+    them twice); the results equal two separate bootstraps with the same seed."""
+    a = _eval_fake_eval_dir(tmp_path, "a", eval_env)
+    b = _eval_fake_eval_dir(tmp_path, "b", eval_env, answer_pairs=("en-en", "de-es"))
+    args = evaluate_mlqa.parse_args(["--compare", a, b, "--output-dir", "x"])[0]
+    runs = [evaluate_mlqa._compared(p, "--compare") for p in (a, b)]
+    gold = evaluate_mlqa._gold_for(*runs, args)
+    calls = []
+    real = sig._draw_counts
+    monkeypatch.setattr(sig, "_draw_counts", lambda *x: calls.append(x) or real(*x))
+    result = evaluate_mlqa.compare_two(*runs, gold, 300, 4)
+    assert len(calls) == 1                        # one chunk of 300 resamples, F1 and EM alike
+    for m, metric in enumerate(("f1", "exact_match")):
+        scores = [{key: {qid: v[m] for qid, v in evaluate_mlqa.example_scores(
+            exs, run["predictions"]["mlqa-dev"][key], lang).items()}
+            for key, (exs, lang) in gold["mlqa-dev"].items()} for run in runs]
+        alone = sig.bootstrap_differences(sig.align_cells(*scores), evaluate_mlqa._aggregates(
+            "mlqa-dev", list(gold["mlqa-dev"])), 300, 4)
+        got = result["mlqa-dev"][metric]
+        for key in ("en-en", "de-es", "zh-vi"):
+            assert got["pairs"][key] == alone[key]
+        assert {k: v for k, v in got["gxlt"].items() if k != "wilcoxon_p"} == alone["gxlt"]
+
+
+def test_eval_help_groups_the_options_by_mode():
+    """Issue 16 item 11: --sweep, --compare and --question were listed under "model mode"."""
+    proc = run_script("evaluate_mlqa.py", "--help")
+    assert proc.returncode == 0
+    sections = {}
+    for block in proc.stdout.split("\n\n"):
+        title, _, body = block.partition(":\n")
+        sections[title.strip()] = body
+    def section(prefix):  # the options a section lists (not those its help texts mention)
+        (found,) = [body for title, body in sections.items() if title.startswith(prefix)]
+        return set(re.findall(r"^  (--[a-z0-9-]+)", found, flags=re.M))
+    model = section("model mode")
+    for option in ("--sweep", "--compare", "--question", "--context", "--bootstrap", "--fig5-t"):
+        assert option not in model, option
+    assert "--model" in model and "--baseline" in model
+    assert "--compare" in section("comparison") and "--bootstrap" in section("comparison")
+    assert "--sweep" in section("sweep") and "--fig5-t" in section("sweep")
+    assert "--question" in section("one question") and "--context-file" in section("one question")
+    assert "--mlqa-dir" in section("data locations")
 
 
 def test_eval_question_mode_answers_through_predict(eval_env, capsys, tmp_path):
@@ -3319,22 +3533,33 @@ def test_eval_feature_cache_gives_the_same_predictions(eval_env):
 # ==================================================================================================
 
 
-def mlqa_sized_fixture(n_units=12_000, n_examples=41_000, seed=1):
-    """49 pair cells over shared instance ids, ~n_examples examples in all; B beats A on ~10%."""
+def mlqa_sized_fixture(n_units=11_600, seed=1):
+    """MLQA-test-shaped cells: every unit (instance) has English plus Binomial(6, 0.44) other
+    languages (bench.MLQA_OTHER_LANGUAGES) and one example in each of the k^2 pair cells of its k
+    languages (~14.7 examples per unit); an instance's difficulty is shared by its pairs (they
+    are correlated, as in MLQA); B beats A on ~10% of the examples."""
     rng = np.random.default_rng(seed)
+    members = {key: [] for key in (f"{q}-{c}" for q in LANGS7 for c in LANGS7)}
+    for u in range(n_units):
+        langs = ["en"] + list(rng.choice(LANGS7[1:], size=rng.binomial(*bench.MLQA_OTHER_LANGUAGES),
+                                         replace=False))
+        easy = rng.beta(1.1, 0.9)
+        for q, c in itertools.product(langs, langs):
+            members[f"{q}-{c}"].append((u, easy))
     cells = {}
-    for q, c in itertools.product(LANGS7, LANGS7):
-        ids = np.flatnonzero(rng.random(n_units) < n_examples / 49 / n_units)
-        a = rng.choice([0.0, 50.0, 100.0], size=len(ids))
-        b = np.where(rng.random(len(ids)) < 0.1, 100.0, a)
-        cells[f"{q}-{c}"] = ([f"q{i}" for i in ids], a, b)
+    for key, rows in members.items():
+        units = np.array([u for u, _ in rows], dtype=int)
+        easy = np.array([e for _, e in rows])
+        a = np.where(rng.random(len(rows)) < easy, 100.0, rng.choice([0.0, 50.0], size=len(rows)))
+        b = np.where(rng.random(len(rows)) < 0.1, 100.0, a)
+        cells[key] = ([f"q{i}" for i in units], a, b)
     aggregates = {"g_xlt": list(cells), "xlt": [f"{l}-{l}" for l in LANGS7]}
     return cells, aggregates
 
 
 # The observed difference, p and interval
 def test_significance_identical_predictions_give_zero_difference_p_one_and_zero_interval():
-    cells, aggregates = mlqa_sized_fixture(n_units=300, n_examples=2000)
+    cells, aggregates = mlqa_sized_fixture(n_units=300)
     cells = {name: (units, a, a.copy()) for name, (units, a, _) in cells.items()}
     results = sig.bootstrap_differences(cells, aggregates, n_resamples=500)
     assert set(results) == set(cells) | set(aggregates)
@@ -3379,7 +3604,7 @@ def test_significance_the_sign_follows_b_minus_a():
 
 
 def test_significance_deterministic_for_a_seed_and_different_across_seeds():
-    cells, aggregates = mlqa_sized_fixture(n_units=500, n_examples=3000)
+    cells, aggregates = mlqa_sized_fixture(n_units=500)
     first = sig.bootstrap_differences(cells, aggregates, n_resamples=1000, seed=7)
     again = sig.bootstrap_differences(cells, aggregates, n_resamples=1000, seed=7)
     other = sig.bootstrap_differences(cells, aggregates, n_resamples=1000, seed=8)
@@ -3444,17 +3669,80 @@ def test_significance_interval_and_p_come_from_the_resampled_distribution():
                    [100, 0, 100, 100, 0, 50, 100])}
     observed, boot = sig.resample_differences(cells, n_resamples=3000, seed=5)
     r = sig.bootstrap_differences(cells, n_resamples=3000, seed=5, confidence=0.9)["x"]
-    d = observed["x"]
     assert r["ci"] == pytest.approx(list(np.quantile(boot["x"], [0.05, 0.95])))
-    assert r["p"] == pytest.approx((1 + np.sum(np.abs(boot["x"] - d) >= abs(d))) / 3001)
+    # p: the level at which the percentile interval reaches 0, ~ twice the share of resamples at
+    # or below 0 here (d > 0), up to the interpolation between two neighbouring resamples
+    share = np.mean(boot["x"] <= 1e-9)
+    assert observed["x"] > 0 and 0.01 < share < 0.5
+    assert abs(r["p"] - 2 * share) <= 2 / 2999 + 1e-12
+    assert r["resamples"] == 3000
 
 
-def test_significance_a_resample_on_the_p_value_boundary_counts_despite_rounding():
-    d = 0.1 * 3                   # 0.30000000000000004; a resample of 0.6 = 2d lies on the
-                                  # boundary |d* - d| = |d|
-    assert abs(0.6 - d) < abs(d)  # ... but rounding puts it just inside
-    _, p = sig._interval_and_p(d, np.array([0.6, 0.35]), 0.95)
-    assert p == pytest.approx((1 + 1) / 3)
+def _p_by_bisection(resampled):
+    """The smallest two-sided level a at which np.quantile's (1 - a) percentile interval
+    excludes 0, found plainly by bisection on np.quantile itself."""
+    excludes = lambda a: (np.quantile(resampled, a / 2) > 0 or  # noqa: E731
+                          np.quantile(resampled, 1 - a / 2) < 0)
+    if not excludes(1.0):
+        return 1.0
+    low, high = 0.0, 1.0                                  # excludes(high) holds
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (low, mid) if excludes(mid) else (mid, high)
+    return high
+
+
+def test_significance_p_below_a_level_iff_that_interval_excludes_zero_in_random_cases():
+    """Issue 16 item 10: the p-value and the interval are one construction: over many random
+    comparisons (discrete scores with ties, identical models, tiny and larger cells, aggregates,
+    random levels), p < 1 - confidence exactly when the percentile interval excludes 0, and p
+    is the smallest level at which it does (bisection on np.quantile)."""
+    rng = np.random.default_rng(16)
+    checked = disagree_before = 0
+    for case in range(250):
+        n_units = int(rng.integers(2, 40))
+        cells = {}
+        for c in range(int(rng.integers(1, 4))):
+            units = rng.integers(0, n_units, size=int(rng.integers(1, 3 * n_units)))
+            a = rng.choice([0.0, 50.0, 100.0, 100 / 3], size=len(units))
+            flip = rng.random(len(units)) < rng.uniform(0, 0.6)
+            b = np.where(flip, rng.choice([0.0, 100.0, 200 / 3], size=len(units)), a)
+            cells[f"c{c}"] = (units.tolist(), a, a.copy() if case % 10 == 0 else b)
+        aggregates = {"all": list(cells)} if len(cells) > 1 else None
+        n = int(rng.integers(50, 600))
+        seed = int(rng.integers(1000))
+        observed, boot = sig.resample_differences(cells, aggregates, n_resamples=n, seed=seed)
+        by_level = {}
+        for confidence in (0.8, 0.9, 0.95, 0.99, float(rng.uniform(0.5, 0.99))):
+            for name, r in sig.bootstrap_differences(cells, aggregates, n, seed,
+                                                     confidence).items():
+                by_level.setdefault(name, set()).add(r["p"])
+                if 1 - confidence > 1 / r["resamples"]:
+                    assert (r["p"] < 1 - confidence) == sig.excludes_zero(r), (case, name, r)
+                    checked += 1
+                # the null-centred p used before: how often it disagreed with the interval
+                d, finite = observed[name], boot[name][np.isfinite(boot[name])]
+                old = (1 + np.sum(np.abs(finite - d) >= abs(d) - 1e-9)) / (finite.size + 1)
+                disagree_before += (old < 1 - confidence) != sig.excludes_zero(r)
+        for name, ps in by_level.items():
+            assert len(ps) == 1                               # p does not depend on the level
+            finite = boot[name][np.isfinite(boot[name])]
+            finite = np.where(np.abs(finite) <= sig.TIE_TOLERANCE, 0.0, finite)
+            expected = max(_p_by_bisection(finite), 1 / finite.size)
+            assert ps.pop() == pytest.approx(expected, abs=1e-9), (case, name)
+    assert checked > 1500
+    assert disagree_before > 0            # the old construction does disagree on these cases
+
+
+def test_significance_resamples_within_rounding_of_zero_count_as_zero():
+    # 0.1 * 3 - 0.3 = 5.6e-17: a resample that is 0 but for rounding must not make the interval
+    # exclude 0 (nor p small): both see it as 0
+    tiny = 0.1 * 3 - 0.3
+    assert tiny > 0
+    ci, p = sig._interval_and_p(np.array([tiny] * 50 + [0.5] * 50), 0.95)
+    assert ci[0] == 0.0 and not sig.excludes_zero({"ci": ci}) and p >= 0.05
+    ci, p = sig._interval_and_p(np.array([0.5] * 100), 0.95)   # all on one side: the floor
+    assert ci == [0.5, 0.5] and p == 1 / 100
 
 
 # Units are resampled jointly across cells; aggregates
@@ -3502,7 +3790,9 @@ def test_significance_mlqa_sized_fixture_runs_and_pools_to_narrower_intervals():
     cells, aggregates = mlqa_sized_fixture()
     r = sig.bootstrap_differences(cells, aggregates, n_resamples=300)
     assert r["g_xlt"]["n"] == sum(len(u) for u, _, _ in cells.values())
-    assert 11_000 < r["g_xlt"]["units"] <= 12_000
+    assert r["g_xlt"]["n"] / 11_600 == pytest.approx(14.73, rel=0.03)   # ~170k examples
+    assert r["xlt"]["n"] / 11_600 == pytest.approx(3.64, rel=0.02)      # ~42k same-language
+    assert r["g_xlt"]["units"] == 11_600
     width = {name: r[name]["ci"][1] - r[name]["ci"][0] for name in r}
     assert width["g_xlt"] < width["xlt"] < min(width[c] for c in cells)
     expected = np.mean([np.mean(b - a) for _, a, b in cells.values()])
@@ -3817,6 +4107,75 @@ def test_report_sweep_fig5_temperature_choice(tmp_path):
     assert _eval_png_size(path)[0] == 2 * int(report.FIGSIZE[0] * report.DPI)
 
 
+def test_report_p_at_the_bootstrap_floor_prints_as_less_than_one_over_n():
+    """Issue 16 item 10: a p at its floor 1/N said "1.0e-04"; it is "< 1e-4" (generally < 1/N)."""
+    assert report._p(1e-4, 10_000) == "< 1e-4"
+    assert report._p(1e-3, 1000) == "< 1e-3"
+    assert report._p(1 / 300, 300) == "< 1/300"
+    assert report._p(0.0312, 10_000) == "0.0312"
+    assert report._p(2e-4, 10_000) == "0.0002" and report._p(None) == "-"
+    # end to end: B always right where A never is: every resample on one side
+    cells = {"en-en": (["q1", "q2", "q3"], [0.0, 0.0, 0.0], [100.0, 100.0, 100.0])}
+    r = sig.bootstrap_differences(cells, {"gxlt": ["en-en"], "xlt": ["en-en"]}, n_resamples=10_000)
+    assert r["gxlt"]["p"] == 1e-4 and r["gxlt"]["resamples"] == 10_000
+    comparison = {"a": "A", "b": "B", "mlqa-dev": {m: {"pairs": {"en-en": r["en-en"]},
+                                                       "gxlt": r["gxlt"], "xlt": r["xlt"]}
+                                                   for m in ("f1", "exact_match")}}
+    text = report.significance_markdown([comparison])
+    assert "| < 1e-4 |" in text and "1.0e-04" not in text
+
+
+def test_report_seed_table_n_counts_only_runs_evaluated_on_the_split():
+    """Issue 16 item 10: three seeds, one of them evaluated on MLQA-test too: the test column
+    says n=1, the dev column n=3 (the table's n was 3 for both)."""
+    rows = []
+    for seed, f1 in ((1, 40.0), (2, 42.0), (3, 44.0)):
+        pairs = {k: dict(v, f1=f1) for k, v in _eval_fake_pairs().items()}
+        metrics = {"model": f"/runs/s{seed}", "mlqa-dev": {"pairs": pairs}}
+        if seed == 1:
+            metrics["mlqa-test"] = {"pairs": pairs}
+        rows.append((f"s{seed}", metrics, "config"))
+    text = report.seed_variance_markdown(rows)
+    row = [line for line in text.splitlines() if line.startswith("| s1, s2, s3")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = [c.strip() for c in [line for line in text.splitlines()
+                                  if line.startswith("| runs")][0].strip("|").split("|")]
+    by = dict(zip(header, cells))
+    assert by["runs"] == "3"
+    assert by["MLQA-dev G-XLT"].startswith("42.0±2.0/") and by["MLQA-dev G-XLT"].endswith("(n=3)")
+    assert by["MLQA-test G-XLT"] == "-/- (n=1)"
+
+
+def test_report_heatmaps_share_one_labelled_colour_scale_per_figure(monkeypatch, tmp_path):
+    """Issue 16 item 9: dev and test side by side are comparable: one colour range for all
+    panels of a figure (each panel used to get its own), one colour bar, labelled."""
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    dev = {k: dict(v, f1=v["f1"] - 20) for k, v in _eval_fake_pairs().items()}   # a lower range
+    metrics = {"mlqa-dev": {"pairs": dev}, "mlqa-test": {"pairs": _eval_fake_pairs(1)}}
+    report.pair_heatmaps(metrics, str(tmp_path))
+    baseline = {s: {"pairs": _eval_fake_pairs(-5)} for s in metrics}
+    report.difference_heatmaps(metrics, baseline, str(tmp_path), name="B", baseline_name="A")
+    for fig, metric, label in zip(figures, ["f1", "exact_match"] * 2,
+                                  ["F1 (0-100)", "EM (0-100)", "F1 difference, B - A",
+                                   "EM difference, B - A"]):
+        panels = [ax for ax in fig.axes if ax.images]
+        bars = [ax for ax in fig.axes if not ax.images]
+        assert len(panels) == 2 and len(bars) == 1
+        assert bars[0].get_ylabel() == label
+        norms = {(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in panels}
+        assert len(norms) == 1                                   # one scale for both panels
+        (vmin, vmax), = norms
+        values = np.concatenate([np.asarray(ax.images[0].get_array()).ravel() for ax in panels])
+        if "difference" in label:
+            assert vmin == -vmax == -np.abs(values).max()
+        else:
+            assert (vmin, vmax) == (values.min(), values.max())
+            own = [(float(np.min(ax.images[0].get_array())),
+                    float(np.max(ax.images[0].get_array()))) for ax in panels]
+            assert own[0] != own[1]                               # the panels' own ranges differ
+
+
 def test_report_difference_heatmap_marks_significant_cells_with_a_legend(monkeypatch, tmp_path):
     figures = []
     monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig) or path)
@@ -3864,11 +4223,17 @@ def test_bench_reference_extract_finds_best_valid_span():
     assert (window, a, b) == (0, 0, 6) and score == 14.0     # tokens 2..3; 5..3 (17) is no span
 
 
-def test_bench_significance_at_mlqa_test_size(capsys):
-    bench.main(["--significance", "--reps", "1"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["significance"]
-    assert result["pairs"] == 49 and result["units"] == 11_600 and result["examples"] > 40_000
-    assert result["ci"][0] <= result["gxlt_f1_diff"] <= result["ci"][1] and result["seconds"] > 0
+def test_bench_significance_fixture_has_mlqa_test_shape():
+    """Issue 16 item 10: an instance has English plus Binomial(6, 0.44) other languages and is in
+    k^2 pair files: E[k] = 3.64, E[k^2] = 6 * 0.44 * 0.56 + 3.64^2 = 14.73, so MLQA-test's
+    ~11.6k instances fill the 7 same-language files with ~42k examples, the 49 with ~170k. (A
+    smaller fixture here; `bench.py --significance` runs the full 11,600.)"""
+    n_ids = 2000
+    result = bench.bench_significance(300, 1, n_ids=n_ids)
+    assert result["pairs"] == 49 and result["units"] == n_ids and result["seconds"] > 0
+    assert result["same_language_examples"] / n_ids == pytest.approx(3.64, rel=0.04)
+    assert result["examples"] / n_ids == pytest.approx(14.73, rel=0.06)
+    assert result["ci"][0] <= result["gxlt_f1_diff"] <= result["ci"][1]
 
 
 def test_bench_quick_runs_and_prints_json(capsys):

@@ -172,6 +172,36 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
+HUB_PROBE_TIMEOUT = 5  # seconds: is the model hub reachable at all? (else huggingface_hub retries
+                       # a dead connection 5 times with back-off, ~15-30 s of warnings, then fails)
+
+
+def _hub_offline(timeout=HUB_PROBE_TIMEOUT):
+    """None when the model hub (HF_ENDPOINT, default https://huggingface.co) may be used, else
+    why not, in a few words: offline mode is set, or the hub does not answer. Any HTTP answer,
+    even an error status, counts as reachable; proxies are honoured (urllib reads the same
+    *_PROXY variables as the hub client)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    from huggingface_hub import constants
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "on", "yes", "true"):
+            return f"{var} is set"
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):   # it answered; certificates are the hub's business
+            return None
+        return f"{constants.ENDPOINT}: {e.reason}"
+    except (OSError, ValueError) as e:           # a timeout, a reset, a malformed HF_ENDPOINT
+        return f"{constants.ENDPOINT}: {_first_line(e)}"
+    return None
+
+
 def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=False):
     """`tiny` / `tiny-xlmr`: a random small BERT / XLM-R + a tokenizer trained on `texts`; else a
     hub name or a local dir (AutoModelForQuestionAnswering + fast AutoTokenizer), loaded quietly
@@ -179,7 +209,9 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
     QA head would be freshly initialised (not a fine-tuned QA model) is an InputError; without it
     (phase 1 starts from a pre-trained encoder), a one-line note says the head is new. A directory
     that does not load (no or corrupt weights, shapes that do not match its config), a model type
-    without a QA head class, or a tokenizer that is not fast (no character offsets) is an InputError."""
+    without a QA head class, or a tokenizer that is not fast (no character offsets) is an
+    InputError. A hub name when the hub cannot be used (offline mode, or no answer within HUB_PROBE_TIMEOUT)
+    loads from the local cache only: found, it loads; not, one line at once (no retries)."""
     import transformers
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
@@ -197,22 +229,30 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
         raise InputError(f"{path}: " + ("not a model directory (no config.json)"
                                         if os.path.isdir(path) else "no such model directory"))
     torch.manual_seed(seed)              # a new QA head (from a base model) is drawn from it
+    # A hub name with no network: probe once, then use the local cache only (one line, at once).
+    offline = None if local else _hub_offline()
+    hub = {"local_files_only": True} if offline else {}
     with quiet_transformers(progress_bars=not local):
         try:
-            config = AutoConfig.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(name_or_path, **hub)
         except (OSError, ValueError, KeyError) as e:
+            if offline:
+                raise InputError(f"{name_or_path}: not in the local Hugging Face cache, and the "
+                                 f"model hub is not reachable ({offline}); fetch it once where "
+                                 "there is a network, or pass a local model directory") from None
             raise InputError(f"{name_or_path}: cannot read its model config ({_first_line(e)})") from None
         if type(config) not in MODEL_FOR_QUESTION_ANSWERING_MAPPING:
             raise InputError(f"{name_or_path}: model type '{config.model_type}' has no question-answering "
                              f"head class in transformers {transformers.__version__}")
         try:
             model, info = AutoModelForQuestionAnswering.from_pretrained(
-                name_or_path, config=config, attn_implementation="sdpa", output_loading_info=True)
+                name_or_path, config=config, attn_implementation="sdpa", output_loading_info=True,
+                **hub)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise InputError(f"{name_or_path}: cannot load a question-answering model "
                              f"({_first_line(e)})") from None
         try:              # a malformed tokenizer.json fails with a bare Exception (or ImportError)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub)
         except Exception as e:  # noqa: BLE001 - any failure here is about the user's files
             raise InputError(f"{name_or_path}: cannot load its tokenizer, files missing or "
                              f"malformed ({_first_line(e.__context__ or e)})") from None
