@@ -335,6 +335,8 @@ def test_rundir_unwritable_output_is_one_line_before_any_work(uninterrupted, tmp
                                   "--output-dir", ro / "c"], "Read-only"),
             ("evaluate_mlqa.py", ["--sweep", model, "--output-dir", ro / "s"], "Read-only"),
             ("sample.py", ["--ntl", "1", "--output", ro / "s.json"], "Read-only"),
+            ("data/download.py", ["squad", "--data-dir", ro / "data", "--base-url",
+                                  "http://127.0.0.1:9"], "Read-only"),          # before fetching
             ("train_qa.py", PHASE1_TINY + ["--output-dir", full / "p1"], "free"),   # room, known
             ("distill.py", RUN_TINY + ["--output-dir", full / "p2"], "free"),       # from the model
             ("sample.py", ["--ntl", "6", "--output", full / "s.json"], "No space left"),
@@ -415,14 +417,20 @@ def test_rundir_kill9_after_a_save_steps_checkpoint_resumes_bitwise(uninterrupte
 
 def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    first = _script("distill.py", RUN_TINY + ["--output-dir", out])
-    _wait_for_rows(str(out / "train_log.jsonl"), 1, first)
-    for extra in ([], ["--resume"], ["--overwrite"]):
-        second = _run("distill.py", RUN_TINY + ["--output-dir", out] + extra)
-        assert second.returncode == 2
-        _one_error_line(second.stderr, "in use by another run", f"pid {first.pid}")
-    r = _finish(first)
-    assert r.returncode == 0, r.stderr[-2000:]
+    held = rundir.Lock(str(out) + ".lock")               # a run in progress: this process
+    assert held.try_acquire()
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            r = _run("distill.py", RUN_TINY + ["--output-dir", out] + extra)
+            assert r.returncode == 2
+            _one_error_line(r.stderr, "in use by another run", f"pid {os.getpid()}")
+    finally:
+        held.release()
+    assert not os.path.exists(out)
+    both = [_script("distill.py", RUN_TINY + ["--output-dir", out]) for _ in range(2)]  # started
+    results = [_finish(p) for p in both]                                             # twice
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr[-1000:] for r in results]
+    _one_error_line(next(r.stderr for r in results if r.returncode == 2), str(out))
     assert _same_weights(out, uninterrupted["distill"])               # as a lone run
     assert not os.path.exists(str(out) + ".lock")
     other = tmp_path / "other"                                       # a run killed holding it

@@ -27,7 +27,7 @@ import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (DATA_DIR, LANGUAGES, TYDIQA_ID_PREFIXES, ArgumentParser,  # noqa: E402
-                    InputError, load_squad_examples, read_json, run_main)
+                    InputError, check_writable, load_squad_examples, read_json, run_main)
 
 CHUNK = 1 << 16
 TIMEOUT = 60  # seconds without data before a download fails
@@ -315,6 +315,7 @@ def download(names, data_dir=DATA_DIR, base_url=None, check_counts=None, force=F
             raise InputError(f"unknown data set '{name}' (expected {' '.join(DATASETS)} or all)")
     if check_counts is None:
         check_counts = base_url is None
+    check_writable(data_dir, what="the downloads")   # before minutes of downloading, not after
     for name in names:
         DATASETS[name](data_dir, base_url=base_url, check_counts=check_counts, force=force)
 
