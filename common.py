@@ -48,6 +48,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def parse_with_preset(parser, argv, preset, flag="as_authors"):
+    """parser.parse_args(argv); when `flag` is set, again with `preset` as the defaults, so the
+    preset's values apply and options given explicitly still win (--as-authors --answers offsets
+    flips one switch back)."""
+    args = parser.parse_args(argv)
+    if getattr(args, flag, False):
+        parser.set_defaults(**preset)
+        args = parser.parse_args(argv)
+    return args
+
+
 def run_main(main):
     """Run a script's main(); user errors become one stderr line and exit status 2."""
     try:
