@@ -20,6 +20,7 @@ Sections in pipeline order, one per module (search for `# ==== <name>`):
 No test needs the internet or the Hugging Face hub; servers run on 127.0.0.1. Tests that
 need a GPU are skipped with the reason elsewhere (`pytest -rs` shows it).
 """
+import contextlib
 import glob
 import http.server
 import importlib.util
@@ -1328,6 +1329,173 @@ def test_enc_slow_tokenizer_or_no_qa_head_exit_2_one_line(tmp_path, capsys):
                            str(tmp_path / "eval"), "--skip", "mlqa", "tydiqa"], cwd=REPO, env=OFFLINE_ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---- issue 18: switches for the authors' computation (--windows, --answers, --batches, --precision)
+
+def test_qa_legacy_windows_start_every_stride_with_max_context_flags():
+    """--windows legacy: a window starts every --stride tokens (0, 128, 256, 384 for 700 context
+    tokens and 379 per window); each token's max-context window by hand: min(left, right) + 0.01 x
+    length, the first on a tie (w0-w1 tie at token 253.5 -> 253 is w0's; w2 keeps 509)."""
+    ex = {"id": "long", "question": "b c", "context": " ".join(["a"] * 700), "answers": []}
+    tok = qa.train_tiny_tokenizer([ex["context"], ex["question"]])
+    assert len(tok(ex["context"], add_special_tokens=False)["input_ids"]) == 700   # precondition
+    legacy = qa.build_features([ex], tok, 384, 128, train=False, windows="legacy")
+    assert legacy["context_start"].tolist() == [0, 128, 256, 384]
+    assert [len(x) for x in legacy["input_ids"]] == [384, 384, 384, 4 + 316 + 1]
+    owner = {0: (0, 253), 1: (254, 381), 2: (382, 509), 3: (510, 699)}     # by hand, see above
+    for w, (lo, hi) in owner.items():
+        flags = legacy["max_context"][w][4:-1]                   # [CLS] b c [SEP] ... [SEP]
+        start = legacy["context_start"][w]
+        mine = np.flatnonzero(flags) + start
+        assert mine.min() == lo and mine.max() == hi and len(mine) == hi - lo + 1, w
+        assert not legacy["max_context"][w][:4].any() and not legacy["max_context"][w][-1]
+    fast = qa.build_features([ex], tok, 384, 128, train=False)  # default unchanged: overlap 128
+    assert fast["context_start"].tolist() == [0, 251, 502]
+    with pytest.raises(InputError, match="--windows"):
+        qa.build_features([ex], tok, windows="nope")
+
+
+class _HandLogits(torch.nn.Module):
+    """A 'model' whose start/end logits are given per window (keyed by its unpadded input ids)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        rows = [self.table[tuple(ids[m.bool()].tolist())] for ids, m in zip(input_ids, attention_mask)]
+        start = torch.stack([torch.as_tensor(r[0][:input_ids.shape[1]]) for r in rows])
+        end = torch.stack([torch.as_tensor(r[1][:input_ids.shape[1]]) for r in rows])
+        return types.SimpleNamespace(start_logits=start, end_logits=end)
+
+
+def test_qa_legacy_answers_max_context_rule_changes_the_answer():
+    """Hand-built logits over 3 legacy windows (starts 0, 8, 16; 28 context tokens each): the best
+    span (w10 w11, 9 + 9) lies in window 1, but window 0 is token 10's max-context window, so the
+    legacy rules skip it and answer window 0's w3 w4 (5 + 5); --answers offsets keeps w10 w11."""
+    words = [f"w{i}" for i in range(40)]
+    ex = {"id": "x", "question": "q", "context": " ".join(words), "answers": []}
+    tok = qa.train_tiny_tokenizer([ex["context"], ex["question"]])
+    assert len(tok(ex["context"], add_special_tokens=False)["input_ids"]) == 40   # one token a word
+    feats = qa.build_features([ex], tok, 32, 8, train=False, windows="legacy")
+    assert feats["context_start"].tolist() == [0, 8, 16]
+    table = {}
+    for f, ids in enumerate(feats["input_ids"]):
+        start, end = np.full(32, -10.0, np.float32), np.full(32, -10.0, np.float32)
+        head = 3                                                   # [CLS] q [SEP]
+        if f == 0:
+            start[head + 3], end[head + 4] = 5.0, 5.0
+        if f == 1:
+            start[head + 10 - 8], end[head + 11 - 8] = 9.0, 9.0
+        table[tuple(ids.tolist())] = (start, end)
+    model = _HandLogits(table)
+    offsets = qa.predict(model, tok, [ex], features=feats, device="cpu", max_length=32)
+    legacy = qa.predict(model, tok, [ex], features=feats, device="cpu", max_length=32,
+                        answers="legacy", with_scores=True)
+    assert offsets["x"] == "w10 w11"
+    text, p = legacy["x"]
+    assert text == "w3 w4" and 0 < p < 1
+    assert not feats["max_context"][1][3 + 2] and feats["max_context"][0][3 + 10]   # token 10: w0's
+    nbest = qa.predict(model, tok, [ex], features=feats, device="cpu", max_length=32,
+                       answers="legacy", n_best_size=3)["x"]
+    assert nbest[0] == "w3 w4" and len(nbest) == 3 and len(set(nbest)) == 3
+    with pytest.raises(InputError, match="--answers"):
+        qa.predict(model, tok, [ex], features=feats, device="cpu", answers="nope")
+
+
+def test_qa_legacy_spans_take_the_top_over_all_positions_then_filter():
+    """Top n over ALL positions first: when a question token and a padding position hold the two
+    best start logits, no span of the window survives (n_best=2), though extract_spans (top n over
+    the context) finds one. Ends before starts and spans over max_answer_tokens are dropped."""
+    start = torch.tensor([[0.0, 9.0, 0.0, 1.0, 2.0, 0.0, 8.0]])       # 1: question, 6: padding
+    end = torch.tensor([[0.0, 0.0, 0.0, 1.0, 3.0, 0.0, 0.0]])
+    context = torch.tensor([[False, False, False, True, True, False, False]])
+    everywhere = torch.ones_like(context)
+    s, a, b = qa.legacy_spans(start, end, context, everywhere, n_best=2)
+    assert not torch.isfinite(s).any()
+    best, s_idx, e_idx = qa.extract_spans(start, end, context | torch.tensor([[True] + [False] * 6]),
+                                          n_best=2)
+    assert (int(s_idx), int(e_idx)) == (4, 4)
+    s, a, b = qa.legacy_spans(start, end, context, everywhere, n_best=7)
+    kept = {(int(x), int(y)): float(v) for v, x, y in zip(s[0], a[0], b[0]) if torch.isfinite(v)}
+    assert kept == {(3, 3): 2.0, (3, 4): 4.0, (4, 4): 5.0}
+    s, a, b = qa.legacy_spans(start, end, context, everywhere, n_best=7, max_answer_tokens=1)
+    assert {(int(x), int(y)) for v, x, y in zip(s[0], a[0], b[0]) if torch.isfinite(v)} == {(3, 3), (4, 4)}
+    no_max = context.clone()
+    no_max[0, 4] = False                                             # 4 is not its max context
+    s, a, b = qa.legacy_spans(start, end, context, no_max, n_best=7)
+    assert {(int(x), int(y)) for v, x, y in zip(s[0], a[0], b[0]) if torch.isfinite(v)} == {(3, 3), (3, 4)}
+
+
+def test_qa_legacy_text_is_aligned_to_the_original_words():
+    """get_final_text's rules: the detokenised prediction is found in the basic tokenisation of
+    its words and projected back character by character; unalignable -> the whole words."""
+    assert qa.align_to_original("Steve Smith", "Steve Smith's") == "Steve Smith"
+    assert qa.align_to_original("1990", "(1990–1995),") == "1990"
+    assert qa.align_to_original("京 大", "北京大学") == "京大"
+    assert qa.align_to_original("xyz", "abc def") == "abc def"
+    assert qa.align_to_original("Äpfel", "Äpfel.") == "Äpfel"                  # cased: kept
+    words, starts = qa.context_words("ab  cd\u00a0ef\tgh")
+    assert words == ["ab", "cd\u00a0ef", "gh"] and starts.tolist() == [0, 4, 10]
+
+
+def test_qa_random_batches_and_fixed_length_padding():
+    """--batches random: every window once per epoch, the order a function of (seed, epoch);
+    padded to --max-length whenever an authors' switch needs their fixed-length windows."""
+    lengths = np.arange(50) % 7 + 10
+    a = qa.batch_order(lengths, 6, 3, 0, "random")
+    assert sorted(np.concatenate(a).tolist()) == list(range(50)) and len(a) == 9
+    assert all(np.array_equal(x, y) for x, y in zip(a, qa.batch_order(lengths, 6, 3, 0, "random")))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(qa.batch_order(lengths, 6, 3, 1, "random")))
+    grouped = qa.batch_order(lengths, 6, 3, 0)
+    assert all(np.array_equal(x, y) for x, y in zip(grouped, qa.length_grouped_batches(lengths, 6, 3, 0)))
+    ddp = [qa.batch_order(lengths, 6, 3, 0, "random", rank=r, world_size=2) for r in (0, 1)]
+    assert len(ddp[0]) == len(ddp[1]) == 4
+    assert qa.pad_length(384) is None
+    assert qa.pad_length(384, batches="random") == qa.pad_length(384, softmax_support="all") == \
+        qa.pad_length(384, map_k_relevant="authors") == 384
+    ex = enc_examples("en", 4)
+    tok = qa.train_tiny_tokenizer(qa_texts(ex))
+    feats = qa.build_features(ex, tok)
+    assert qa.collate(feats, [0, 1], tok.pad_token_id, "cpu", pad_to=384)["input_ids"].shape == (2, 384)
+    with pytest.raises(InputError, match="--batches"):
+        qa.batch_order(lengths, 6, 3, 0, "nope")
+
+
+def test_qa_precision_fp32_is_true_fp32_and_never_inherited(tmp_path):
+    """--precision fp32 leaves torch's float32 matmul precision at "highest" even after an earlier
+    stage of the process set "high"; tf32 is its own choice ("high", no autocast)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")            # as an earlier stage would leave it
+        qa.main(["--model", "tiny", "--train-file", XQUAD_EN, "--max-examples", "4", "--epochs", "1",
+                 "--max-length", "128", "--stride", "64", "--precision", "fp32",
+                 "--output-dir", str(tmp_path / "fp32")])
+        assert torch.get_float32_matmul_precision() == "highest"
+        qa.set_matmul_precision("tf32")
+        assert torch.get_float32_matmul_precision() == "high"
+        assert isinstance(qa.autocast("cuda", "tf32"), contextlib.nullcontext)
+        qa.set_matmul_precision("fp32")
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_qa_as_authors_is_their_phase1_and_explicit_options_win(tmp_path):
+    out = tmp_path / "p1"
+    qa.main(["--model", "tiny", "--train-file", XQUAD_EN, "--max-examples", "6", "--epochs", "1",
+             "--max-length", "128", "--stride", "64", "--as-authors", "--output-dir", str(out)])
+    saved = json.loads((out / "train_args.json").read_text())
+    assert saved["as_authors"] and saved["epochs"] == 1 and saved["batch_size"] == 6
+    assert saved["max_query_length"] is None and saved["softmax_support"] == "all"
+    assert saved["batches"] == "random" and saved["precision"] == "fp32" and saved["windows"] == "fast"
+    args = qa.parse_args(["--as-authors"])
+    assert (args.epochs, args.batch_size, args.lr, args.max_query_length) == (2, 6, 3e-5, None)
+    plain = qa.parse_args([])
+    assert (plain.epochs, plain.batch_size, plain.max_query_length, plain.softmax_support,
+            plain.batches, plain.windows) == (3, 24, 64, "context", "grouped", "fast")
 
 
 # ==================================================================================================
