@@ -412,10 +412,11 @@ def check_output_dir(args):
         if not os.path.isfile(state_path):
             raise InputError(f"{args.output_dir}: no checkpoint to resume ({state_path} not found)")
         saved, now = read_json(os.path.join(out, "args.json")), run_args(args)
-        diff = [k for k in RESUME_KEYS if saved.get(k, RESUME_DEFAULTS.get(k)) != now[k]]
+        saved = {k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+        diff = [k for k in RESUME_KEYS if saved[k] != now[k]]
         if diff:
             raise InputError("--resume with options that differ from the checkpoint's run: " +
-                             ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                             ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})"
                                        for k in diff))
     return out
 

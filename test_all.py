@@ -1626,6 +1626,28 @@ def test_map_rejects_bad_arguments():
         mapk.average_precision_at_k(x, torch.tensor([0]), k=0)
 
 
+def test_map_authors_relevant_positions_rank_question_and_padding():
+    """--map-k-relevant authors: every position ranked, the whole window relevant. Answer-less row
+    (gold 0): question token 2 ranks first and is a hit for them (range(-5, 5)), while the masked
+    ranking finds [CLS] second (0.5). Answer row (gold 12): a padding position ranks first for
+    them (0.5); masked, gold is first (1.0)."""
+    logits = torch.full((2, 20), -5.0)
+    logits[0, 2], logits[0, 12], logits[0, 0] = 10.0, 8.0, 5.0
+    logits[1, 19], logits[1, 12] = 10.0, 8.0
+    allowed = torch.zeros(2, 20, dtype=torch.bool)
+    allowed[:, 0] = True
+    allowed[0, 8:19] = True
+    allowed[1, 8:18] = True
+    gold = torch.tensor([0, 12])
+    masked = mapk.average_precision_at_k(logits, gold, mask=allowed)
+    authors = mapk.average_precision_at_k(logits, gold, mask=allowed, relevant="authors")
+    assert masked.tolist() == [0.5, 1.0] and authors.tolist() == [1.0, 0.5]
+    rows = mapk.alpha_per_row(logits, logits, gold, gold, 2, mask=allowed, relevant="authors")
+    assert rows.tolist() == pytest.approx([0.75, 0.75])
+    with pytest.raises(ValueError):
+        mapk.average_precision_at_k(logits, gold, relevant="nope")
+
+
 # ==================================================================================================
 # ==== prepare
 # prepare.py: the main command on a fresh machine (downloads, phase 1, the lock)
@@ -2322,6 +2344,129 @@ def test_distill_resume_refuses_other_options(distill_runs, capsys):
     code, err = _distill_main(distill_runs["argv"] + ["--output-dir", str(distill_runs["root"] / "none"),
                                                       "--resume"], capsys)
     assert code == 2 and "no checkpoint" in err
+
+
+# ---- issue 18: the authors' loss support, mAP@k positions, alpha groups, --as-authors
+
+def test_distill_softmax_support_all_is_their_loss_over_384_positions():
+    """--softmax-support all: CE, KL (t = 2, x t^2) and the teacher's soft labels over all 384
+    positions of windows padded to --max-length, question and padding included, by hand."""
+    ex = enc_examples("en", 6)
+    model, tok = qa.load_model_and_tokenizer("tiny", texts=qa_texts(ex), seed=0)
+    model.eval()                                              # no dropout: a hand computation
+    teacher = distill.frozen_copy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    feats = qa.build_features(ex, tok, windows="legacy")
+    batch = qa.collate(feats, [0, 1, 2, 3], tok.pad_token_id, "cpu",
+                       pad_to=qa.pad_length(384, softmax_support="all"))
+    assert batch["input_ids"].shape == (4, 384) and not batch["attention_mask"].all()
+    opts = distill.StepOptions(map_k=False, t=2.0, alpha_rows=4, softmax_support="all")
+    stats = distill.forward_backward(model, teacher, batch, opts)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        s, t = model(**inputs), teacher(**inputs)
+
+    def log_p(x, temp=1.0):                                   # log-softmax over all 384 positions
+        x = x.double() / temp
+        return x - torch.logsumexp(x, dim=1, keepdim=True)
+    rows = torch.arange(4)
+    ce = (-log_p(s.start_logits)[rows, batch["start_positions"]] -
+          log_p(s.end_logits)[rows, batch["end_positions"]]) / 2
+    kl = sum((log_p(b, 2).exp() * (log_p(b, 2) - log_p(a, 2))).sum(1) * 4
+             for a, b in ((s.start_logits, t.start_logits), (s.end_logits, t.end_logits))) / 2
+    assert float(stats[1]) == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert float(stats[2]) == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert float(stats[0]) == pytest.approx(float((ce + kl).mean()), rel=1e-5)
+    masked = distill.forward_backward(model, teacher, batch, opts._replace(softmax_support="context"))
+    assert float(masked[1]) < float(stats[1])                 # fewer positions share the softmax
+    # --map-k-relevant authors: alpha from the teacher's unmasked logits, every position ranked
+    mine = distill.forward_backward(model, teacher, batch, opts._replace(
+        map_k=True, map_k_relevant="authors", softmax_support="context"))
+    alpha = mapk.alpha_per_row(t.start_logits, t.end_logits, batch["start_positions"],
+                               batch["end_positions"], 4, relevant="authors")
+    assert float(mine[3]) == pytest.approx(float(alpha.mean()), rel=1e-6)
+    assert float(mine[1]) == pytest.approx(float(masked[1]), rel=1e-6)   # the loss keeps Eq. 1
+
+
+def test_distill_alpha_rows_larger_than_a_micro_batch_is_refused(tmp_path, capsys):
+    """8 processes x batch 24: 3 rows a micro-batch. An explicit --alpha-rows 6 is refused with one
+    line naming the option; left at its default, the run says alpha is per 3 rows. The authors'
+    default (batch 24, one process) and one alpha per batch (--alpha-rows >= --batch-size) pass."""
+    args = distill.parse_args(["--model", "tiny", "--alpha-rows", "6"])
+    assert distill.rows_per_pass(args, 1) == 24
+    with pytest.raises(InputError, match="--alpha-rows 6 is more than the 3 rows") as e:
+        distill.rows_per_pass(args, 8)
+    assert "pass --alpha-rows 3" in str(e.value)
+    with pytest.raises(InputError, match="--alpha-rows"):
+        distill.rows_per_pass(distill.parse_args(["--model", "tiny", "--as-authors"]), 8)
+    assert distill.rows_per_pass(distill.parse_args(["--model", "tiny"]), 8) == 3
+    assert "alpha is per 3 rows" in capsys.readouterr().out
+    assert distill.rows_per_pass(distill.parse_args(["--model", "tiny", "--alpha-rows", "100"]), 1) == 24
+    out = tmp_path / "refused"
+    code, err = _distill_main(DISTILL_TINY + ["--alpha-rows", "6", "--grad-accum", "2",
+                                              "--output-dir", out], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--alpha-rows" in err
+    assert not out.exists()
+
+
+def test_distill_precision_is_its_own_not_phase_1s(tmp_path):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")             # phase 1 in this process (auto)
+        assert _distill_main(DISTILL_TINY + ["--epochs", "1", "--precision", "fp32",
+                                             "--output-dir", tmp_path / "fp32"])[0] == 0
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_distill_resume_accepts_args_json_from_before_the_switches(tmp_path):
+    out = tmp_path / "old"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.pt").write_bytes(b"")
+    args = distill.parse_args(["--model", "tiny", "--output-dir", str(out), "--resume"])
+    old = {k: v for k, v in distill.run_args(args).items() if k not in distill.RESUME_DEFAULTS}
+    (out / "args.json").write_text(json.dumps(old))
+    assert distill.check_output_dir(args) == str(out)
+    legacy = distill.parse_args(["--model", "tiny", "--output-dir", str(out), "--resume",
+                                 "--windows", "legacy"])
+    with pytest.raises(InputError, match="--windows fast"):
+        distill.check_output_dir(legacy)
+
+
+def test_distill_as_authors_end_to_end_resume_evaluation_and_compare(tmp_path, capsys):
+    """--as-authors offline on the tiny model: phase 1, phase 2 stopped and resumed (the same
+    weights as uninterrupted), evaluation; args.json and the compare table name it."""
+    p1 = str(tmp_path / "p1")
+    qa.main(["--model", "tiny", "--train-file", XQUAD_EN, "--max-examples", "6", "--epochs", "1",
+             "--max-length", "128", "--stride", "64", "--as-authors", "--output-dir", p1])
+    argv = ["--model", p1, "--ntl", "1", "--max-examples", "8", "--batch-size", "4", "--epochs", "2",
+            "--max-length", "128", "--stride", "64", "--t", "2", "--map-k", "--as-authors"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _distill_main(argv + ["--output-dir", full])[0] == 0
+    assert _distill_main(argv + ["--output-dir", part, "--stop-after-epoch", "1"])[0] == 0
+    assert _distill_main(argv + ["--output-dir", part, "--resume"])[0] == 0
+    assert _distill_same(_distill_weights(full), _distill_weights(part))
+    saved = json.loads((full / "args.json").read_text())
+    assert saved["as_authors"] and saved["windows"] == "legacy" and saved["softmax_support"] == "all"
+    assert saved["batches"] == "random" and saved["answers"] == "legacy" and saved["precision"] == "fp32"
+    assert saved["map_k_relevant"] == "authors" and saved["max_query_length"] == 64
+    data = tmp_path / "x.json"
+    common.atomic_write_json(str(data), common.examples_to_squad(enc_examples("en", 12)))
+    for name, extra in (("ours", []), ("theirs", ["--as-authors"])):
+        evaluate_mlqa.main(["--model", str(full), "--output-dir", str(tmp_path / name), "--skip", "mlqa",
+                            "xquad", "tydiqa", "--dataset", str(data), "--squad"] + extra)
+    options = json.loads((tmp_path / "theirs" / "metrics.json").read_text())["options"]
+    assert options == {"windows": "legacy", "answers": "legacy", "max_query_length": 64,
+                       "precision": "fp32", "as_authors": True}
+    capsys.readouterr()
+    evaluate_mlqa.main(["--compare", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--bootstrap", "0",
+                        "--output-dir", str(tmp_path / "cmp")])
+    summary = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "full [trained as-authors]" in summary and "full [as-authors]" in summary
 
 
 # ==================================================================================================
