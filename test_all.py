@@ -1441,6 +1441,20 @@ def test_qa_legacy_text_is_aligned_to_the_original_words():
     assert words == ["ab", "cd\u00a0ef", "gh"] and starts.tolist() == [0, 4, 10]
 
 
+def test_qa_basic_tokens_equal_transformers_basic_tokenizer_every_language():
+    """The legacy alignment's tokenisation (the Rust BERT normaliser + pre-tokeniser) gives the
+    words of transformers' own BasicTokenizer(do_lower_case=False), which get_final_text uses."""
+    try:
+        from transformers.models.bert.tokenization_bert import BasicTokenizer
+    except ImportError:                    # transformers 5.x keeps it in the legacy module
+        from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
+    theirs = BasicTokenizer(do_lower_case=False)
+    for path in sorted(glob.glob(os.path.join(XQUAD_DIR, "xquad.*.json"))):
+        for ex in load_squad_examples(path)[::200]:
+            for text in (ex["context"], ex["question"]):
+                assert qa.basic_tokens(text) == theirs.tokenize(text), path
+
+
 def test_qa_random_batches_and_fixed_length_padding():
     """--batches random: every window once per epoch, the order a function of (seed, epoch);
     padded to --max-length whenever an authors' switch needs their fixed-length windows."""

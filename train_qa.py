@@ -674,13 +674,17 @@ def _basic_tokenizer(lower):
                                        lowercase=lower), pre_tokenizers.BertPreTokenizer())
 
 
+def basic_tokens(text, lower=False):
+    """The words of BERT's basic tokenisation of `text` (NFC first, as transformers 4.x does)."""
+    normalizer, pre = _basic_tokenizer(lower)
+    return [w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(unicodedata.normalize("NFC", text)))]
+
+
 def align_to_original(pred_text, orig_text, lower=False):
     """The legacy get_final_text: project `pred_text` (rebuilt from tokens) onto `orig_text` (the
     whitespace-separated words it came from) character by character, through the basic
     tokenisation of orig_text; orig_text itself when the two cannot be aligned."""
-    normalizer, pre = _basic_tokenizer(lower)
-    tok_text = " ".join(w for w, _ in pre.pre_tokenize_str(
-        normalizer.normalize_str(unicodedata.normalize("NFC", orig_text))))
+    tok_text = " ".join(basic_tokens(orig_text, lower))
     start = tok_text.find(pred_text)
     if start < 0:
         return orig_text
