@@ -26,6 +26,11 @@ with its own alpha, computed here inside one whole-batch pass.
     python distill.py --ntl 5 --t 2 --map-k --resume          # continue from the last checkpoint
     torchrun --nproc_per_node 4 distill.py --ntl 5 --t 2 --map-k     # DDP, batch 24 = 4 x 6
     python distill.py --ntl 5 --t 2 --map-k --model tiny --max-examples 200   # CPU smoke, ~1 min
+    python distill.py --ntl 5 --t 2 --map-k --as-authors      # every switch at the authors' value
+
+The switches between this project's computation and the authors' (README "Fidelity"), each
+defaulting to ours: --windows legacy, --softmax-support all, --batches random, --map-k-relevant
+authors, --answers legacy (per-epoch dev scores), --precision fp32; --as-authors sets them all.
 
 --max-examples N keeps the first N sampled examples (the sample lists each XQuAD id's (1+ntl)^2
 pairs together, so that is about N/(1+ntl)^2 ids with all their pairs).

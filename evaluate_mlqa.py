@@ -16,6 +16,7 @@ Model forms (outputs as DESIGN.md and the README describe):
     python evaluate_mlqa.py --compare EVAL_DIR [EVAL_DIR ...] [--baseline EVAL_DIR] --output-dir OUT
     python evaluate_mlqa.py --sweep RUN_DIR [RUN_DIR ...] --output-dir OUT
     python evaluate_mlqa.py --model DIR --question "..." --context "..."   # or --context-file F
+    python evaluate_mlqa.py --model DIR --output-dir OUT --as-authors   # their windows and answers
 
 PREDICTION_FILE is the official format, {question id: answer text}. ANSWER_LANGUAGE is the
 context language (en es de ar vi hi zh). A question without a prediction scores 0 and is reported

@@ -11,6 +11,7 @@ optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenize
     python train_qa.py --model tiny-xlmr --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny-xlmr
     python train_qa.py --model xlm-roberta-base --output-dir runs/xlmr-qa-en   # any encoder, fast tokenizer
     python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|tiny-xlmr|DIR]   # offset report
+    python train_qa.py --as-authors --output-dir runs/mbert-qa-en-authors   # the authors' phase 1 (README)
     python evaluate_mlqa.py --model runs/mbert-qa-en --output-dir runs/mbert-qa-en/squad-dev \
         --skip mlqa xquad tydiqa --dataset data/squad/dev-v1.1.json --squad   # SQuAD dev EM/F1
 
