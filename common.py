@@ -75,6 +75,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def parse_with_preset(parser, argv, preset, flag="as_authors"):
+    """parser.parse_args(argv); when `flag` is set, again with `preset` as the defaults, so the
+    preset's values apply and options given explicitly still win (--as-authors --answers offsets
+    flips one switch back)."""
+    args = parser.parse_args(argv)
+    if getattr(args, flag, False):
+        parser.set_defaults(**preset)
+        args = parser.parse_args(argv)
+    return args
+
+
 class Stopped(BaseException):
     """A stop signal (SIGINT, SIGTERM, SIGUSR1) outside the part of a run that saves a checkpoint
     first (rundir.StopSignals). A BaseException, like KeyboardInterrupt: cleanup code runs, and

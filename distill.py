@@ -26,6 +26,11 @@ with its own alpha, computed here inside one whole-batch pass.
     python distill.py --ntl 5 --t 2 --map-k --resume          # continue from the last checkpoint
     torchrun --nproc_per_node 4 distill.py --ntl 5 --t 2 --map-k     # DDP, batch 24 = 4 x 6
     python distill.py --ntl 5 --t 2 --map-k --model tiny --max-examples 200   # CPU smoke, ~1 min
+    python distill.py --ntl 5 --t 2 --map-k --as-authors      # every switch at the authors' value
+
+The switches between this project's computation and the authors' (README "Fidelity"), each
+defaulting to ours: --windows legacy, --softmax-support all, --batches random, --map-k-relevant
+authors, --answers legacy (per-epoch dev scores), --precision fp32; --as-authors sets them all.
 
 --max-examples N keeps the first N sampled examples (the sample lists each XQuAD id's (1+ntl)^2
 pairs together, so that is about N/(1+ntl)^2 ids with all their pairs).
@@ -67,16 +72,16 @@ import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
-                    check_writable, load_squad_examples, read_json, run_main)
+                    check_writable, load_squad_examples, parse_with_preset, read_json,
+                    run_main)
 from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
-from map_at_k import VARIANTS, alpha_per_row
+from map_at_k import RELEVANT, VARIANTS, alpha_per_row
 from rundir import (SAVE_MINUTES, Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, aside_path,
                     check_output_dir, finish_replacing, from_rank0, install_model_files,
-                    lock_output_dir,
-                    lock_path, parse_save_steps, read_log, remove_checkpoint, resume_hint,
+                    lock_output_dir, lock_path, parse_save_steps, read_log, remove_checkpoint, resume_hint,
                     start_fresh, state_bytes, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
-from train_qa import (build_features, collate, length_grouped_batches, load_model_and_tokenizer,
+from train_qa import (build_features, collate, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
                       setup_distributed)
 
@@ -90,7 +95,18 @@ CPU_PASS_ROWS = 8                          # a CPU runs 6-16-row passes 1.1-1.4x
 # options that must match for --resume (the rest, e.g. --mlqa-dir, may change)
 RESUME_KEYS = ("model", "ntl", "t", "mode", "k", "delta", "map_variant", "alpha_rows", "epochs",
                "lr", "batch_size", "grad_accum", "seed", "max_examples", "max_length", "stride",
-               "max_query_length", "weight_decay", "xquad_dir", "keep_best_epoch", "precision")
+               "max_query_length", "weight_decay", "xquad_dir", "keep_best_epoch", "precision",
+               "windows", "softmax_support", "batches", "answers", "map_k_relevant", "as_authors")
+# the value a run's args.json written before these options existed stands for
+RESUME_DEFAULTS = dict(windows="fast", softmax_support="context", batches="grouped", answers="offsets",
+                       map_k_relevant="masked", as_authors=False)
+# --as-authors: every switch at the authors' value (README "Fidelity") and their phase-2 script
+# (train_skd_map.sh: batch 6 x 4 accumulated = 24, 3 epochs, seed 3, lr 5e-5 by default)
+AS_AUTHORS = dict(windows="legacy", softmax_support="all", batches="random", answers="legacy",
+                  map_k_relevant="authors", precision="fp32", max_query_length=train_qa.MAX_QUERY_LENGTH,
+                  max_length=train_qa.MAX_LENGTH, stride=train_qa.STRIDE, epochs=EPOCHS, lr=LR,
+                  batch_size=BATCH_SIZE, seed=SEED, k=K, delta=DELTA, map_variant=MAP_VARIANT,
+                  alpha_rows=ALPHA_ROWS)
 
 
 class NonFiniteLoss(Exception):
@@ -111,16 +127,19 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     """Phase 2, as the paper reads: the sample, the models, then per epoch and step the teacher's
     soft labels, alpha and the loss; MLQA-dev scores and a checkpoint at every epoch's end."""
     prepare.prepare_inputs(args)         # the default --model missing: fetch data, build phase 1
+    train_qa.set_matmul_precision(args.precision)   # this stage's own, not phase 1's
     micro = rows_per_pass(args, world_size)
+    pad_to = train_qa.pad_length(args.max_length, args.batches, args.softmax_support,
+                                 args.map_k_relevant)
     # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
     student, tokenizer = load_student(args, examples, out)
     check_space(args, out, student, is_master, world_size)
     features = build_features(examples, tokenizer, args.max_length, args.stride,  # windows
-                              max_query_length=args.max_query_length)
+                              max_query_length=args.max_query_length, windows=args.windows)
     lengths = np.array([len(x) for x in features["input_ids"]])
-    epoch_batches = lambda epoch: length_grouped_batches(  # noqa: E731 (same order on resume)
-        lengths, micro, args.seed, epoch, rank=rank, world_size=world_size)
+    epoch_batches = lambda epoch: train_qa.batch_order(  # noqa: E731 (same order on resume)
+        lengths, micro, args.seed, epoch, args.batches, rank=rank, world_size=world_size)
     steps_per_epoch = count_steps(epoch_batches(0), args.grad_accum, len(lengths))
     start_output_dir(out, student, tokenizer, args, is_master, world_size)
     student.to(device).train()
@@ -145,7 +164,8 @@ def distill(args, out, rank, world_size, device, is_master, stop):
                     continue
                 passes = row_passes(step_batches, args.alpha_rows, device)  # one optimiser step
                 stats = sum(forward_backward(model, teacher,      # teacher pass, alpha (Eq. 5),
-                                             collate(features, idx, tokenizer.pad_token_id, device),
+                                             collate(features, idx, tokenizer.pad_token_id, device,
+                                                     pad_to),
                                              opts, share, sync=j + 1 == len(passes))  # loss (Eq. 6)
                             for j, (idx, share) in enumerate(passes))
                 loss, ce, kl, alpha = mean_over_ranks(stats, world_size)
@@ -195,29 +215,40 @@ class StepOptions(NamedTuple):
     map_variant: str = MAP_VARIANT
     alpha_rows: int = ALPHA_ROWS
     precision: str = "auto"
+    softmax_support: str = "context"      # "all": every position of the padded window (authors')
+    map_k_relevant: str = "masked"        # "authors": their mAP@k ranking and relevant positions
 
 
 def step_options(args):
     return StepOptions(args.map_k, args.no_ce, args.t, args.k, args.delta, args.map_variant,
-                       args.alpha_rows, args.precision)
+                       args.alpha_rows, args.precision, args.softmax_support, args.map_k_relevant)
 
 
 def forward_backward(model, teacher, batch, opts, scale=1.0, sync=True):
     """Sec. 4.3-4.4 on one micro-batch: the teacher's soft labels, alpha of Eq. 5 from them,
     the student's logits, the loss of Eq. 4 / Eq. 6, backward of scale * loss. teacher None:
     cross-entropy only ("w/ ce"). sync False: no DDP gradient all-reduce yet (accumulating).
+    opts.softmax_support "all": CE, KL and the soft labels over every position of the batch's
+    windows (pad them to --max-length as the authors: train_qa.pad_length); opts.map_k_relevant
+    "authors": alpha from the teacher's unmasked logits, ranked over all positions.
     Returns the detached [loss, ce, kl, alpha] x scale (no host sync)."""
     gold = batch["start_positions"], batch["end_positions"]
     t_start = t_end = None
     a_kl = torch.ones(len(gold[0]), device=gold[0].device)
     if teacher is not None:
+        raw = opts.map_k and opts.map_k_relevant == "authors"                 # unmasked for alpha
         with torch.no_grad():
-            t_start, t_end = qa_logits(teacher, batch, opts.precision)        # soft labels
+            t_start, t_end = qa_logits(teacher, batch, opts.precision,       # soft labels
+                                       "all" if raw else opts.softmax_support)
         if opts.map_k:                                                        # Eq. 5, per group
             a_kl = alpha_per_row(t_start, t_end, *gold, opts.alpha_rows, opts.k, opts.delta,
-                                 opts.map_variant, mask=batch["allowed"])
+                                 opts.map_variant, mask=batch["allowed"],
+                                 relevant=opts.map_k_relevant)
+        if raw and opts.softmax_support == "context":                         # Eq. 1 for the KL
+            t_start, t_end = (x.masked_fill(~batch["allowed"], train_qa.MASK_VALUE)
+                              for x in (t_start, t_end))
     with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
-        s_start, s_end = qa_logits(model, batch, opts.precision)             # Eq. 1
+        s_start, s_end = qa_logits(model, batch, opts.precision, opts.softmax_support)  # Eq. 1
         loss, ce, kl = distill_loss(s_start, s_end, *gold, t_start, t_end, opts.t,
                                     a_ce=0.0 if opts.no_ce else 1.0, a_kl=a_kl,
                                     group_rows=opts.alpha_rows)               # Eq. 4 / Eq. 6
@@ -272,6 +303,16 @@ def rows_per_pass(args, world_size):
     if micro > args.alpha_rows and micro % args.alpha_rows:
         raise InputError(f"--alpha-rows {args.alpha_rows} does not divide the {micro} rows of a "
                          "micro-batch (--batch-size / (world size x --grad-accum))")
+    if args.alpha_rows > micro and micro < args.batch_size and not getattr(args, "alpha_rows_given", True):
+        if int(os.environ.get("RANK", 0)) == 0:      # the default, not asked for: said plainly
+            print(f"note: alpha is per {micro} rows, a micro-batch (--batch-size {args.batch_size} / "
+                  f"(world size {world_size} x --grad-accum {args.grad_accum})), not per "
+                  f"--alpha-rows {args.alpha_rows}")
+    elif args.alpha_rows > micro and micro < args.batch_size:   # alpha would be per micro rows
+        raise InputError(f"--alpha-rows {args.alpha_rows} is more than the {micro} rows of a "
+                         f"micro-batch (--batch-size {args.batch_size} / (world size {world_size} x "
+                         f"--grad-accum {args.grad_accum})): pass --alpha-rows {micro} (or fewer "
+                         "processes, a smaller --grad-accum or a larger --batch-size)")
     return micro
 
 
@@ -355,7 +396,8 @@ def load_mlqa_dev(mlqa_dir):
 
 
 def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precision="auto",
-                 max_query_length=train_qa.MAX_QUERY_LENGTH, rank=0, world_size=1):
+                 max_query_length=train_qa.MAX_QUERY_LENGTH, windows="fast", answers="offsets",
+                 rank=0, world_size=1):
     """MLQA-dev F1/EM per (question, context) pair, XLT (q == c) and G-XLT (all pairs) means, and
     per-context-language means: evaluate_mlqa.py's prediction and scoring of MLQA pairs.
     feature_cache: a dict kept across epochs, so MLQA dev is tokenised once per run. Under DDP
@@ -367,7 +409,7 @@ def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precisi
              for key, examples in mine.items()]
     predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev",
                   feature_cache=feature_cache, precision=precision,
-                  max_query_length=max_query_length)
+                  max_query_length=max_query_length, windows=windows, answers=answers)
     predictions = {task["key"]: task["predictions"] for task in tasks}
     if world_size > 1:
         parts = [None] * world_size if rank == 0 else None
@@ -388,7 +430,8 @@ class DevSet:
         self.sets = load_mlqa_dev(mlqa_dir) if os.path.isdir(mlqa_dir) else None
         self.features = {}
         self.options = dict(precision=args.precision, max_query_length=args.max_query_length,
-                            rank=rank, world_size=world_size)
+                            windows=args.windows, answers=args.answers, rank=rank,
+                            world_size=world_size)
 
     def __bool__(self):
         return self.sets is not None
@@ -441,10 +484,11 @@ def check_resumable(args, out):
         raise InputError(f"{args.output_dir}: no checkpoint to resume ({state_path} not found); "
                          "--overwrite starts the run again")
     saved, now = read_json(os.path.join(out, "args.json")), run_args(args)
-    diff = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+    saved = {k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}   # older args.json
+    diff = [k for k in RESUME_KEYS if saved[k] != now[k]]
     if diff:
         raise InputError("--resume with options that differ from the checkpoint's run: " +
-                         ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                         ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})"
                                    for k in diff))
 
 
@@ -655,9 +699,9 @@ def parse_args(argv=None):
     m.add_argument("--delta", type=int, default=DELTA, help="window half-width of Eq. 5")
     m.add_argument("--map-variant", default=MAP_VARIANT, choices=VARIANTS,
                    help="first-hit (the authors' score) or eq5 (Eq. 5 as printed)")
-    m.add_argument("--alpha-rows", type=int, default=ALPHA_ROWS,
-                   help="rows per alpha (the authors' 6-row micro-batches); >= --batch-size: one "
-                        "alpha per batch")
+    m.add_argument("--alpha-rows", type=int, default=None,
+                   help=f"rows per alpha (default {ALPHA_ROWS}, the authors' 6-row micro-batches); "
+                        ">= --batch-size: one alpha per batch; more than a micro-batch holds: refused")
     t = p.add_argument_group("training (Sec. 5.2; the authors' scripts)")
     t.add_argument("--epochs", type=int, default=EPOCHS)
     t.add_argument("--lr", type=float, default=LR)
@@ -671,7 +715,24 @@ def parse_args(argv=None):
     t.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
                    help="question tokens kept (the authors' 64); longer questions are cut")
     t.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
-                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU; fp32: true fp32 matmuls; "
+                        "tf32: TF32 matmuls on Ampere+")
+    f = p.add_argument_group("the authors' computation (README: fidelity notes)")
+    f.add_argument("--windows", choices=train_qa.WINDOWS, default="fast",
+                   help="legacy: a window starts every --stride tokens (the authors' processor)")
+    f.add_argument("--softmax-support", choices=train_qa.SOFTMAX_SUPPORTS, default="context",
+                   help="all: CE, KL and soft labels over every position of a window padded to "
+                        "--max-length (authors')")
+    f.add_argument("--batches", choices=train_qa.BATCHES, default="grouped",
+                   help="random: seeded random batches padded to --max-length (authors')")
+    f.add_argument("--map-k-relevant", choices=RELEVANT, default="masked",
+                   help="authors: mAP@k ranks every position and counts question tokens near "
+                        "[CLS] as hits (their code)")
+    f.add_argument("--answers", choices=train_qa.ANSWERS, default="offsets",
+                   help="per-epoch MLQA-dev answers; legacy: the authors' post-processing")
+    f.add_argument("--as-authors", action="store_true",
+                   help="every switch at the authors' value and their phase-2 settings; options "
+                        "given explicitly win")
     d = p.add_argument_group("data and model selection")
     d.add_argument("--xquad-dir", default=XQUAD_DIR)
     d.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 for the per-epoch dev scores "
@@ -692,8 +753,11 @@ def parse_args(argv=None):
                    help="after the run: keep checkpoint/ (about 4x the model: --resume, or more "
                         "epochs) or remove it")
     o.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
-    args = p.parse_args(argv)
+    args = parse_with_preset(p, argv, AS_AUTHORS)
 
+    args.alpha_rows_given = args.alpha_rows is not None   # a default too large for a micro-batch:
+    if args.alpha_rows is None:                           # a note (rows_per_pass), not an error
+        args.alpha_rows = ALPHA_ROWS
     if not 0 <= args.ntl <= len(LANGUAGES) - 1:
         raise InputError(f"--ntl must be in 0..{len(LANGUAGES) - 1}, got {args.ntl}")
     if not (math.isfinite(args.t) and args.t > 0):

@@ -16,6 +16,7 @@ Model forms (outputs as DESIGN.md and the README describe):
     python evaluate_mlqa.py --compare EVAL_DIR [EVAL_DIR ...] [--baseline EVAL_DIR] --output-dir OUT
     python evaluate_mlqa.py --sweep RUN_DIR [RUN_DIR ...] --output-dir OUT
     python evaluate_mlqa.py --model DIR --question "..." --context "..."   # or --context-file F
+    python evaluate_mlqa.py --model DIR --output-dir OUT --as-authors   # their windows and answers
 
 PREDICTION_FILE is the official format, {question id: answer text}. ANSWER_LANGUAGE is the
 context language (en es de ar vi hi zh). A question without a prediction scores 0 and is reported
@@ -49,17 +50,16 @@ import unicodedata
 from collections import Counter
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import report
 import significance
 import train_qa
-from rundir import check_output_dir, write_marker
 from common import (LANGUAGES, MLQA_DIR, TYDIQA_FILE, TYDIQA_ID_PREFIXES, TYDIQA_ZERO_SHOT,
                     XQUAD_DIR, XQUAD_ZERO_SHOT, ArgumentParser, InputError, atomic_output_dir,
                     atomic_write_json, atomic_write_text, check_writable, load_squad_examples,
-                    read_json, run_main)
+                    parse_with_preset, read_json, run_main)
+from rundir import check_output_dir, write_marker
 
 SQUAD = "squad"  # pseudo-language selecting the SQuAD v1.1 rules
 
@@ -307,6 +307,10 @@ def hidden_knowledge_counts(records, k=HIDDEN_K, criterion="em", f1_threshold=50
 # above, and report.py draws the figures and writes summary.md.
 
 EVAL_BATCH_SIZE = None                 # None: train_qa.eval_batch_size (128 on CUDA, 16 on CPU)
+# --as-authors: their evaluation (eval_qa.sh -> run_squad_w_distillation.py --do_eval): the legacy
+# processor's windows, questions cut at 64, their post-processing, true fp32
+AS_AUTHORS = dict(windows="legacy", answers="legacy", max_query_length=train_qa.MAX_QUERY_LENGTH,
+                  precision="fp32")
 PREDICT_CHUNK = 2048                           # examples per train_qa.predict call
 
 
@@ -384,9 +388,11 @@ def _tydiqa_tasks(path, explicit, languages, notes):
 
 
 def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=None, desc="eval",
-                  feature_cache=None, precision="auto", max_query_length=train_qa.MAX_QUERY_LENGTH):
+                  feature_cache=None, precision="auto", max_query_length=train_qa.MAX_QUERY_LENGTH,
+                  windows="fast", answers="offsets"):
     """Answers for every task's examples: sets task["predictions"] {id: text} and, for tasks
     with "nbest", task["nbest"] {id: [up to HIDDEN_K distinct texts, best first]}.
+    windows / answers: train_qa.build_features's / train_qa.predict's (legacy: the authors').
     feature_cache: a dict kept by the caller to tokenise the same tasks only once (distill.py
     evaluates MLQA dev after every epoch)."""
     index, items, want_nbest = {}, [], []
@@ -401,7 +407,7 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
                 want_nbest.append(False)
             want_nbest[index[key]] |= bool(task["nbest"])
             task["_rows"].append(index[key])
-    answers = [None] * len(items)
+    found = [None] * len(items)
     with tqdm(total=len(items), desc=desc, unit="ex", disable=None) as bar:
         for n_best in (HIDDEN_K, 1):
             rows = [i for i in range(len(items)) if want_nbest[i] == (n_best > 1)]
@@ -414,22 +420,23 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
                 features = None if feature_cache is None else feature_cache.get((n_best, lo))
                 if features is None:
                     features = train_qa.build_features(chunk, tokenizer, train=False,
-                                                       max_query_length=max_query_length)
+                                                       max_query_length=max_query_length,
+                                                       windows=windows)
                     if feature_cache is not None:
                         feature_cache[(n_best, lo)] = features
                 out = train_qa.predict(model, tokenizer, chunk, batch_size=batch_size,
                                        device=device, n_best_size=n_best, features=features,
-                                       precision=precision)
+                                       precision=precision, answers=answers)
                 for ex in chunk:
                     got = out[ex["id"]]
-                    answers[int(ex["id"])] = got if n_best > 1 else ([got] if got else [])
+                    found[int(ex["id"])] = got if n_best > 1 else ([got] if got else [])
                 bar.update(len(chunk))
     for task in tasks:
         rows = task.pop("_rows")
-        task["predictions"] = {ex["id"]: answers[r][0] if answers[r] else ""
+        task["predictions"] = {ex["id"]: found[r][0] if found[r] else ""
                                for ex, r in zip(task["examples"], rows)}
         if task["nbest"]:
-            task["nbest"] = {ex["id"]: answers[r] for ex, r in zip(task["examples"], rows)}
+            task["nbest"] = {ex["id"]: found[r] for ex, r in zip(task["examples"], rows)}
     return tasks
 
 
@@ -466,14 +473,17 @@ def _prediction_path(task):
 
 def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device=None,
                    hidden_criterion="em", hidden_f1=50.0, desc="eval", precision="auto",
-                   max_query_length=train_qa.MAX_QUERY_LENGTH):
+                   max_query_length=train_qa.MAX_QUERY_LENGTH, windows="fast", answers="offsets",
+                   as_authors=False):
     """Predict, score and write predictions (and MLQA-dev n-best lists) under out_dir (which
-    must exist); returns the metrics dict (not yet written)."""
-    torch.set_float32_matmul_precision("high")
+    must exist); returns the metrics dict (not yet written; "options": how it was computed)."""
+    train_qa.set_matmul_precision(precision)
     model, tokenizer = train_qa.load_model_and_tokenizer(model_dir, require_qa_head=True)
     predict_tasks(model, tokenizer, tasks, batch_size, device, desc, precision=precision,
-                  max_query_length=max_query_length)
-    metrics = {"model": os.path.abspath(model_dir)}
+                  max_query_length=max_query_length, windows=windows, answers=answers)
+    metrics = {"model": os.path.abspath(model_dir),
+               "options": dict(windows=windows, answers=answers, max_query_length=max_query_length,
+                               precision=precision, as_authors=as_authors)}
     metrics.update(score_tasks(tasks, hidden_criterion, hidden_f1))
     for task in tasks:
         atomic_write_json(os.path.join(out_dir, _prediction_path(task)), task["predictions"])
@@ -580,7 +590,8 @@ def model_mode(args):
     name = _model_name(args.model)
     with output_dir(args) as tmp:
         kw = dict(batch_size=args.batch_size, device=args.device, precision=args.precision,
-                  max_query_length=args.max_query_length,
+                  max_query_length=args.max_query_length, windows=args.windows, answers=args.answers,
+                  as_authors=args.as_authors,
                   hidden_criterion=args.hidden_knowledge, hidden_f1=args.hidden_knowledge_f1)
         fresh = [{k: v for k, v in t.items() if k != "predictions"} for t in tasks]
         metrics = evaluate_model(args.model, tmp, tasks, desc=name, **kw)
@@ -740,7 +751,8 @@ def _compared(path, option):
         raise InputError(f"{path}: {option} got a model directory; evaluate it first (--model "
                          f"{path} --output-dir DIR) and compare DIR")
     name = metrics.get("model") if isinstance(metrics.get("model"), str) else path
-    return {"name": _model_name(name), "metrics": metrics, "dir": _eval_dir(path), "path": path}
+    return {"name": _model_name(name) + report.as_authors_tag(metrics), "metrics": metrics,
+            "dir": _eval_dir(path), "path": path}
 
 
 def _distinct_evaluations(runs, baseline):
@@ -892,11 +904,13 @@ def ask_mode(args):
             raise InputError(f"{args.context_file}: cannot read ({e})") from None
     if not args.question.strip() or not context.strip():
         raise InputError("--question and the context must not be empty")
+    train_qa.set_matmul_precision(args.precision)
     model, tokenizer = train_qa.load_model_and_tokenizer(args.model, require_qa_head=True)
     example = {"id": "question", "question": args.question, "context": context}
     answer, score = train_qa.predict(model, tokenizer, [example], device=args.device,
                                      precision=args.precision, with_scores=True,
-                                     max_query_length=args.max_query_length)["question"]
+                                     max_query_length=args.max_query_length, windows=args.windows,
+                                     answers=args.answers)["question"]
     print(json.dumps({"answer": answer, "score": round(score, 4)}, ensure_ascii=False))
 
 
@@ -959,9 +973,19 @@ def parse_args(argv=None):
                    help="inference batch (default: 128 on CUDA, 16 on CPU)")
     m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     m.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
-                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU; fp32: true fp32 matmuls; "
+                        "tf32: TF32 matmuls on Ampere+")
     m.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
                    help="question tokens kept (the authors' 64); longer questions are cut")
+    m.add_argument("--windows", choices=train_qa.WINDOWS, default="fast",
+                   help="legacy: a window starts every 128 tokens (the authors' processor)")
+    m.add_argument("--answers", choices=train_qa.ANSWERS, default="offsets",
+                   help="legacy: the authors' post-processing (top 20 over all positions, "
+                        "max-context rule, text rebuilt from tokens)")
+    m.add_argument("--as-authors", action="store_true",
+                   help="the authors' evaluation: " + " ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in AS_AUTHORS.items()) +
+                        "; options given explicitly win")
     w = parser.add_argument_group("data locations (model mode; --compare reads the gold answers "
                                   "from the same files)")
     w.add_argument("--mlqa-dir", default=None, help=f"MLQA v1 root (default {MLQA_DIR})")
@@ -989,7 +1013,7 @@ def parse_args(argv=None):
     q.add_argument("--question", help="with --model: ask the model this one question")
     q.add_argument("--context", help="the context of --question")
     q.add_argument("--context-file", help="a text file holding the context of --question")
-    return parser.parse_args(argv), parser
+    return parse_with_preset(parser, argv, AS_AUTHORS), parser
 
 
 if __name__ == "__main__":

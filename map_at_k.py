@@ -28,6 +28,12 @@ variant="eq5": Eq. 5 as printed,
     and a confident teacher whose other top-10 positions lie outside the window scores 0.1; a
     batch holding such rows can never reach alpha = 1, which is why Fig. 4 cannot come from it.
 
+relevant="authors" (--map-k-relevant authors): the authors' ranking and relevant positions: every
+position of the (padded) window is ranked, question and padding included, and the window of
+2*delta positions is relevant whatever it holds, so for an answer-less window (gold 0 = [CLS])
+positions 1..delta-1 (question tokens) count as hits. Pass the unmasked logits (train_qa.qa_logits
+with softmax_support="all") of windows padded as theirs (to --max-length) for their exact ranking.
+
 The coefficient of Eq. 6 is the average of the start and end alphas: `map_at_k` for a batch,
 `alpha_per_row` for groups of rows (the authors' 6-row micro-batches).
 Everything runs under torch.no_grad: alpha is a weight on the KL term, never a path for
@@ -38,24 +44,31 @@ import torch
 from common import not_a_script
 
 VARIANTS = ("first-hit", "eq5")   # the first is the default
+RELEVANT = ("masked", "authors")  # ranking over the allowed positions (default), or theirs
 
 
 @torch.no_grad()
-def average_precision_at_k(logits, gold, k=10, delta=5, variant="first-hit", mask=None):
+def average_precision_at_k(logits, gold, k=10, delta=5, variant="first-hit", mask=None,
+                           relevant="masked"):
     """AP@k of each row of `logits` [B, L] against gold positions `gold` [B] -> float tensor [B].
 
     mask: bool [B, L], True where a position may hold an answer; masked positions are never
     ranked, even when fewer than k positions are allowed. variant: "first-hit" or "eq5".
+    relevant="authors": the mask is ignored (every position ranked, the whole window relevant).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if relevant not in RELEVANT:
+        raise ValueError(f"relevant must be one of {RELEVANT}, got {relevant!r}")
     if k < 1 or delta < 1:
         raise ValueError(f"k and delta must be >= 1 (got k={k}, delta={delta})")
     logits = logits.detach().float()
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, length], got shape {tuple(logits.shape)}")
     B, L = logits.shape
-    mask = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(logits.device).bool()
+    if mask is None or relevant == "authors":
+        mask = torch.ones_like(logits, dtype=torch.bool)
+    mask = mask.to(logits.device).bool()
     gold = torch.as_tensor(gold, device=logits.device).long().view(B, 1)
 
     kk = min(k, L)
@@ -75,19 +88,19 @@ def average_precision_at_k(logits, gold, k=10, delta=5, variant="first-hit", mas
 
 @torch.no_grad()
 def map_at_k(start_logits, end_logits, start_positions, end_positions, k=10, delta=5,
-             variant="first-hit", mask=None):
+             variant="first-hit", mask=None, relevant="masked"):
     """alpha = (mAP@k over the batch for start + the same for end) / 2 (Eq. 5, Eq. 6).
 
     Returns a 0-dim float tensor on the logits' device (no host sync; call float() to read it).
     """
-    ap_start = average_precision_at_k(start_logits, start_positions, k, delta, variant, mask)
-    ap_end = average_precision_at_k(end_logits, end_positions, k, delta, variant, mask)
+    ap_start = average_precision_at_k(start_logits, start_positions, k, delta, variant, mask, relevant)
+    ap_end = average_precision_at_k(end_logits, end_positions, k, delta, variant, mask, relevant)
     return (ap_start.mean() + ap_end.mean()) / 2
 
 
 @torch.no_grad()
 def alpha_per_row(start_logits, end_logits, start_positions, end_positions, group_rows, k=10,
-                  delta=5, variant="first-hit", mask=None):
+                  delta=5, variant="first-hit", mask=None, relevant="masked"):
     """alpha of Eq. 6 for each group of `group_rows` consecutive rows (the last may be shorter),
     given to every row of its group -> float tensor [B].
 
@@ -95,8 +108,8 @@ def alpha_per_row(start_logits, end_logits, start_positions, end_positions, grou
     group_rows=6 reproduces that inside one whole-batch pass (DESIGN, corrected 2026-11-28), and
     group_rows >= B gives one alpha for the batch, `map_at_k`'s value, on every row.
     """
-    ap = (average_precision_at_k(start_logits, start_positions, k, delta, variant, mask) +
-          average_precision_at_k(end_logits, end_positions, k, delta, variant, mask)) / 2
+    ap = (average_precision_at_k(start_logits, start_positions, k, delta, variant, mask, relevant) +
+          average_precision_at_k(end_logits, end_positions, k, delta, variant, mask, relevant)) / 2
     group = torch.arange(len(ap), device=ap.device) // group_rows
     sums = torch.zeros(int(group[-1]) + 1, device=ap.device).index_add_(0, group, ap)
     return (sums / torch.bincount(group))[group]

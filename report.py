@@ -603,7 +603,8 @@ def load_run(run_dir):
     selection = "best epoch" if keep_best else "last epoch"
     if metrics.get("epoch") is not None:
         selection += f" ({metrics['epoch']})"
-    return {"name": os.path.basename(os.path.normpath(run_dir)), "dir": run_dir, "mode": mode,
+    name = os.path.basename(os.path.normpath(run_dir)) + as_authors_tag(metrics, args)
+    return {"name": name, "dir": run_dir, "mode": mode,
             "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
             "config": _config_key(args), "metrics": metrics,
             "run": os.path.realpath(os.path.dirname(os.path.abspath(args_path)))}
@@ -613,6 +614,25 @@ def _config_key(args):
     """A run's configuration: its args.json without the seed (runs that differ only in --seed
     share it)."""
     return json.dumps({k: v for k, v in args.items() if k != "seed"}, sort_keys=True)
+
+
+def as_authors_tag(metrics, args=None):
+    """How a table names a run made with --as-authors: " [as-authors]" (trained and evaluated so),
+    " [trained as-authors]" or " [evaluated as-authors]"; "" for neither. Training: `args` (a
+    distill.py args.json) or the args.json / train_args.json of the model metrics.json names;
+    evaluation: metrics.json's "options"."""
+    options = metrics.get("options") if isinstance(metrics, dict) else None
+    evaluated = isinstance(options, dict) and bool(options.get("as_authors"))
+    model = metrics.get("model") if isinstance(metrics, dict) else None
+    if args is None and isinstance(model, str):
+        for name in ("args.json", "train_args.json"):
+            path = os.path.join(model, name)
+            if os.path.isfile(path):
+                args = read_json(path)
+                break
+    trained = isinstance(args, dict) and bool(args.get("as_authors"))
+    return {(True, True): " [as-authors]", (True, False): " [trained as-authors]",
+            (False, True): " [evaluated as-authors]"}.get((trained, evaluated), "")
 
 
 def _model_args_path(metrics):

@@ -22,6 +22,7 @@ Sections in pipeline order, one per module (search for `# ==== <name>`):
 No test needs the internet or the Hugging Face hub; servers run on 127.0.0.1. Tests that
 need a GPU are skipped with the reason elsewhere (`pytest -rs` shows it).
 """
+import contextlib
 import glob
 import http.server
 import importlib.util
@@ -1831,6 +1832,187 @@ def test_enc_slow_tokenizer_or_no_qa_head_exit_2_one_line(tmp_path, capsys):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+# ---- issue 18: switches for the authors' computation (--windows, --answers, --batches, --precision)
+
+def test_qa_legacy_windows_start_every_stride_with_max_context_flags():
+    """--windows legacy: a window starts every --stride tokens (0, 128, 256, 384 for 700 context
+    tokens and 379 per window); each token's max-context window by hand: min(left, right) + 0.01 x
+    length, the first on a tie (w0-w1 tie at token 253.5 -> 253 is w0's; w2 keeps 509)."""
+    ex = {"id": "long", "question": "b c", "context": " ".join(["a"] * 700), "answers": []}
+    tok = qa.train_tiny_tokenizer([ex["context"], ex["question"]])
+    assert len(tok(ex["context"], add_special_tokens=False)["input_ids"]) == 700   # precondition
+    legacy = qa.build_features([ex], tok, 384, 128, train=False, windows="legacy")
+    assert legacy["context_start"].tolist() == [0, 128, 256, 384]
+    assert [len(x) for x in legacy["input_ids"]] == [384, 384, 384, 4 + 316 + 1]
+    owner = {0: (0, 253), 1: (254, 381), 2: (382, 509), 3: (510, 699)}     # by hand, see above
+    for w, (lo, hi) in owner.items():
+        flags = legacy["max_context"][w][4:-1]                   # [CLS] b c [SEP] ... [SEP]
+        start = legacy["context_start"][w]
+        mine = np.flatnonzero(flags) + start
+        assert mine.min() == lo and mine.max() == hi and len(mine) == hi - lo + 1, w
+        assert not legacy["max_context"][w][:4].any() and not legacy["max_context"][w][-1]
+    fast = qa.build_features([ex], tok, 384, 128, train=False)  # default unchanged: overlap 128
+    assert fast["context_start"].tolist() == [0, 251, 502]
+    with pytest.raises(InputError, match="--windows"):
+        qa.build_features([ex], tok, windows="nope")
+
+
+class _HandLogits(torch.nn.Module):
+    """A 'model' whose start/end logits are given per window (keyed by its unpadded input ids)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        rows = [self.table[tuple(ids[m.bool()].tolist())] for ids, m in zip(input_ids, attention_mask)]
+        start = torch.stack([torch.as_tensor(r[0][:input_ids.shape[1]]) for r in rows])
+        end = torch.stack([torch.as_tensor(r[1][:input_ids.shape[1]]) for r in rows])
+        return types.SimpleNamespace(start_logits=start, end_logits=end)
+
+
+def test_qa_legacy_answers_max_context_rule_changes_the_answer():
+    """Hand-built logits over 3 legacy windows (starts 0, 8, 16; 28 context tokens each): the best
+    span (w10 w11, 9 + 9) lies in window 1, but window 0 is token 10's max-context window, so the
+    legacy rules skip it and answer window 0's w3 w4 (5 + 5); --answers offsets keeps w10 w11."""
+    words = [f"w{i}" for i in range(40)]
+    ex = {"id": "x", "question": "q", "context": " ".join(words), "answers": []}
+    tok = qa.train_tiny_tokenizer([ex["context"], ex["question"]])
+    assert len(tok(ex["context"], add_special_tokens=False)["input_ids"]) == 40   # one token a word
+    feats = qa.build_features([ex], tok, 32, 8, train=False, windows="legacy")
+    assert feats["context_start"].tolist() == [0, 8, 16]
+    table = {}
+    for f, ids in enumerate(feats["input_ids"]):
+        start, end = np.full(32, -10.0, np.float32), np.full(32, -10.0, np.float32)
+        head = 3                                                   # [CLS] q [SEP]
+        if f == 0:
+            start[head + 3], end[head + 4] = 5.0, 5.0
+        if f == 1:
+            start[head + 10 - 8], end[head + 11 - 8] = 9.0, 9.0
+        table[tuple(ids.tolist())] = (start, end)
+    model = _HandLogits(table)
+    offsets = qa.predict(model, tok, [ex], features=feats, device="cpu", max_length=32)
+    legacy = qa.predict(model, tok, [ex], features=feats, device="cpu", max_length=32,
+                        answers="legacy", with_scores=True)
+    assert offsets["x"] == "w10 w11"
+    text, p = legacy["x"]
+    assert text == "w3 w4" and 0 < p < 1
+    assert not feats["max_context"][1][3 + 2] and feats["max_context"][0][3 + 10]   # token 10: w0's
+    nbest = qa.predict(model, tok, [ex], features=feats, device="cpu", max_length=32,
+                       answers="legacy", n_best_size=3)["x"]
+    assert nbest[0] == "w3 w4" and len(nbest) == 3 and len(set(nbest)) == 3
+    with pytest.raises(InputError, match="--answers"):
+        qa.predict(model, tok, [ex], features=feats, device="cpu", answers="nope")
+
+
+def test_qa_legacy_spans_take_the_top_over_all_positions_then_filter():
+    """Top n over ALL positions first: when a question token and a padding position hold the two
+    best start logits, no span of the window survives (n_best=2), though extract_spans (top n over
+    the context) finds one. Ends before starts and spans over max_answer_tokens are dropped."""
+    start = torch.tensor([[0.0, 9.0, 0.0, 1.0, 2.0, 0.0, 8.0]])       # 1: question, 6: padding
+    end = torch.tensor([[0.0, 0.0, 0.0, 1.0, 3.0, 0.0, 0.0]])
+    context = torch.tensor([[False, False, False, True, True, False, False]])
+    everywhere = torch.ones_like(context)
+    s, a, b = qa.legacy_spans(start, end, context, everywhere, n_best=2)
+    assert not torch.isfinite(s).any()
+    best, s_idx, e_idx = qa.extract_spans(start, end, context | torch.tensor([[True] + [False] * 6]),
+                                          n_best=2)
+    assert (int(s_idx), int(e_idx)) == (4, 4)
+    s, a, b = qa.legacy_spans(start, end, context, everywhere, n_best=7)
+    kept = {(int(x), int(y)): float(v) for v, x, y in zip(s[0], a[0], b[0]) if torch.isfinite(v)}
+    assert kept == {(3, 3): 2.0, (3, 4): 4.0, (4, 4): 5.0}
+    s, a, b = qa.legacy_spans(start, end, context, everywhere, n_best=7, max_answer_tokens=1)
+    assert {(int(x), int(y)) for v, x, y in zip(s[0], a[0], b[0]) if torch.isfinite(v)} == {(3, 3), (4, 4)}
+    no_max = context.clone()
+    no_max[0, 4] = False                                             # 4 is not its max context
+    s, a, b = qa.legacy_spans(start, end, context, no_max, n_best=7)
+    assert {(int(x), int(y)) for v, x, y in zip(s[0], a[0], b[0]) if torch.isfinite(v)} == {(3, 3), (3, 4)}
+
+
+def test_qa_legacy_text_is_aligned_to_the_original_words():
+    """get_final_text's rules: the detokenised prediction is found in the basic tokenisation of
+    its words and projected back character by character; unalignable -> the whole words."""
+    assert qa.align_to_original("Steve Smith", "Steve Smith's") == "Steve Smith"
+    assert qa.align_to_original("1990", "(1990–1995),") == "1990"
+    assert qa.align_to_original("京 大", "北京大学") == "京大"
+    assert qa.align_to_original("xyz", "abc def") == "abc def"
+    assert qa.align_to_original("Äpfel", "Äpfel.") == "Äpfel"                  # cased: kept
+    words, starts = qa.context_words("ab  cd\u00a0ef\tgh")
+    assert words == ["ab", "cd\u00a0ef", "gh"] and starts.tolist() == [0, 4, 10]
+
+
+def test_qa_basic_tokens_equal_transformers_basic_tokenizer_every_language():
+    """The legacy alignment's tokenisation (the Rust BERT normaliser + pre-tokeniser) gives the
+    words of transformers' own BasicTokenizer(do_lower_case=False), which get_final_text uses."""
+    try:
+        from transformers.models.bert.tokenization_bert import BasicTokenizer
+    except ImportError:                    # transformers 5.x keeps it in the legacy module
+        from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
+    theirs = BasicTokenizer(do_lower_case=False)
+    for path in sorted(glob.glob(os.path.join(XQUAD_DIR, "xquad.*.json"))):
+        for ex in load_squad_examples(path)[::200]:
+            for text in (ex["context"], ex["question"]):
+                assert qa.basic_tokens(text) == theirs.tokenize(text), path
+
+
+def test_qa_random_batches_and_fixed_length_padding():
+    """--batches random: every window once per epoch, the order a function of (seed, epoch);
+    padded to --max-length whenever an authors' switch needs their fixed-length windows."""
+    lengths = np.arange(50) % 7 + 10
+    a = qa.batch_order(lengths, 6, 3, 0, "random")
+    assert sorted(np.concatenate(a).tolist()) == list(range(50)) and len(a) == 9
+    assert all(np.array_equal(x, y) for x, y in zip(a, qa.batch_order(lengths, 6, 3, 0, "random")))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(qa.batch_order(lengths, 6, 3, 1, "random")))
+    grouped = qa.batch_order(lengths, 6, 3, 0)
+    assert all(np.array_equal(x, y) for x, y in zip(grouped, qa.length_grouped_batches(lengths, 6, 3, 0)))
+    ddp = [qa.batch_order(lengths, 6, 3, 0, "random", rank=r, world_size=2) for r in (0, 1)]
+    assert len(ddp[0]) == len(ddp[1]) == 4
+    assert qa.pad_length(384) is None
+    assert qa.pad_length(384, batches="random") == qa.pad_length(384, softmax_support="all") == \
+        qa.pad_length(384, map_k_relevant="authors") == 384
+    ex = enc_examples("en", 4)
+    tok = qa.train_tiny_tokenizer(qa_texts(ex))
+    feats = qa.build_features(ex, tok)
+    assert qa.collate(feats, [0, 1], tok.pad_token_id, "cpu", pad_to=384)["input_ids"].shape == (2, 384)
+    with pytest.raises(InputError, match="--batches"):
+        qa.batch_order(lengths, 6, 3, 0, "nope")
+
+
+def test_qa_precision_fp32_is_true_fp32_and_never_inherited(tmp_path):
+    """--precision fp32 leaves torch's float32 matmul precision at "highest" even after an earlier
+    stage of the process set "high"; tf32 is its own choice ("high", no autocast)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")            # as an earlier stage would leave it
+        qa.main(["--model", "tiny", "--train-file", XQUAD_EN, "--max-examples", "4", "--epochs", "1",
+                 "--max-length", "128", "--stride", "64", "--precision", "fp32",
+                 "--output-dir", str(tmp_path / "fp32")])
+        assert torch.get_float32_matmul_precision() == "highest"
+        qa.set_matmul_precision("tf32")
+        assert torch.get_float32_matmul_precision() == "high"
+        assert isinstance(qa.autocast("cuda", "tf32"), contextlib.nullcontext)
+        qa.set_matmul_precision("fp32")
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_qa_as_authors_is_their_phase1_and_explicit_options_win(tmp_path):
+    out = tmp_path / "p1"
+    qa.main(["--model", "tiny", "--train-file", XQUAD_EN, "--max-examples", "6", "--epochs", "1",
+             "--max-length", "128", "--stride", "64", "--as-authors", "--output-dir", str(out)])
+    saved = json.loads((out / "train_args.json").read_text())
+    assert saved["as_authors"] and saved["epochs"] == 1 and saved["batch_size"] == 6
+    assert saved["max_query_length"] is None and saved["softmax_support"] == "all"
+    assert saved["batches"] == "random" and saved["precision"] == "fp32" and saved["windows"] == "fast"
+    args = qa.parse_args(["--as-authors"])
+    assert (args.epochs, args.batch_size, args.lr, args.max_query_length) == (2, 6, 3e-5, None)
+    plain = qa.parse_args([])
+    assert (plain.epochs, plain.batch_size, plain.max_query_length, plain.softmax_support,
+            plain.batches, plain.windows) == (3, 24, 64, "context", "grouped", "fast")
+
+
 # ==================================================================================================
 # ==== map_at_k
 # map_at_k.py: the mAP@k coefficient (Eq. 5), first-hit and eq5, row groups
@@ -1957,6 +2139,28 @@ def test_map_rejects_bad_arguments():
         mapk.average_precision_at_k(x, torch.tensor([0]), variant="nope")
     with pytest.raises(ValueError):
         mapk.average_precision_at_k(x, torch.tensor([0]), k=0)
+
+
+def test_map_authors_relevant_positions_rank_question_and_padding():
+    """--map-k-relevant authors: every position ranked, the whole window relevant. Answer-less row
+    (gold 0): question token 2 ranks first and is a hit for them (range(-5, 5)), while the masked
+    ranking finds [CLS] second (0.5). Answer row (gold 12): a padding position ranks first for
+    them (0.5); masked, gold is first (1.0)."""
+    logits = torch.full((2, 20), -5.0)
+    logits[0, 2], logits[0, 12], logits[0, 0] = 10.0, 8.0, 5.0
+    logits[1, 19], logits[1, 12] = 10.0, 8.0
+    allowed = torch.zeros(2, 20, dtype=torch.bool)
+    allowed[:, 0] = True
+    allowed[0, 8:19] = True
+    allowed[1, 8:18] = True
+    gold = torch.tensor([0, 12])
+    masked = mapk.average_precision_at_k(logits, gold, mask=allowed)
+    authors = mapk.average_precision_at_k(logits, gold, mask=allowed, relevant="authors")
+    assert masked.tolist() == [0.5, 1.0] and authors.tolist() == [1.0, 0.5]
+    rows = mapk.alpha_per_row(logits, logits, gold, gold, 2, mask=allowed, relevant="authors")
+    assert rows.tolist() == pytest.approx([0.75, 0.75])
+    with pytest.raises(ValueError):
+        mapk.average_precision_at_k(logits, gold, relevant="nope")
 
 
 # ==================================================================================================
@@ -2667,6 +2871,129 @@ def test_distill_resume_refuses_other_options(distill_runs, capsys):
     code, err = _distill_main(distill_runs["argv"] + ["--output-dir", str(distill_runs["root"] / "none"),
                                                       "--resume"], capsys)
     assert code == 2 and "no checkpoint" in err
+
+
+# ---- issue 18: the authors' loss support, mAP@k positions, alpha groups, --as-authors
+
+def test_distill_softmax_support_all_is_their_loss_over_384_positions():
+    """--softmax-support all: CE, KL (t = 2, x t^2) and the teacher's soft labels over all 384
+    positions of windows padded to --max-length, question and padding included, by hand."""
+    ex = enc_examples("en", 6)
+    model, tok = qa.load_model_and_tokenizer("tiny", texts=qa_texts(ex), seed=0)
+    model.eval()                                              # no dropout: a hand computation
+    teacher = distill.frozen_copy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    feats = qa.build_features(ex, tok, windows="legacy")
+    batch = qa.collate(feats, [0, 1, 2, 3], tok.pad_token_id, "cpu",
+                       pad_to=qa.pad_length(384, softmax_support="all"))
+    assert batch["input_ids"].shape == (4, 384) and not batch["attention_mask"].all()
+    opts = distill.StepOptions(map_k=False, t=2.0, alpha_rows=4, softmax_support="all")
+    stats = distill.forward_backward(model, teacher, batch, opts)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        s, t = model(**inputs), teacher(**inputs)
+
+    def log_p(x, temp=1.0):                                   # log-softmax over all 384 positions
+        x = x.double() / temp
+        return x - torch.logsumexp(x, dim=1, keepdim=True)
+    rows = torch.arange(4)
+    ce = (-log_p(s.start_logits)[rows, batch["start_positions"]] -
+          log_p(s.end_logits)[rows, batch["end_positions"]]) / 2
+    kl = sum((log_p(b, 2).exp() * (log_p(b, 2) - log_p(a, 2))).sum(1) * 4
+             for a, b in ((s.start_logits, t.start_logits), (s.end_logits, t.end_logits))) / 2
+    assert float(stats[1]) == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert float(stats[2]) == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert float(stats[0]) == pytest.approx(float((ce + kl).mean()), rel=1e-5)
+    masked = distill.forward_backward(model, teacher, batch, opts._replace(softmax_support="context"))
+    assert float(masked[1]) < float(stats[1])                 # fewer positions share the softmax
+    # --map-k-relevant authors: alpha from the teacher's unmasked logits, every position ranked
+    mine = distill.forward_backward(model, teacher, batch, opts._replace(
+        map_k=True, map_k_relevant="authors", softmax_support="context"))
+    alpha = mapk.alpha_per_row(t.start_logits, t.end_logits, batch["start_positions"],
+                               batch["end_positions"], 4, relevant="authors")
+    assert float(mine[3]) == pytest.approx(float(alpha.mean()), rel=1e-6)
+    assert float(mine[1]) == pytest.approx(float(masked[1]), rel=1e-6)   # the loss keeps Eq. 1
+
+
+def test_distill_alpha_rows_larger_than_a_micro_batch_is_refused(tmp_path, capsys):
+    """8 processes x batch 24: 3 rows a micro-batch. An explicit --alpha-rows 6 is refused with one
+    line naming the option; left at its default, the run says alpha is per 3 rows. The authors'
+    default (batch 24, one process) and one alpha per batch (--alpha-rows >= --batch-size) pass."""
+    args = distill.parse_args(["--model", "tiny", "--alpha-rows", "6"])
+    assert distill.rows_per_pass(args, 1) == 24
+    with pytest.raises(InputError, match="--alpha-rows 6 is more than the 3 rows") as e:
+        distill.rows_per_pass(args, 8)
+    assert "pass --alpha-rows 3" in str(e.value)
+    with pytest.raises(InputError, match="--alpha-rows"):
+        distill.rows_per_pass(distill.parse_args(["--model", "tiny", "--as-authors"]), 8)
+    assert distill.rows_per_pass(distill.parse_args(["--model", "tiny"]), 8) == 3
+    assert "alpha is per 3 rows" in capsys.readouterr().out
+    assert distill.rows_per_pass(distill.parse_args(["--model", "tiny", "--alpha-rows", "100"]), 1) == 24
+    out = tmp_path / "refused"
+    code, err = _distill_main(DISTILL_TINY + ["--alpha-rows", "6", "--grad-accum", "2",
+                                              "--output-dir", out], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--alpha-rows" in err
+    assert not out.exists()
+
+
+def test_distill_precision_is_its_own_not_phase_1s(tmp_path):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")             # phase 1 in this process (auto)
+        assert _distill_main(DISTILL_TINY + ["--epochs", "1", "--precision", "fp32",
+                                             "--output-dir", tmp_path / "fp32"])[0] == 0
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_distill_resume_accepts_args_json_from_before_the_switches(tmp_path):
+    out = tmp_path / "old"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.pt").write_bytes(b"")
+    args = distill.parse_args(["--model", "tiny", "--output-dir", str(out), "--resume"])
+    old = {k: v for k, v in distill.run_args(args).items() if k not in distill.RESUME_DEFAULTS}
+    (out / "args.json").write_text(json.dumps(old))
+    assert distill.check_output_dir(args) == str(out)
+    legacy = distill.parse_args(["--model", "tiny", "--output-dir", str(out), "--resume",
+                                 "--windows", "legacy"])
+    with pytest.raises(InputError, match="--windows fast"):
+        distill.check_output_dir(legacy)
+
+
+def test_distill_as_authors_end_to_end_resume_evaluation_and_compare(tmp_path, capsys):
+    """--as-authors offline on the tiny model: phase 1, phase 2 stopped and resumed (the same
+    weights as uninterrupted), evaluation; args.json and the compare table name it."""
+    p1 = str(tmp_path / "p1")
+    qa.main(["--model", "tiny", "--train-file", XQUAD_EN, "--max-examples", "6", "--epochs", "1",
+             "--max-length", "128", "--stride", "64", "--as-authors", "--output-dir", p1])
+    argv = ["--model", p1, "--ntl", "1", "--max-examples", "8", "--batch-size", "4", "--epochs", "2",
+            "--max-length", "128", "--stride", "64", "--t", "2", "--map-k", "--as-authors"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _distill_main(argv + ["--output-dir", full])[0] == 0
+    assert _distill_main(argv + ["--output-dir", part, "--stop-after-epoch", "1"])[0] == 0
+    assert _distill_main(argv + ["--output-dir", part, "--resume"])[0] == 0
+    assert _distill_same(_distill_weights(full), _distill_weights(part))
+    saved = json.loads((full / "args.json").read_text())
+    assert saved["as_authors"] and saved["windows"] == "legacy" and saved["softmax_support"] == "all"
+    assert saved["batches"] == "random" and saved["answers"] == "legacy" and saved["precision"] == "fp32"
+    assert saved["map_k_relevant"] == "authors" and saved["max_query_length"] == 64
+    data = tmp_path / "x.json"
+    common.atomic_write_json(str(data), common.examples_to_squad(enc_examples("en", 12)))
+    for name, extra in (("ours", []), ("theirs", ["--as-authors"])):
+        evaluate_mlqa.main(["--model", str(full), "--output-dir", str(tmp_path / name), "--skip", "mlqa",
+                            "xquad", "tydiqa", "--dataset", str(data), "--squad"] + extra)
+    options = json.loads((tmp_path / "theirs" / "metrics.json").read_text())["options"]
+    assert options == {"windows": "legacy", "answers": "legacy", "max_query_length": 64,
+                       "precision": "fp32", "as_authors": True}
+    capsys.readouterr()
+    evaluate_mlqa.main(["--compare", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--bootstrap", "0",
+                        "--output-dir", str(tmp_path / "cmp")])
+    summary = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "full [trained as-authors]" in summary and "full [as-authors]" in summary
 
 
 # ==================================================================================================

@@ -11,6 +11,7 @@ optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenize
     python train_qa.py --model tiny-xlmr --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny-xlmr
     python train_qa.py --model xlm-roberta-base --output-dir runs/xlmr-qa-en   # any encoder, fast tokenizer
     python train_qa.py --check-offsets [--xquad-dir data/xquad] [--model tiny|tiny-xlmr|DIR]   # offset report
+    python train_qa.py --as-authors --output-dir runs/mbert-qa-en-authors   # the authors' phase 1 (README)
     python evaluate_mlqa.py --model runs/mbert-qa-en --output-dir runs/mbert-qa-en/squad-dev \
         --skip mlqa xquad tydiqa --dataset data/squad/dev-v1.1.json --squad   # SQuAD dev EM/F1
 
@@ -24,12 +25,15 @@ weight decay 0, Adam betas (0.9, 0.999), eps 1e-8, gradient clipping at norm 1.0
 """
 import contextlib
 import datetime
+import functools
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import time
+import unicodedata
 
 import numpy as np
 import torch
@@ -38,7 +42,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
-                    atomic_write_json, check_writable, load_squad_examples, read_json, run_main)
+                    atomic_write_json, check_writable, load_squad_examples, parse_with_preset, read_json,
+                    run_main)
 from rundir import (SAVE_MINUTES, Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, aside_path,
                     check_output_dir, finish_replacing, from_rank0, has_checkpoint,
                     install_model_files, lock_output_dir, lock_path, parse_save_steps,
@@ -53,7 +58,18 @@ MAX_LENGTH, STRIDE = 384, 128                 # window length and overlap of the
 N_BEST, MAX_ANSWER_TOKENS = 20, 30            # answer extraction: top start/end candidates, span cap
 MASK_VALUE = -1e9                             # logit of a position outside Eq. 1's softmax
 MAX_QUERY_LENGTH = 64                         # question tokens kept (the authors' max_query_length)
-PRECISIONS = ("auto", "fp32", "bf16")         # auto: bf16 autocast on CUDA, fp32 on a CPU
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on a CPU
+# Switches between this project's computation (first value, the default) and the authors' code
+# (second value; README "Fidelity"): each is a CLI option and a keyword of the function it changes.
+WINDOWS = ("fast", "legacy")                  # build_features: window starts (legacy: every --stride)
+SOFTMAX_SUPPORTS = ("context", "all")         # qa_logits: Eq. 1's support, or all padded positions
+BATCHES = ("grouped", "random")               # batch_order: length-grouped, or random + fixed length
+ANSWERS = ("offsets", "legacy")               # predict: character offsets, or their post-processing
+# --as-authors (train_qa.py): the authors' phase-1 script (train_qa_mbert.sh -> run_qa.py, the
+# Trainer): 2 epochs, batch 6, lr 3e-5, questions not cut, random fixed-length batches, the loss
+# over all 384 positions, true fp32
+AS_AUTHORS = dict(epochs=2, batch_size=6, lr=3e-5, max_query_length=None, windows="fast",
+                  softmax_support="all", batches="random", precision="fp32")
 TINY_MODELS = ("tiny", "tiny-xlmr")           # random small models with a tokenizer trained on the run's text
 TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=256, max_position_embeddings=512)
@@ -302,13 +318,17 @@ def pair_template(tokenizer):
 
 
 def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, train=True,
-                   max_query_length=MAX_QUERY_LENGTH):
+                   max_query_length=MAX_QUERY_LENGTH, windows="fast"):
     """Tokenise question + context into overlapping windows (Sec. 3 input) with the tokenizer's own
     pair template (pair_template: [CLS] question [SEP] context window [SEP] for BERT,
     <s> question </s></s> context window </s> for XLM-R), windows of the context overlapping by
     `stride` tokens, exactly as the fast tokenizer's truncation="only_second" with overflow would
     cut them. A question is cut to its first `max_query_length` tokens (None: kept whole), as the
     authors' preprocessing does; only a question that leaves no room for the context is an error.
+
+    windows="legacy": the authors' phase-2 and evaluation processor (transformers 4.x
+    squad_convert_examples_to_features): window k starts at context token k * `stride` (the
+    stride is how far a window advances, not the overlap), until one reaches the context's end.
 
     Each distinct context and question is tokenised once (an MLQA context recurs with the questions
     of all seven languages; an XQuAD sample repeats each context ntl + 1 times), then the windows
@@ -317,8 +337,13 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
     Returns per window (feature): input_ids, token_type_ids (int32 arrays, unpadded), allowed
     (bool: context tokens + position 0, the support of Eq. 1's softmax), offsets ([L, 2] int32 char
     offsets into the context, (0, 0) outside it), example_index; with train, start/end_positions:
-    the gold tokens of the first answer, or 0 ([CLS] / <s>) when the window does not hold it.
+    the gold tokens of the first answer, or 0 ([CLS] / <s>) when the window does not hold it;
+    context_start (the window's first context token); max_context (bool: the context tokens for
+    which this window is the "max context" one, the legacy rule: the window where the token has
+    the most tokens on its shorter side, + 0.01 x window length, the first on a tie).
     """
+    if windows not in WINDOWS:
+        raise InputError(f"--windows must be one of {' '.join(WINDOWS)}, got {windows!r}")
     def encode(texts):
         if not texts:
             return {}
@@ -332,7 +357,7 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
         template["prefix"], template["middle"], template["suffix"]
     n_special = len(pre_ids) + len(mid_ids) + len(suf_ids)
     out = {k: [] for k in ("input_ids", "token_type_ids", "allowed", "offsets", "example_index",
-                           "start_positions", "end_positions")}
+                           "start_positions", "end_positions", "context_start", "max_context")}
     for i, ex in enumerate(examples):
         q_ids = questions[ex["question"].lstrip()][0][:max_query_length]
         c_ids, c_off = contexts[ex["context"]]
@@ -346,8 +371,9 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
         head_types = np.concatenate([pre_types, np.full(len(q_ids), template["question_type"], np.int32),
                                      mid_types])
         head = len(head_ids)
-        for lo in range(0, max(len(c_ids) - stride, 1), max(room - stride, 1)):
-            hi = min(lo + room, len(c_ids))
+        spans = context_windows(len(c_ids), room, stride, windows)
+        best = max_context_window(spans, len(c_ids))
+        for w, (lo, hi) in enumerate(spans):
             n = head + hi - lo + len(suf_ids)
             out["input_ids"].append(np.concatenate([head_ids, c_ids[lo:hi], suf_ids]).astype(np.int32))
             out["token_type_ids"].append(np.concatenate(
@@ -358,20 +384,48 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
             offsets[head:head + hi - lo] = c_off[lo:hi]
             allowed = ctx.copy()
             allowed[0] = True                           # [CLS] / <s>: label of a window without the answer
+            max_context = np.zeros(n, dtype=bool)
+            max_context[head:head + hi - lo] = best[lo:hi] == w
             out["allowed"].append(allowed)
+            out["max_context"].append(max_context)
+            out["context_start"].append(lo)
             out["offsets"].append(offsets)
             out["example_index"].append(i)
             if train:
                 s, e = gold_tokens(ex, offsets, ctx)
                 out["start_positions"].append(s)
                 out["end_positions"].append(e)
-            if hi == len(c_ids):
-                break
-    for key in ("example_index", "start_positions", "end_positions"):
+    for key in ("example_index", "start_positions", "end_positions", "context_start"):
         out[key] = np.asarray(out[key], dtype=np.int64)
     if not train:
         del out["start_positions"], out["end_positions"]
     return out
+
+
+def context_windows(n_tokens, room, stride, windows="fast"):
+    """[(lo, hi)] context-token ranges of the windows of a context of n_tokens, `room` tokens each.
+    fast: consecutive windows overlap by `stride` tokens (the fast tokenizer's overflow);
+    legacy: window k starts at k * stride (their processor). Both stop at the first window that
+    reaches the end of the context."""
+    step = room - stride if windows == "fast" else stride
+    spans = []
+    for lo in range(0, max(n_tokens, 1), max(step, 1)):
+        spans.append((lo, min(lo + room, n_tokens)))
+        if lo + room >= n_tokens:
+            break
+    return spans
+
+
+def max_context_window(spans, n_tokens):
+    """Per context token, the index of its "max context" window (the legacy rule, vectorised):
+    score = min(tokens left of it, tokens right of it in the window) + 0.01 x window length,
+    the first window on a tie."""
+    lo = np.array([s[0] for s in spans])[:, None]
+    length = np.array([s[1] - s[0] for s in spans])[:, None]
+    pos = np.arange(n_tokens)[None, :]
+    score = np.minimum(pos - lo, lo + length - 1 - pos) + 0.01 * length
+    score = np.where((pos >= lo) & (pos < lo + length), score, -np.inf)
+    return score.argmax(0) if n_tokens else np.zeros(0, dtype=np.int64)
 
 
 def gold_tokens(example, offsets, ctx):
@@ -411,22 +465,55 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, shuffle=True, rank=
     return batches
 
 
-def collate(features, indices, pad_token_id, device):
-    """Tensors for the features `indices`, padded to the longest of them only."""
+def random_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
+    """--batches random: a seeded random order of the windows cut into batches (the authors'
+    RandomSampler), deterministic in (seed, epoch); under DDP each rank every world_size-th batch."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if world_size > 1:
+        batches = batches[:len(batches) // world_size * world_size][rank::world_size]
+    return batches
+
+
+def batch_order(lengths, batch_size, seed, epoch, batches="grouped", rank=0, world_size=1):
+    """One epoch's training batches: length_grouped_batches, or random_batches (--batches random)."""
+    if batches not in BATCHES:
+        raise InputError(f"--batches must be one of {' '.join(BATCHES)}, got {batches!r}")
+    if batches == "random":
+        return random_batches(len(lengths), batch_size, seed, epoch, rank, world_size)
+    return length_grouped_batches(lengths, batch_size, seed, epoch, rank=rank, world_size=world_size)
+
+
+def pad_length(max_length, batches="grouped", softmax_support="context", map_k_relevant="masked"):
+    """The length every batch is padded to: None (the longest window of the batch) by default;
+    --max-length when an option needs the authors' fixed-length windows (their padding positions
+    are in the softmax, the mAP@k ranking and the batch)."""
+    legacy = batches == "random" or softmax_support == "all" or map_k_relevant == "authors"
+    return max_length if legacy else None
+
+
+def collate(features, indices, pad_token_id, device, pad_to=None):
+    """Tensors for the features `indices`, padded to the longest of them (or to pad_to, when
+    longer: the authors' fixed-length windows)."""
     ids = [features["input_ids"][i] for i in indices]
-    n, length = len(ids), max(len(x) for x in ids)
+    n, length = len(ids), max(max(len(x) for x in ids), pad_to or 0)
     input_ids = np.full((n, length), pad_token_id, dtype=np.int64)
     token_type_ids = np.zeros((n, length), dtype=np.int64)
     allowed = np.zeros((n, length), dtype=bool)
     attention_mask = np.zeros((n, length), dtype=np.int64)
+    max_context = np.zeros((n, length), dtype=bool) if "max_context" in features else None
     for row, i in enumerate(indices):
         m = len(ids[row])
         input_ids[row, :m] = ids[row]
         token_type_ids[row, :m] = features["token_type_ids"][i]
         allowed[row, :m] = features["allowed"][i]
         attention_mask[row, :m] = 1
+        if max_context is not None:
+            max_context[row, :m] = features["max_context"][i]
     batch = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                  allowed=allowed)
+    if max_context is not None:
+        batch["max_context"] = max_context
     for key in ("start_positions", "end_positions"):
         if key in features:
             batch[key] = features[key][np.asarray(indices)]
@@ -441,10 +528,20 @@ def autocast(device, precision="auto"):
     AMX-BF16 runs it ~2x faster). Parameters, gradients and the optimiser stay float32."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {' '.join(PRECISIONS)}, got {precision!r}")
-    device_type = torch.device(device).type
+    device_type = torch.device(device).type     # tf32: no autocast (set_matmul_precision's)
     if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def set_matmul_precision(precision):
+    """The float32 matmul precision of this stage, from its own --precision (never what an earlier
+    stage of the same process set): fp32 = true fp32 ("highest", as the authors' torch); tf32 =
+    TF32 on Ampere and newer GPUs ("high"); auto and bf16 keep "high" for the float32 work
+    outside autocast."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {' '.join(PRECISIONS)}, got {precision!r}")
+    torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
 
 
 def takes_token_types(model):
@@ -454,15 +551,21 @@ def takes_token_types(model):
     return config is None or getattr(config, "type_vocab_size", 1) > 1
 
 
-def qa_logits(model, batch, precision="auto"):
+def qa_logits(model, batch, precision="auto", softmax_support="context"):
     """Start/end logits, float32 [B, L]; disallowed positions (question, separators, padding) are
     MASK_VALUE, so a softmax over them is Eq. 1's softmax over the context tokens (+ [CLS] / <s>).
-    This is the one place where Eq. 1's mask is applied: the losses take these logits as they are."""
+    This is the one place where Eq. 1's mask is applied: the losses take these logits as they are.
+    softmax_support="all": no mask, every position of the (padded) window, as the authors' loss."""
+    if softmax_support not in SOFTMAX_SUPPORTS:
+        raise InputError(f"--softmax-support must be one of {' '.join(SOFTMAX_SUPPORTS)}, "
+                         f"got {softmax_support!r}")
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if takes_token_types(model):
         inputs["token_type_ids"] = batch["token_type_ids"]
     with autocast(batch["input_ids"].device, precision):
         out = model(**inputs)
+    if softmax_support == "all":
+        return out.start_logits.float(), out.end_logits.float()
     mask = ~batch["allowed"]
     return (out.start_logits.float().masked_fill(mask, MASK_VALUE),
             out.end_logits.float().masked_fill(mask, MASK_VALUE))
@@ -523,11 +626,14 @@ def setup_distributed():
 
 def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, grad_accum=1,
           seed=0, weight_decay=WEIGHT_DECAY, warmup_steps=0, device="cpu", rank=0, world_size=1,
-          progress=True, precision="auto", run=None):
+          progress=True, precision="auto", batches="grouped", softmax_support="context",
+          max_length=MAX_LENGTH, run=None):
     """The loop: length-grouped batches, Eq. 2 loss, AdamW + linear decay, grad accumulation, DDP.
     `batch_size` is the effective batch of one optimiser step; `precision` that of the forward
-    (autocast). `run` (a Phase1Run, from run()): train_log.jsonl, checkpoints at every epoch's
-    end and mid-epoch (--save-steps, a stop signal), --resume. Returns the unwrapped model."""
+    (autocast). batches="random" / softmax_support="all": the authors' random batches of windows
+    padded to max_length / their loss over all positions. `run` (a Phase1Run, from run()):
+    train_log.jsonl, checkpoints at every epoch's end and mid-epoch (--save-steps, a stop
+    signal), --resume. Returns the unwrapped model."""
     micro = batch_size // (world_size * grad_accum)
     if micro < 1 or micro * world_size * grad_accum != batch_size:
         raise InputError(f"--batch-size {batch_size} is not a multiple of world size {world_size} "
@@ -539,7 +645,8 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     lengths = np.array([len(x) for x in features["input_ids"]])
-    per_epoch = len(length_grouped_batches(lengths, micro, seed, 0, rank=rank, world_size=world_size))
+    pad_to = pad_length(max_length, batches, softmax_support)
+    per_epoch = len(batch_order(lengths, micro, seed, 0, batches, rank=rank, world_size=world_size))
     steps_per_epoch = math.ceil(per_epoch / grad_accum)
     optimizer = make_optimizer(raw, lr, weight_decay)
     scheduler = make_scheduler(optimizer, steps_per_epoch * epochs, warmup_steps)
@@ -548,19 +655,19 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
     log = Phase1Log(run.out, rank == 0 and progress, epochs, steps_per_epoch, epoch0, skip)
     with run.stop.deferred():                     # a signal ends the step, saves, exits (rundir)
         for epoch in range(epoch0, epochs):
-            batches = length_grouped_batches(lengths, micro, seed, epoch, rank=rank,
-                                             world_size=world_size)
-            steps = [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+            order = batch_order(lengths, micro, seed, epoch, batches, rank=rank,
+                                world_size=world_size)
+            steps = [order[i:i + grad_accum] for i in range(0, len(order), grad_accum)]
             for i, step_batches in enumerate(steps):
                 if i < skip:                      # done before the checkpoint (--resume)
                     continue
                 total = torch.zeros((), device=device)
                 for j, idx in enumerate(step_batches):
-                    batch = collate(features, idx, pad_token_id, device)
+                    batch = collate(features, idx, pad_token_id, device, pad_to)
                     last = j + 1 == len(step_batches)
                     sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
                     with sync:
-                        start, end = qa_logits(model, batch, precision)
+                        start, end = qa_logits(model, batch, precision, softmax_support)
                         loss = ce_loss(start, end, batch["start_positions"], batch["end_positions"])
                         (loss / len(step_batches)).backward()     # the last step may be short
                     total += loss.detach() / len(step_batches)
@@ -692,6 +799,127 @@ def extract_spans(start_logits, end_logits, allowed, n_best=N_BEST, max_answer_t
             e_idx.gather(1, flat % k).masked_fill(none, 0))
 
 
+def legacy_spans(start_logits, end_logits, context, max_context, n_best=N_BEST,
+                 max_answer_tokens=MAX_ANSWER_TOKENS):
+    """--answers legacy: the candidate spans of each window as the authors' post-processing
+    (transformers 4.x compute_predictions_logits) finds them, vectorised: the n_best start and end
+    positions over ALL positions of the padded window (by logit, the lower position first on a
+    tie), then kept when both lie in the context, the start's window is its "max context" window
+    (build_features), and start <= end < start + max_answer_tokens. Returns (scores float64
+    [B, n*n], -inf where dropped, starts, ends) in their loop order: start rank, then end rank."""
+    k = min(n_best, start_logits.shape[1])
+    s_val, s_idx = (x[:, :k] for x in start_logits.float().sort(dim=1, descending=True, stable=True))
+    e_val, e_idx = (x[:, :k] for x in end_logits.float().sort(dim=1, descending=True, stable=True))
+    ok_s = context.gather(1, s_idx) & max_context.gather(1, s_idx)
+    length = e_idx[:, None, :] - s_idx[:, :, None] + 1                      # [B, k, k]
+    ok = ok_s[:, :, None] & context.gather(1, e_idx)[:, None, :] & (length >= 1) & \
+        (length <= max_answer_tokens)
+    scores = (s_val.double()[:, :, None] + e_val.double()[:, None, :]).masked_fill(~ok, float("-inf"))
+    return (scores.flatten(1), s_idx[:, :, None].expand(-1, -1, k).flatten(1),
+            e_idx[:, None, :].expand(-1, k, -1).flatten(1))
+
+
+@functools.lru_cache(maxsize=2)
+def _basic_tokenizer(lower):
+    """BERT's basic tokenisation (the Rust twin of transformers 4.x BasicTokenizer): control
+    characters dropped, CJK characters and punctuation split off, whitespace split."""
+    from tokenizers import normalizers, pre_tokenizers
+    return (normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                       lowercase=lower), pre_tokenizers.BertPreTokenizer())
+
+
+def basic_tokens(text, lower=False):
+    """The words of BERT's basic tokenisation of `text` (NFC first, as transformers 4.x does)."""
+    normalizer, pre = _basic_tokenizer(lower)
+    return [w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(unicodedata.normalize("NFC", text)))]
+
+
+def align_to_original(pred_text, orig_text, lower=False):
+    """The legacy get_final_text: project `pred_text` (rebuilt from tokens) onto `orig_text` (the
+    whitespace-separated words it came from) character by character, through the basic
+    tokenisation of orig_text; orig_text itself when the two cannot be aligned."""
+    tok_text = " ".join(basic_tokens(orig_text, lower))
+    start = tok_text.find(pred_text)
+    if start < 0:
+        return orig_text
+    orig_chars = np.flatnonzero(np.array(list(orig_text)) != " ")     # positions of non-spaces
+    tok_chars = np.flatnonzero(np.array(list(tok_text)) != " ")
+    if len(orig_chars) != len(tok_chars):
+        return orig_text
+    end = start + len(pred_text) - 1
+    rank = np.searchsorted(tok_chars, [start, end])                    # their non-space index
+    if not (rank < len(tok_chars)).all() or (tok_chars[rank] != [start, end]).any():
+        return orig_text                                               # starts or ends on a space
+    return orig_text[orig_chars[rank[0]]:orig_chars[rank[1]] + 1]
+
+
+def legacy_text(tokenizer, ids, offsets, start, end, words, word_starts, lower=False):
+    """The text of the span start..end of one window as the legacy post-processing rebuilds it:
+    the tokens detokenised (the tokenizer's own convert_tokens_to_string, whitespace collapsed),
+    aligned onto the context words they came from (align_to_original)."""
+    tokens = tokenizer.convert_ids_to_tokens([int(x) for x in ids[start:end + 1]])
+    tok_text = " ".join(tokenizer.convert_tokens_to_string(tokens).split())
+    first, last = np.searchsorted(word_starts, offsets[[start, end], 0], side="right") - 1
+    return align_to_original(tok_text, " ".join(words[first:last + 1]), lower)
+
+
+def context_words(context):
+    """The words of a context as the legacy SquadExample splits it (on space, tab, CR, LF and
+    U+202F only) -> (words, their start characters)."""
+    found = list(re.finditer(r"[^ \t\r\n\u202f]+", context))
+    return [m.group() for m in found], np.array([m.start() for m in found], dtype=np.int64)
+
+
+def legacy_answers(model, tokenizer, examples, features, batch_size, device, n_best_size, precision,
+                   with_scores, max_length):
+    """predict(answers="legacy"): windows padded to max_length, legacy_spans of each, then per
+    example the candidates of all its windows by score (their stable sort: window, start rank,
+    end rank on a tie), each rebuilt as text (legacy_text) until n distinct texts (20 with
+    scores: the probability is a softmax over these kept spans' scores, as their n-best). No
+    candidate at all: their nonce answer "empty"."""
+    n, width = len(features["input_ids"]), N_BEST * N_BEST
+    scores = np.full((n, width), -np.inf)
+    starts, ends = np.zeros((n, width), np.int64), np.zeros((n, width), np.int64)
+    lengths = [len(x) for x in features["input_ids"]]
+    for idx in length_grouped_batches(lengths, batch_size or eval_batch_size(device), 0, 0, shuffle=False):
+        batch = collate(features, idx, tokenizer.pad_token_id, device, pad_to=max_length)
+        start_logits, end_logits = qa_logits(model, batch, precision, softmax_support="all")
+        context = batch["allowed"].clone()
+        context[:, 0] = False
+        s, a, b = legacy_spans(start_logits, end_logits, context, batch["max_context"])
+        w = s.shape[1]
+        scores[idx, :w], starts[idx, :w], ends[idx, :w] = s.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
+    lower = bool(getattr(tokenizer, "do_lower_case", False))
+    want = N_BEST if with_scores else n_best_size
+    bounds = np.searchsorted(features["example_index"], np.arange(len(examples) + 1))
+    words, out = {}, {}
+    for i, ex in enumerate(examples):                        # a loop over examples, not tokens
+        rows = np.arange(bounds[i], bounds[i + 1])
+        flat = scores[rows].ravel()
+        keep = np.flatnonzero(np.isfinite(flat))
+        keep = keep[np.lexsort((keep, -flat[keep]))]          # by score; their list order on a tie
+        if ex["context"] not in words:
+            words[ex["context"]] = context_words(ex["context"])
+        nbest = {}
+        for c in keep:
+            if len(nbest) >= want:
+                break
+            f, j = rows[c // width], c % width
+            text = legacy_text(tokenizer, features["input_ids"][f], features["offsets"][f],
+                               starts[f, j], ends[f, j], *words[ex["context"]], lower)
+            nbest.setdefault(text, flat[c])                   # a text seen before: skipped
+        nbest = nbest or {"empty": 0.0}                       # their nonce prediction
+        texts = list(nbest)
+        if n_best_size > 1:
+            out[ex["id"]] = texts[:n_best_size]
+        elif with_scores:
+            total = np.array(list(nbest.values()))
+            out[ex["id"]] = (texts[0], float(1.0 / np.exp(total - total[0]).sum()))
+        else:
+            out[ex["id"]] = texts[0]
+    return out
+
+
 def eval_batch_size(device):
     """Inference batch: 128 windows on a GPU, 16 on a CPU (cache-bound: 8-16 rows per pass ran
     1.1-1.4x faster than 24-64 in bench.py's tiny and small shapes on a 2-core machine)."""
@@ -700,19 +928,31 @@ def eval_batch_size(device):
 
 @torch.inference_mode()
 def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_size=1, features=None,
-            precision="auto", max_query_length=MAX_QUERY_LENGTH, with_scores=False):
+            precision="auto", max_query_length=MAX_QUERY_LENGTH, with_scores=False, answers="offsets",
+            windows="fast", max_length=MAX_LENGTH):
     """id -> answer text: the best span over all windows of the example, cut from the original
     context by character offsets. n_best_size > 1: id -> list of up to n distinct answer texts,
     best first (paper Table 1). Examples without any valid span get "" (or []). `precision`: that
     of the forward (autocast); `max_query_length` applies when the features are built here.
     with_scores (n_best_size 1): id -> (text, p_start * p_end of the span under its window's
-    Eq. 1 softmax, [CLS] included; 0.0 without a span)."""
+    Eq. 1 softmax, [CLS] included; 0.0 without a span).
+    answers="legacy": the authors' post-processing instead (legacy_answers: top 20 over all
+    positions of windows padded to max_length, max-context rule, text rebuilt from tokens, the
+    probability over their n-best). windows: of the features built here."""
+    if answers not in ANSWERS:
+        raise InputError(f"--answers must be one of {' '.join(ANSWERS)}, got {answers!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = getattr(model, "module", model).to(device)
     was_training = model.training
     model.eval()
     if features is None:
-        features = build_features(examples, tokenizer, train=False, max_query_length=max_query_length)
+        features = build_features(examples, tokenizer, max_length, train=False,
+                                  max_query_length=max_query_length, windows=windows)
+    if answers == "legacy":
+        out = legacy_answers(model, tokenizer, examples, features, batch_size, device, n_best_size,
+                             precision, with_scores, max_length)
+        model.train(was_training)
+        return out
     top = n_best_size if n_best_size == 1 else min(4 * n_best_size, N_BEST * N_BEST)
     n = len(features["input_ids"])
     scores, starts, ends = (np.full((n, top), -np.inf, np.float32), np.zeros((n, top), np.int64),
@@ -797,7 +1037,19 @@ def parse_args(argv=None):
     t.add_argument("--stride", type=int, default=STRIDE)
     t.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="question tokens kept")
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU; fp32: true fp32 matmuls; "
+                        "tf32: TF32 matmuls on Ampere+")
+    f = p.add_argument_group("the authors' computation (README: fidelity notes)")
+    f.add_argument("--windows", choices=WINDOWS, default="fast",
+                   help="legacy: a window starts every --stride tokens (the authors' phase-2 processor)")
+    f.add_argument("--softmax-support", choices=SOFTMAX_SUPPORTS, default="context",
+                   help="all: the loss over every position of a window padded to --max-length (authors')")
+    f.add_argument("--batches", choices=BATCHES, default="grouped",
+                   help="random: seeded random batches padded to --max-length (authors')")
+    f.add_argument("--as-authors", action="store_true",
+                   help="the authors' phase 1: " + " ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in AS_AUTHORS.items()) +
+                        " (None: questions not cut); options given explicitly win")
     o = p.add_argument_group("output, checkpoints, resuming")
     o.add_argument("--output-dir", default=OUTPUT_DIR)
     o.add_argument("--overwrite", action="store_true",
@@ -812,7 +1064,7 @@ def parse_args(argv=None):
     c = p.add_argument_group("offset-recovery report (instead of training)")
     c.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
     c.add_argument("--xquad-dir", default=XQUAD_DIR)
-    return p.parse_args(argv)
+    return parse_with_preset(p, argv, AS_AUTHORS)
 
 
 EPILOG = ("Exit status: 0 done, 2 bad input or an unwritable output, 130/143/138 stopped by "
@@ -845,12 +1097,12 @@ def run(args, resume_with=None):
     rank, world_size, device, is_master = setup_distributed()
     out, lock = claim_output_dir(args, is_master, world_size)     # one run per directory
     with lock, StopSignals() as stop:       # Ctrl-C, SIGTERM, SIGUSR1: see rundir
-        torch.set_float32_matmul_precision("high")      # TF32 on Ampere+ GPUs
+        set_matmul_precision(args.precision)            # this stage's own, never inherited
         texts = [x for ex in examples for x in (ex["question"], ex["context"])]
         model, tokenizer = load_phase1_model(args, out, texts)
         check_space(args.output_dir, model, is_master, world_size)
         features = build_features(examples, tokenizer, args.max_length, args.stride,
-                                  max_query_length=args.max_query_length)
+                                  max_query_length=args.max_query_length, windows=args.windows)
         if is_master:
             print(f"{len(examples)} examples -> {len(features['input_ids'])} features; device "
                   f"{device} x {world_size}" + ("; resuming" if args.resume else ""), flush=True)
@@ -863,7 +1115,8 @@ def run(args, resume_with=None):
                       batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       device=device, rank=rank, world_size=world_size, precision=args.precision,
-                      run=run_state)
+                      batches=args.batches, softmax_support=args.softmax_support,
+                      max_length=args.max_length, run=run_state)
         if is_master:
             install_phase1_model(out, args, model, tokenizer)
 
@@ -891,7 +1144,7 @@ def check_args(args):
 # options that must match for --resume (the rest, e.g. --save-steps, may change)
 RESUME_KEYS = ("model", "train_file", "epochs", "lr", "batch_size", "grad_accum", "weight_decay",
                "warmup_steps", "seed", "max_examples", "max_length", "stride", "max_query_length",
-               "precision")
+               "precision", "windows", "softmax_support", "batches", "as_authors")
 
 
 def resume_options(args):
