@@ -1199,6 +1199,7 @@ def test_qa_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
     tiny = ["--model", "tiny", "--epochs", "1", "--max-examples", "4"]
     existing = tmp_path / "exists"
     existing.mkdir()
+    (existing / "mine.txt").write_text("a user's file")     # (an empty directory is used as is)
     not_qa = tmp_path / "not_qa"
     not_qa.mkdir()
     (not_qa / "config.json").write_text(json.dumps({"model_type": "vit"}))
@@ -1207,7 +1208,7 @@ def test_qa_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
     cases = [
         (tiny + ["--train-file", str(tmp_path / "missing.json"), "--output-dir", str(tmp_path / "o0")],
          "missing.json"),
-        (tiny + ["--train-file", XQUAD_EN, "--output-dir", str(existing)], "--overwrite"),
+        (tiny + ["--train-file", XQUAD_EN, "--output-dir", str(existing)], "not an output"),
         (["--model", str(not_qa), "--train-file", XQUAD_EN, "--output-dir", str(tmp_path / "o1")], "not_qa"),
         (["--model", str(no_config), "--train-file", XQUAD_EN, "--output-dir", str(tmp_path / "o2")], "no_config"),
         (["--model", str(tmp_path / "nowhere" / "m"), "--train-file", XQUAD_EN,
