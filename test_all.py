@@ -1912,6 +1912,94 @@ def test_distill_alpha_per_6_rows_equals_4_accumulated_micro_batches():
     assert float(stats[3]) == pytest.approx(float(alpha), rel=1e-6)
 
 
+# The table of distill.py's docstring (the paper's modes): flags -> (a_ce, a_kl); "alpha" is
+# mAP@k of the teacher per --alpha-rows group (Eq. 5, 6); None: no teacher, no KL term.
+DISTILL_MODE_TABLE = [(["--map-k"], 1.0, "alpha"),                           # skd, mAP@k
+                      ([], 1.0, 1.0),                                        # skd (Eq. 4)
+                      (["--ce-only"], 1.0, None),                            # w/ ce
+                      (["--no-ce"], 0.0, 1.0),                               # w/o ce (Table 5)
+                      (["--no-ce", "--map-k"], 0.0, "alpha"),
+                      (["--map-k", "--map-variant", "eq5"], 1.0, "alpha")]
+
+
+def _distill_hand_rows(student, teacher, sp, ep, allowed, t):
+    """Per row: CE (Eq. 2) and t^2 KL(teacher || student) (Eq. 4), each the mean of start and
+    end, written with an explicit softmax over the allowed positions (Eq. 1); differentiable."""
+    def log_p(x, temp):
+        x = torch.where(allowed, x / temp, torch.tensor(-math.inf))
+        return x - torch.logsumexp(x, -1, keepdim=True)
+    ce, kl = 0.0, 0.0
+    rows = torch.arange(len(sp))
+    for s, tea, gold in zip(student, teacher or (None, None), (sp, ep)):
+        ce = ce - log_p(s, 1.0)[rows, gold] / 2
+        if tea is not None:
+            ls, lt = log_p(s, t), log_p(tea, t)
+            kl = kl + t * t * torch.where(allowed, lt.exp() * (lt - ls), torch.zeros_like(ls)).sum(-1) / 2
+    return ce, (kl if teacher else None)
+
+
+@pytest.mark.parametrize("flags, a_ce, a_kl", DISTILL_MODE_TABLE,
+                         ids=[" ".join(f) or "plain-skd" for f, _, _ in DISTILL_MODE_TABLE])
+def test_distill_step_of_each_mode_equals_its_hand_loss_and_gradient(flags, a_ce, a_kl):
+    """One forward_backward step, with StepOptions from the command line (so an ignored flag
+    shows), equals the mode's loss by hand: the mean over --alpha-rows groups (the last one
+    shorter) of the group means of a_ce * CE + a_kl * KL, alpha from brute-force mAP@k; and the
+    student's gradients equal autograd of that hand loss."""
+    k, delta, rows, t = 4, 3, 3, 1.5
+    args = distill.parse_args(["--model", "tiny", "--t", str(t), "--k", str(k), "--delta",
+                               str(delta), "--alpha-rows", str(rows), *flags])
+    opts = distill.step_options(args)
+    model, _, feats, tok = _distill_tiny_batch(n_examples=8)   # eval mode: no dropout
+    idx = np.arange(8)                                         # groups of 3, 3 and 2 rows
+    assert len(feats["input_ids"]) >= len(idx)
+    batch = qa.collate(feats, idx, tok.pad_token_id, "cpu")
+    allowed, sp, ep = batch["allowed"], batch["start_positions"], batch["end_positions"]
+    # a teacher with known logits: noise, the gold position raised on some rows, so that the
+    # groups' alphas differ and lie strictly between 0 and 1
+    gen = torch.Generator().manual_seed(0)
+    bump = torch.zeros(allowed.shape)
+    for b, r in enumerate(idx):
+        if r % 3 != 2:
+            bump[b, sp[b]] = bump[b, ep[b]] = 2.0 + r % 2
+    t_start, t_end = (torch.randn(allowed.shape, generator=gen) + bump for _ in range(2))
+    teacher = None if args.ce_only else _FixedLogits(t_start, t_end)
+
+    model.zero_grad()
+    stats = distill.forward_backward(model, teacher, batch, opts)
+    got_grads = _distill_grads(model)
+
+    # by hand: brute-force mAP@k per group (Eq. 5), the table's a_ce / a_kl, group means
+    groups = [list(range(lo, min(lo + rows, len(idx)))) for lo in range(0, len(idx), rows)]
+    assert [len(g) for g in groups] == [3, 3, 2]
+    variant = args.map_variant
+    ap = [(_map_brute_ap(t_start[b].tolist(), int(sp[b]), k, delta, variant, allowed[b].tolist()) +
+           _map_brute_ap(t_end[b].tolist(), int(ep[b]), k, delta, variant, allowed[b].tolist())) / 2
+          for b in range(len(idx))]
+    alpha = [sum(ap[b] for b in g) / len(g) for g in groups]
+    if a_kl == "alpha":
+        assert len(set(alpha)) == len(groups) and 0 < min(alpha) and max(alpha) < 1   # telling
+    model.zero_grad()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"])
+    ce, kl = _distill_hand_rows((out.start_logits, out.end_logits),
+                                None if a_kl is None else (t_start, t_end), sp, ep, allowed, t)
+    # the loss of the step: the mean over groups of the group means of each row's loss
+    group_mean = lambda x: sum(x[g].mean() for g in groups) / len(groups)  # noqa: E731
+    a_row = torch.tensor([alpha[b // rows] if a_kl == "alpha" else a_kl or 0.0
+                          for b in range(len(idx))])
+    loss = group_mean(a_ce * ce + (0.0 if kl is None else a_row * kl))
+    loss.backward()
+    want = [float(loss.detach()), float(group_mean(ce.detach())),
+            0.0 if kl is None else float(group_mean(kl.detach())),
+            sum(alpha) / len(groups) if a_kl == "alpha" else 1.0]     # the logged alpha
+
+    assert stats.tolist() == pytest.approx(want, rel=1e-5)       # [loss, ce, kl, alpha]
+    want_grads = _distill_grads(model)
+    assert len(got_grads) == len(want_grads) > 0
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_distill_defaults_are_first_hit_and_6_row_groups():
     args = distill.parse_args(["--model", "tiny"])
     assert args.map_variant == "first-hit" and args.alpha_rows == 6 and not args.keep_best_epoch
