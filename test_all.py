@@ -2659,11 +2659,11 @@ def test_eval_model_mode_mlqa_pairs_match_drop_in_scorer(eval_env, eval_run):
         got = json.loads(res.stdout)
         assert got["f1"] == pytest.approx(pairs[key]["f1"])
         assert got["exact_match"] == pytest.approx(pairs[key]["exact_match"])
-    # XLT = mean of the 7 same-language pairs, G-XLT = mean of the other 42
+    # XLT = mean of the 7 same-language pairs, G-XLT = mean of all 49 (EM: test_eval_model_
+    # mode_gxlt_is_the_mean_of_49_pairs_with_known_answers; this random model's EM is 0)
     xlt = [pairs[f"{l}-{l}"]["f1"] for l in LANGS7]
-    gxlt = [pairs[f"{q}-{c}"]["exact_match"] for q in LANGS7 for c in LANGS7 if q != c]
     assert metrics["mlqa-dev"]["xlt"]["f1"] == pytest.approx(sum(xlt) / 7)
-    assert metrics["mlqa-dev"]["gxlt"]["exact_match"] == pytest.approx(sum(gxlt) / 42)
+    assert metrics["mlqa-dev"]["gxlt"]["f1"] == pytest.approx(sum(s["f1"] for s in pairs.values()) / 49)
     zh = [pairs[f"{q}-zh"]["f1"] for q in LANGS7]
     assert metrics["mlqa-dev"]["per_context"]["zh"]["f1"] == pytest.approx(sum(zh) / 7)
     w, h = int(report.FIGSIZE[0] * report.DPI), int(report.FIGSIZE[1] * report.DPI)
@@ -2688,29 +2688,114 @@ def test_eval_model_mode_zero_shot_and_summary(eval_env, eval_run):
     assert "(Table 1)" in summary and "| bn | fi |" in summary
 
 
-def test_eval_model_mode_hidden_knowledge(eval_env, eval_run):
+def test_eval_model_mode_hidden_knowledge_lists_of_a_real_model(eval_env, eval_run):
+    """The n-best lists a model writes: 1..10 distinct texts, rank 1 = the prediction, every
+    example counted once (the counts themselves: ..._hidden_knowledge_counts_at_known_ranks)."""
     out, metrics = eval_run
     hk = metrics["hidden-knowledge"]
     assert hk["k"] == 10 and hk["criterion"] == "em" and hk["languages"] == LANGS7
-    records = []
     for q in LANGS7:
         # every example of question language q (7 context languages) is counted exactly once
         assert sum(hk["counts"][q]) + hk["not_in_top_k"][q] == hk["n"][q] == 7 * EVAL_N_IDS
         for c in LANGS7:
             nbest = json.loads((out / "nbest" / "mlqa-dev" / f"{q}-{c}.json").read_text())
             preds = json.loads((out / "predictions" / "mlqa-dev" / f"{q}-{c}.json").read_text())
-            golds = {ex["id"]: [a["text"] for a in ex["answers"]] for ex in common.load_squad_examples(
-                os.path.join(eval_env["mlqa"], "dev", f"dev-context-{c}-question-{q}.json"))}
+            assert sorted(nbest) == sorted(preds)
             for ex_id, texts in nbest.items():
                 assert 1 <= len(texts) <= 10 and len(set(texts)) == len(texts)
                 assert texts[0] == preds[ex_id]  # rank 1 is the prediction
-                records.append({"question_lang": q, "context_lang": c, "nbest": texts,
-                                "answers": golds[ex_id]})
-    again = evaluate_mlqa.hidden_knowledge_counts(records)
-    assert again["counts"] == hk["counts"]
-    em_top1 = sum(metrics["mlqa-dev"]["pairs"][f"{q}-{c}"]["exact_match"] * EVAL_N_IDS / 100
-                  for q in LANGS7 for c in LANGS7)
-    assert sum(hk["counts"][q][0] for q in LANGS7) == round(em_top1)  # rank 1 = EM hits
+
+def _eval_known_nbest(a, b, i, gold):
+    """The stand-in model's n-best list for example i of the pair (question language a, context
+    language b; indices into LANGS7) -> (list, rank of the first EM-correct answer, rank of the
+    first raw-correct one). The first EM-correct answer is at rank (3a + 5b + i) % 13 + 1
+    (above 10: not in the list), or at rank 1 for the first two examples of a same-language
+    pair (q == c does better, as in the paper). When a + b + i is odd it is the gold text plus
+    "." (equal after the MLQA rules, not raw) and the raw gold follows two ranks later. Wrong
+    answers ("cand3") share no token with any gold answer."""
+    em_rank = 1 if a == b and i < 2 else (3 * a + 5 * b + i) % 13 + 1
+    texts = {r: f"cand{r}" for r in range(1, 11)}
+    raw_rank = em_rank
+    if (a + b + i) % 2:
+        texts[em_rank], raw_rank = gold + ".", em_rank + 2
+    if raw_rank <= 10:
+        texts[raw_rank] = gold
+    rank = lambda r: r if r <= 10 else None  # noqa: E731
+    return [texts[r] for r in range(1, 11)], rank(em_rank), rank(raw_rank)
+
+
+@pytest.fixture(scope="module")
+def eval_known(eval_env):
+    """evaluate_mlqa.py --model on the MLQA-dev lookalike, with train_qa.predict replaced by a
+    stand-in whose answers are known (_eval_known_nbest): once with --hidden-knowledge em, once
+    with raw. Returns the two output dirs and the hand-known ranks {(q, c, i): (em, raw)}."""
+    known, ranks = {}, {}
+    for a, q in enumerate(LANGS7):
+        for b, c in enumerate(LANGS7):
+            path = os.path.join(eval_env["mlqa"], "dev", f"dev-context-{c}-question-{q}.json")
+            for i, ex in enumerate(common.load_squad_examples(path)):
+                nbest, em, raw = _eval_known_nbest(a, b, i, ex["answers"][0]["text"])
+                known[(ex["question"], ex["context"])] = nbest
+                ranks[(q, c, i)] = (em, raw)
+    assert len(known) == 49 * EVAL_N_IDS
+
+    def predict(model, tokenizer, examples, n_best_size=1, **_):
+        return {ex["id"]: known[(ex["question"], ex["context"])][:n_best_size] if n_best_size > 1
+                else known[(ex["question"], ex["context"])][0] for ex in examples}
+
+    outs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_qa, "predict", predict)
+        for criterion in ("em", "raw"):
+            outs[criterion] = eval_env["root"] / f"known-{criterion}"
+            _eval_main(["--model", eval_env["model"], "--output-dir", str(outs[criterion]),
+                        "--mlqa-dir", eval_env["mlqa"], "--split", "dev", "--skip", "xquad",
+                        "tydiqa", "--hidden-knowledge", criterion])
+    return outs, ranks
+
+
+def test_eval_model_mode_gxlt_is_the_mean_of_49_pairs_with_known_answers(eval_known):
+    """Pair EM/F1 = the share of examples whose rank-1 answer is correct (set by hand); G-XLT
+    F1 and EM = the mean over all 49 pairs, gxlt_cross over the 42 q != c, XLT over the 7."""
+    outs, ranks = eval_known
+    m = json.loads((outs["em"] / "metrics.json").read_text())["mlqa-dev"]
+    hand = {f"{q}-{c}": 100.0 * sum(ranks[(q, c, i)][0] == 1 for i in range(EVAL_N_IDS)) / EVAL_N_IDS
+            for q in LANGS7 for c in LANGS7}
+    for key, score in hand.items():     # a wrong answer shares no token with the gold: F1 = EM
+        assert m["pairs"][key]["exact_match"] == pytest.approx(score), key
+        assert m["pairs"][key]["f1"] == pytest.approx(score), key
+    same = [hand[f"{l}-{l}"] for l in LANGS7]
+    cross = [v for k, v in hand.items() if k.split("-")[0] != k.split("-")[1]]
+    mean49, mean42 = sum(hand.values()) / 49, sum(cross) / 42
+    assert mean49 > 0 and abs(mean49 - mean42) > 0.5        # the fixture tells 49 from 42
+    for metric in ("f1", "exact_match"):
+        assert m["gxlt"][metric] == pytest.approx(mean49)
+        assert m["gxlt_cross"][metric] == pytest.approx(mean42)
+        assert m["xlt"][metric] == pytest.approx(sum(same) / 7)
+
+
+def test_eval_model_mode_hidden_knowledge_counts_at_known_ranks(eval_env, eval_known):
+    """Table 1: per question language, the examples whose first correct answer is at rank
+    1..10 of the n-best list, worked out from the ranks set by hand; under "em" the gold
+    plus "." counts, under "raw" (the authors' unnormalised count) only the gold itself."""
+    outs, ranks = eval_known
+    for criterion, which in (("em", 0), ("raw", 1)):
+        hk = json.loads((outs[criterion] / "metrics.json").read_text())["hidden-knowledge"]
+        assert hk["criterion"] == criterion and hk["k"] == 10 and hk["languages"] == LANGS7
+        for q in LANGS7:
+            found = [ranks[(q, c, i)][which] for c in LANGS7 for i in range(EVAL_N_IDS)]
+            assert hk["counts"][q] == [found.count(r) for r in range(1, 11)], (criterion, q)
+            assert hk["not_in_top_k"][q] == found.count(None)
+            assert hk["n"][q] == 7 * EVAL_N_IDS
+    em = json.loads((outs["em"] / "metrics.json").read_text())["hidden-knowledge"]["counts"]
+    raw = json.loads((outs["raw"] / "metrics.json").read_text())["hidden-knowledge"]["counts"]
+    assert em != raw                                     # the fixture tells the criteria apart
+    # the n-best lists written are the model's, rank 1 first
+    nbest = json.loads((outs["em"] / "nbest" / "mlqa-dev" / "de-zh.json").read_text())
+    gold = {ex["id"]: ex["answers"][0]["text"] for ex in common.load_squad_examples(
+        os.path.join(eval_env["mlqa"], "dev", "dev-context-zh-question-de.json"))}
+    for i, ex_id in enumerate(gold):
+        assert nbest[ex_id] == _eval_known_nbest(2, 6, i, gold[ex_id])[0]
 
 
 def test_eval_model_mode_baseline_model_difference(eval_env, eval_run, capsys):
