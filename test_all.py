@@ -807,16 +807,45 @@ def test_qa_model_dirs_that_do_not_load_are_one_quiet_error(tmp_path, capfd):
         "initialised (Sec. 4.1)"
 
 
-def test_qa_two_process_gloo(tmp_path):
-    out = str(tmp_path / "ddp")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "train_qa.py"), "--model", "tiny", "--train-file", XQUAD_EN,
-           "--epochs", "1", "--max-examples", "16", "--batch-size", "8", "--output-dir", out]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def qa_dropout0_model_dir(path, texts, seed=0):
+    """A saved tiny QA model without dropout: runs on 1 and 2 processes can then agree."""
+    model, tok = qa.load_model_and_tokenizer("tiny", texts=texts, seed=seed)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    qa.save_model(model, tok, path)
+    return path
+
+
+def qa_relative_distance(a, b, start):
+    """||a - b|| / ||b - start|| over all tensors of two state dicts: how far apart two
+    trainings ended, relative to how far the training moved the weights."""
+    apart = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in b)
+    moved = sum(float((b[k].double() - start[k].double()).norm() ** 2) for k in b)
+    assert moved > 0
+    return math.sqrt(apart / moved)
+
+
+def qa_torchrun(script, argv, nproc):
+    cmd = [sys.executable, os.path.join(REPO, script)] + argv if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(nproc), os.path.join(REPO, script)] + argv
+    r = subprocess.run(cmd, cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_qa_two_process_gloo(tmp_path):
+    """DDP on 2 processes (micro-batch 4 each) trains the same weights as 1 process
+    accumulating the same two micro-batches per step (dropout 0: equal to float rounding)."""
+    init = qa_dropout0_model_dir(str(tmp_path / "init"), qa_texts(load_squad_examples(XQUAD_EN)[:16]))
+    argv = ["--model", init, "--train-file", XQUAD_EN, "--epochs", "1", "--max-examples", "16",
+            "--batch-size", "8", "--lr", "1e-3"]
+    two, one = str(tmp_path / "ddp"), str(tmp_path / "one")
+    r = qa_torchrun("train_qa.py", argv + ["--output-dir", two], 2)
     assert "device cpu x 2" in r.stdout and r.stdout.count("saved ") == 1   # one process saves
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(two))
+    qa_torchrun("train_qa.py", argv + ["--output-dir", one, "--grad-accum", "2"], 1)
+    start = _distill_weights(init)
+    assert qa_relative_distance(_distill_weights(two), _distill_weights(one), start) < 1e-3
 
 
 def test_qa_check_offsets_command(tmp_path):
@@ -2189,19 +2218,31 @@ def test_distill_ce_only_runs_no_teacher(tmp_path):
 
 
 def test_distill_two_process_gloo(tmp_path):
-    out = str(tmp_path / "ddp")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "distill.py")] + DISTILL_TINY + ["--epochs", "2", "--output-dir", out]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    """distill.py on 2 processes (2 rows each, one alpha group each) equals 1 process
+    accumulating the same two micro-batches per step: weights (dropout 0: to float rounding),
+    the teacher's generations and every log row (loss, CE, KL and alpha averaged over ranks)."""
+    init = qa_dropout0_model_dir(str(tmp_path / "init"), qa_texts(
+        sample.sample_cross_lingual(XQUAD_DIR, 1, 3)[:6]), seed=3)
+    argv = [a if a != "tiny" else init for a in DISTILL_TINY] + [
+        "--epochs", "2", "--max-examples", "6", "--lr", "1e-3"]    # 24 windows: 12 micro-batches
+    two, one = str(tmp_path / "ddp"), str(tmp_path / "one")
+    r = qa_torchrun("distill.py", argv + ["--output-dir", two], 2)
     assert "x 2" in r.stdout                                  # "device cpu x 2"
-    state = _distill_state(out)
+    state = _distill_state(two)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
-    rows = distill.read_log(os.path.join(out, "train_log.jsonl"))
-    assert len(rows) == state["step"] > 0
-    assert os.path.isfile(os.path.join(out, "config.json"))
-    assert not _distill_same(state["teacher"], state["student"])
+    assert os.path.isfile(os.path.join(two, "config.json"))
+    qa_torchrun("distill.py", argv + ["--output-dir", one, "--grad-accum", "2"], 1)
+    rows_two = distill.read_log(os.path.join(two, "train_log.jsonl"))
+    rows_one = distill.read_log(os.path.join(one, "train_log.jsonl"))
+    assert len(rows_two) == state["step"] == 12
+    for a, b in zip(rows_two, rows_one, strict=True):
+        assert (a["step"], a["epoch"]) == (b["step"], b["epoch"])
+        for key in ("lr", "loss", "ce", "kl", "alpha"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    start = _distill_weights(init)
+    assert qa_relative_distance(_distill_weights(two), _distill_weights(one), start) < 1e-3
+    state_one = _distill_state(one)
+    assert qa_relative_distance(state["teacher"], state_one["teacher"], start) < 1e-3
 
 
 @pytest.mark.parametrize("extra", [["--ntl", "9"], ["--t", "0"], ["--k", "0"], ["--t", "nan"],
