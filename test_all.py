@@ -2266,6 +2266,20 @@ def test_distill_existing_output_dir_exit_2_without_traceback(tmp_path):
     assert (out / "keep.txt").read_text() == "x"
 
 
+def test_distill_overwrite_replaces_a_previous_run(tmp_path):
+    """--overwrite on the directory of an earlier distill.py run: afterwards it holds the new
+    run only (its options, its log rows alone, its weights), nothing of the old one."""
+    out = str(tmp_path / "run")
+    argv = DISTILL_TINY + ["--epochs", "1", "--output-dir", out]
+    assert _distill_main(argv)[0] == 0
+    old_log, old_weights = distill.read_log(os.path.join(out, "train_log.jsonl")), _distill_weights(out)
+    assert _distill_main(argv + ["--overwrite", "--t", "3"])[0] == 0
+    assert json.loads(open(os.path.join(out, "args.json")).read())["t"] == 3.0
+    assert _distill_state(out)["args"]["t"] == 3.0
+    log = distill.read_log(os.path.join(out, "train_log.jsonl"))
+    assert [r["step"] for r in log] == list(range(1, len(old_log) + 1))      # not appended
+    assert log != old_log and not _distill_same(_distill_weights(out), old_weights)
+
 def test_distill_resume_refuses_other_options(distill_runs, capsys):
     argv = distill_runs["argv"] + ["--t", "3"]                     # --t 3 instead of 2
     code, err = _distill_main(argv + ["--output-dir", distill_runs["full"], "--resume"], capsys)
@@ -3039,6 +3053,23 @@ def test_eval_model_mode_missing_data_and_dataset(eval_env, tmp_path, monkeypatc
                     "--dataset", dataset, "--squad"])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
+
+def test_eval_overwrite_replaces_a_previous_evaluation(eval_env, tmp_path):
+    """--overwrite on the directory of an earlier evaluate_mlqa.py --model run: afterwards it
+    holds the new evaluation only (another model, fewer languages: the old files are gone)."""
+    out = tmp_path / "eval"
+    argv = ["--output-dir", str(out), "--skip", "mlqa", "tydiqa", "--xquad-dir", eval_env["xquad"]]
+    _eval_main(["--model", eval_env["model"], "--xquad-langs", "el", "ru"] + argv)
+    assert (out / "predictions" / "xquad" / "ru-ru.json").exists()
+    _eval_main(["--model", eval_env["other"], "--xquad-langs", "el", "--overwrite"] + argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == os.path.abspath(eval_env["other"])
+    assert sorted(metrics["xquad"]["pairs"]) == ["el-el"]
+    assert sorted(os.listdir(out / "predictions" / "xquad")) == ["el-el.json"]
+    model, tok = train_qa.load_model_and_tokenizer(eval_env["other"])
+    examples = common.load_squad_examples(os.path.join(eval_env["xquad"], "xquad.el.json"))
+    assert json.loads((out / "predictions" / "xquad" / "el-el.json").read_text()) == \
+        train_qa.predict(model, tok, examples, device="cpu")
 
 def test_eval_sweep_cli(tmp_path, capsys):
     runs = _eval_sweep_dirs(tmp_path)
