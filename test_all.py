@@ -667,19 +667,6 @@ def qa_f1(pred, gold):
     return 0.0 if common == 0 else 2 * common / (len(p) + len(g))
 
 
-def test_qa_tiny_model_learns_synthetic_task(qa_one_thread):
-    train, held_out = qa_synthetic(1500, seed=0), qa_synthetic(200, seed=1)
-    model, tokenizer = qa.load_model_and_tokenizer("tiny", texts=qa_texts(train), seed=0)
-    feats = qa.build_features(train, tokenizer)
-    before = qa.predict(model, tokenizer, held_out, device="cpu")
-    model = qa.train(model, feats, tokenizer.pad_token_id, epochs=14, lr=1e-3, batch_size=32, seed=0,
-                     warmup_steps=50, progress=False)
-    pred = qa.predict(model, tokenizer, held_out, device="cpu")
-    f1 = np.mean([qa_f1(pred[ex["id"]], ex["answers"][0]["text"]) for ex in held_out])
-    f1_before = np.mean([qa_f1(before[ex["id"]], ex["answers"][0]["text"]) for ex in held_out])
-    assert f1_before < 0.5 and f1 > 0.9, (f1_before, f1)
-
-
 def qa_run_cli(args):
     with pytest.raises(SystemExit) as e:
         qa.run_main(lambda: qa.main(args))
@@ -1132,10 +1119,10 @@ def test_enc_token_types_only_for_models_that_have_several():
         assert not torch.equal(qa.qa_logits(bert, zeros)[0], qa.qa_logits(bert, b)[0])
 
 
-def enc_learn_synthetic_task(name, precision, epochs=10):
+def enc_learn_synthetic_task(name, precision, epochs=10, n_train=1000):
     """Phase 1 of a tiny model on the synthetic task (qa_synthetic) -> held-out F1 before
     and after training, and the trained model."""
-    train, held_out = qa_synthetic(1500, seed=0), qa_synthetic(200, seed=1)
+    train, held_out = qa_synthetic(n_train, seed=0), qa_synthetic(200, seed=1)
     model, tokenizer = qa.load_model_and_tokenizer(name, texts=qa_texts(train), seed=0)
     feats = qa.build_features(train, tokenizer)
 
@@ -1148,8 +1135,12 @@ def enc_learn_synthetic_task(name, precision, epochs=10):
     return before, held_out_f1(model), model
 
 
-def test_enc_tiny_xlmr_learns_synthetic_task(qa_one_thread):
-    f1_before, f1, _ = enc_learn_synthetic_task("tiny-xlmr", "auto")
+def test_enc_tiny_model_learns_synthetic_task_under_bf16(qa_one_thread):
+    """The one learning test (training, Eq. 1 masking, answer extraction end to end): a tiny
+    XLM-R (the encoder family other than BERT's) trained under bf16 autocast (CUDA's default
+    precision) goes from held-out F1 < 0.5 to > 0.9; its weights stay fp32."""
+    f1_before, f1, model = enc_learn_synthetic_task("tiny-xlmr", "bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     assert f1_before < 0.5 and f1 > 0.9, (f1_before, f1)
 
 
@@ -1229,12 +1220,6 @@ def test_enc_precision_auto_is_fp32_on_a_cpu_and_bf16_is_close():
         assert abs(losses["bf16"][1] - losses["fp32"][1]) < 0.01 * losses["fp32"][1], name
     with pytest.raises(common.InputError, match="--precision"):
         qa.autocast("cpu", "fp16")
-
-
-def test_enc_training_under_bf16_still_learns(qa_one_thread):
-    f1_before, f1, model = enc_learn_synthetic_task("tiny", "bf16")
-    assert all(p.dtype == torch.float32 for p in model.parameters())      # weights stay fp32
-    assert f1_before < 0.5 and f1 > 0.9, (f1_before, f1)
 
 
 def test_enc_train_qa_cli_tiny_xlmr_writes_a_loadable_directory(tmp_path, qa_one_thread):
