@@ -1460,7 +1460,7 @@ def test_map_rejects_bad_arguments():
 # prepare.py: the main command on a fresh machine (downloads, phase 1, the lock)
 # ==================================================================================================
 
-PREPARE_MAIN = ["--ntl", "1", "--t", "2", "--map-k", "--max-examples", "40", "--epochs", "1",
+PREPARE_MAIN = ["--ntl", "1", "--t", "2", "--map-k", "--max-examples", "8", "--epochs", "1",
                 "--phase1-model", "tiny"]
 PREPARE_PHASE2 = os.path.join("runs", "distill-ntl1-t2-skd-map")
 PREPARE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
@@ -1469,9 +1469,9 @@ PREPARE_BUILDING = "not found: building it first"
 
 
 def _files():
-    """The download section's SQuAD/MLQA fixtures; phase 1 trains on 24 real XQuAD-en questions."""
+    """The download section's SQuAD/MLQA fixtures; phase 1 trains on 8 real XQuAD-en questions."""
     files = _fixtures()
-    en = common.load_squad_examples(os.path.join(REPO, "data", "xquad", "xquad.en.json"))[:24]
+    en = common.load_squad_examples(os.path.join(REPO, "data", "xquad", "xquad.en.json"))[:8]
     files["train-v1.1.json"] = json.dumps(common.examples_to_squad(en)).encode()
     return files
 
@@ -1538,7 +1538,7 @@ def test_prepare_main_command_on_a_fresh_machine(prepare_server, tmp_path, monke
     assert r.stdout.count(PREPARE_BUILDING) == 1 and "runs/mbert-qa-en: built" in r.stdout
     # data placed and verified (structure; the counts are checked for the official URLs only)
     assert common.load_squad_examples(str(fresh / "data/squad/train-v1.1.json")) == \
-        common.load_squad_examples(os.path.join(REPO, "data/xquad/xquad.en.json"))[:24]
+        common.load_squad_examples(os.path.join(REPO, "data/xquad/xquad.en.json"))[:8]
     assert len(common.load_squad_examples(str(fresh / "data/squad/dev-v1.1.json"))) == 2
     assert prepare.download.verify_mlqa(str(fresh / "data/mlqa/MLQA_V1"), check_counts=False) > 0
     assert sorted(prepare_server.requests) == ["MLQA_V1.zip", "dev-v1.1.json", "train-v1.1.json"]
@@ -1688,7 +1688,7 @@ def test_prepare_torchrun_waits_for_a_killed_holder_then_builds_phase1_with_ddp(
     assert job.returncode == 0, out[-3000:]
     assert out.count(f"pid {holder.pid} on") == 2       # named while waiting, then as stale
     assert "left by a run that stopped before finishing" in out
-    assert out.count(PREPARE_BUILDING) == 1 and "24 examples -> 24 features; device cpu x 2" in out
+    assert out.count(PREPARE_BUILDING) == 1 and "8 examples -> 8 features; device cpu x 2" in out
     assert sorted(prepare_server.requests) == ["MLQA_V1.zip", "dev-v1.1.json", "train-v1.1.json"]
     assert os.path.isfile(fresh / PREPARE_PHASE2 / "config.json")
     assert not os.path.exists(fresh / "runs" / "mbert-qa-en.lock")
