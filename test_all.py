@@ -2084,6 +2084,57 @@ def test_distill_log_rows_and_the_alpha_figure_plots_them(distill_runs):
     assert os.path.isfile(os.path.join(full, "alpha.png"))
 
 
+def _distill_subprocess(argv, output):
+    """distill.py started as a process of its own; its stdout and stderr go to `output`."""
+    with open(output, "a") as out:
+        return subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py")] + argv, cwd=REPO,
+                                env=OFFLINE_ENV, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _distill_whole_lines(path):
+    """The lines of a file being written that are complete (end with a newline)."""
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return text[:text.rfind("\n") + 1]
+
+
+def test_distill_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    """kill -9 in the middle of epoch 2 (its log rows after the epoch-1 checkpoint already
+    written), then --resume: the final weights and train_log.jsonl equal those of the run that
+    was never interrupted (no duplicated and no missing rows). distill.py runs as it is."""
+    argv = ["--model", "tiny", "--ntl", "1", "--max-examples", "16", "--batch-size", "2",
+            "--alpha-rows", "2", "--epochs", "2", "--max-length", "128", "--stride", "64",
+            "--t", "2", "--map-k", "--xquad-dir", XQUAD_DIR]
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    output = tmp_path / "output.txt"
+    proc = _distill_subprocess(argv + ["--output-dir", full], output)
+    assert proc.wait(timeout=600) == 0, output.read_text()[-3000:]
+    log_full = distill.read_log(os.path.join(full, "train_log.jsonl"))
+    epoch2 = [r["step"] for r in log_full if r["epoch"] == 2]
+    assert len(epoch2) >= 10                     # a long epoch: the kill lands well inside it
+
+    proc = _distill_subprocess(argv + ["--output-dir", killed], output)
+    log = os.path.join(killed, "train_log.jsonl")
+    try:
+        while proc.poll() is None and '"epoch": 2' not in _distill_whole_lines(log):
+            time.sleep(0.005)
+    finally:
+        proc.kill()                              # SIGKILL: nothing of distill.py runs after it
+        proc.wait()
+    rows = distill.read_log(log)
+    assert proc.returncode == -9, "the run ended before a row of epoch 2 was seen"
+    assert rows[-1]["epoch"] == 2 and rows[-1]["step"] < epoch2[-1], "killed at the epoch's end"
+    assert _distill_state(killed)["epoch"] == 1            # the last checkpoint: after epoch 1
+    assert not os.path.exists(os.path.join(killed, "config.json"))
+
+    proc = _distill_subprocess(argv + ["--output-dir", killed, "--resume"], output)
+    assert proc.wait(timeout=600) == 0, output.read_text()[-3000:]
+    assert distill.read_log(log) == log_full
+    assert _distill_same(_distill_weights(killed), _distill_weights(full))     # bitwise on CPU
+
+
 def test_distill_teacher_is_previous_epochs_student(distill_runs):
     s1, s2 = distill_runs["states"]                           # after epoch 1, after epoch 2
     assert _distill_same(s1["teacher"], _distill_weights(distill_runs["init"]))  # generation 0
