@@ -2743,7 +2743,7 @@ def distill_runs(tmp_path_factory):
     train_qa.save_model(*train_qa.load_model_and_tokenizer("tiny", texts, seed=3), init)
     argv = [a if a != "tiny" else init for a in DISTILL_TINY] + ["--mlqa-dir", mlqa, "--epochs", "2"]
     runs = {"root": root, "mlqa": mlqa, "init": init, "argv": argv, "states": [], "alpha_lines": []}
-    real_save_state, real_save_figure = distill.save_state, report.save_figure
+    real_save_state, real_save_figure = rundir.save_state, report.save_figure
 
     def save_state(path, state):
         real_save_state(path, state)
@@ -2757,13 +2757,13 @@ def distill_runs(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distill, "evaluate_dev", _DistillFakeDev())
-        mp.setattr(distill, "save_state", save_state)
+        mp.setattr(rundir, "save_state", save_state)
         mp.setattr(report, "save_figure", save_figure)
         full = str(root / "full")
         assert _distill_main(argv + ["--output-dir", full])[0] == 0
         assert len(runs["states"]) == 2 and runs["alpha_lines"]
         mp.setattr(distill, "evaluate_dev", _DistillFakeDev())
-        mp.setattr(distill, "save_state", real_save_state)
+        mp.setattr(rundir, "save_state", real_save_state)
         best = str(root / "best")
         assert _distill_main(argv + ["--output-dir", best, "--keep-best-epoch"])[0] == 0
     runs["full"], runs["best"] = full, best
@@ -3127,11 +3127,11 @@ def test_distill_resume_accepts_args_json_from_before_the_switches(tmp_path):
     args = distill.parse_args(["--model", "tiny", "--output-dir", str(out), "--resume"])
     old = {k: v for k, v in distill.run_args(args).items() if k not in distill.RESUME_DEFAULTS}
     (out / "args.json").write_text(json.dumps(old))
-    assert distill.check_output_dir(args) == str(out)
+    distill.check_resumable(args, str(out))                    # accepted: no error
     legacy = distill.parse_args(["--model", "tiny", "--output-dir", str(out), "--resume",
                                  "--windows", "legacy"])
     with pytest.raises(InputError, match="--windows fast"):
-        distill.check_output_dir(legacy)
+        distill.check_resumable(legacy, str(out))
 
 
 def test_distill_as_authors_end_to_end_resume_evaluation_and_compare(tmp_path, capsys):
