@@ -74,7 +74,7 @@ def sample_cross_lingual(xquad_dir=XQUAD_DIR, ntl=NTL, seed=SEED, languages=LANG
     return examples
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser(description="Cross-lingual sampling of XQuAD (paper Sec. 4.2, Eq. 3)")
     parser.add_argument("--ntl", type=int, default=NTL,
                         help="number of target languages drawn per question (0..6)")
@@ -83,7 +83,7 @@ def main():
     parser.add_argument("--xquad-dir", default=XQUAD_DIR)
     parser.add_argument("--languages", nargs="+", default=LANGUAGES,
                         help="training languages, in this fixed order; must include en")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if os.path.isdir(args.output):
         raise InputError(f"{args.output}: is a directory (--output must be a file)")
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed, args.languages)

@@ -312,7 +312,18 @@ def test_rundir_overwrite_replaces_its_own_run_and_says_so(uninterrupted, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
-def test_rundir_unwritable_output_is_one_line_before_any_work(uninterrupted, tmp_path):
+def _in_process(main, argv, capsys):
+    """A script's main(argv) under common.run_main in this process, failing -> (exit status,
+    stderr)."""
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(SystemExit) as e:
+            common.run_main(lambda: main([str(a) for a in argv]))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_rundir_unwritable_output_is_one_line_before_any_work(uninterrupted, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k,ro", "tmpfs", str(ro)],
@@ -324,28 +335,26 @@ def test_rundir_unwritable_output_is_one_line_before_any_work(uninterrupted, tmp
     try:
         model = uninterrupted["distill"]
         eval_dir = os.path.join(uninterrupted["root"], "eval-for-ro")
-        r = _run("evaluate_mlqa.py", ["--model", model, "--output-dir", eval_dir, "--skip", "mlqa",
-                                      "tydiqa", "--xquad-langs", "el"])
-        assert r.returncode == 0, r.stderr
+        _eval_main(["--model", model, "--output-dir", eval_dir, "--skip", "mlqa", "tydiqa",
+                    "--xquad-langs", "el"])
         cases = [
-            ("train_qa.py", PHASE1_TINY + ["--output-dir", ro / "p1"], "Read-only"),
-            ("distill.py", RUN_TINY + ["--output-dir", ro / "p2"], "Read-only"),
-            ("evaluate_mlqa.py", ["--model", model, "--output-dir", ro / "e", "--skip", "mlqa",
+            (train_qa.main, PHASE1_TINY + ["--output-dir", ro / "p1"], "Read-only"),
+            (distill.main, RUN_TINY + ["--output-dir", ro / "p2"], "Read-only"),
+            (evaluate_mlqa.main, ["--model", model, "--output-dir", ro / "e", "--skip", "mlqa",
                                   "tydiqa"], "Read-only"),
-            ("evaluate_mlqa.py", ["--compare", eval_dir, eval_dir + "/metrics.json",
-                                  "--output-dir", ro / "c"], "Read-only"),
-            ("evaluate_mlqa.py", ["--sweep", model, "--output-dir", ro / "s"], "Read-only"),
-            ("sample.py", ["--ntl", "1", "--output", ro / "s.json"], "Read-only"),
-            ("data/download.py", ["squad", "--data-dir", ro / "data", "--base-url",
-                                  "http://127.0.0.1:9"], "Read-only"),          # before fetching
-            ("train_qa.py", PHASE1_TINY + ["--output-dir", full / "p1"], "free"),   # room, known
-            ("distill.py", RUN_TINY + ["--output-dir", full / "p2"], "free"),       # from the model
-            ("sample.py", ["--ntl", "6", "--output", full / "s.json"], "No space left"),
+            (evaluate_mlqa.main, ["--compare", eval_dir, "--output-dir", ro / "c"], "Read-only"),
+            (evaluate_mlqa.main, ["--sweep", model, "--output-dir", ro / "s"], "Read-only"),
+            (sample.main, ["--ntl", "1", "--output", ro / "s.json"], "Read-only"),
+            (download.main, ["squad", "--data-dir", ro / "data", "--base-url",
+                             "http://127.0.0.1:9"], "Read-only"),               # before fetching
+            (train_qa.main, PHASE1_TINY + ["--output-dir", full / "p1"], "free"),  # room, known
+            (distill.main, RUN_TINY + ["--output-dir", full / "p2"], "free"),      # from the model
+            (sample.main, ["--ntl", "6", "--output", full / "s.json"], "No space left"),
         ]
-        for script, argv, words in cases:
-            r = _run(script, argv)
-            assert r.returncode == 2, (script, argv, r.stderr[-2000:])
-            _one_error_line(r.stderr, words)
+        for main, argv, words in cases:
+            code, err = _in_process(main, argv, capsys)
+            assert code == 2, (argv, err[-2000:])
+            _one_error_line(err, words)
             assert os.listdir(full) == [] and os.listdir(ro) == []
     finally:
         for m in (ro, full):
@@ -416,12 +425,13 @@ def test_rundir_kill9_after_a_save_steps_checkpoint_resumes_bitwise(uninterrupte
         open(os.path.join(uninterrupted["distill"], "train_log.jsonl")).read()
 
 
-def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp_path):
+def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp_path,
+                                                                     capsys):
     out = tmp_path / "run"
     held = rundir.Lock(str(out) + ".lock")               # a run in progress: this process
     assert held.try_acquire()
     try:
-        for extra in ([], ["--resume"], ["--overwrite"]):
+        for extra in ([], ["--resume"]):                 # --resume takes the same lock
             r = _run("distill.py", RUN_TINY + ["--output-dir", out] + extra)
             assert r.returncode == 2
             _one_error_line(r.stderr, "in use by another run", f"pid {os.getpid()}")
@@ -437,10 +447,11 @@ def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupt
     other = tmp_path / "other"                                       # a run killed holding it
     with open(str(other) + ".lock", "w") as f:
         f.write("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")
-    r = _run("train_qa.py", PHASE1_TINY + ["--epochs", "1", "--output-dir", other])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "taking over" in r.stdout and "pid 999999" in r.stdout
-    assert not os.path.exists(str(other) + ".lock")
+    capsys.readouterr()
+    train_qa.main(PHASE1_TINY + ["--epochs", "1", "--output-dir", str(other)])
+    stdout = capsys.readouterr().out
+    assert "taking over" in stdout and "pid 999999" in stdout
+    assert os.path.isfile(other / "config.json") and not os.path.exists(str(other) + ".lock")
 
 
 def test_rundir_phase1_without_a_terminal_prints_progress_and_writes_its_log(uninterrupted):
@@ -2733,7 +2744,7 @@ class _DistillFakeDev:
 def distill_runs(tmp_path_factory):
     """A 2-epoch run whose MLQA-dev scores are 30 then 20 (a stand-in), with the checkpoint of
     each epoch and the lines alpha.png plots recorded as they are written; and the same run
-    with --keep-best-epoch. (Resume: test_distill_kill_9_mid_epoch_then_resume_...)"""
+    with --keep-best-epoch. (Resume: test_rundir_kill9_mid_epoch_...)"""
     root = tmp_path_factory.mktemp("distill")
     mlqa = _distill_mlqa_dir(str(root / "mlqa"))
     # a saved tiny QA model: the runs start from it, and it is generation 0's teacher
@@ -2788,57 +2799,6 @@ def test_distill_log_rows_and_the_alpha_figure_plots_them(distill_runs):
     last_of_epoch1 = max(r["step"] for r in log if r["epoch"] == 1)
     assert [(b[0][0], b[2]) for b in boundaries] == [(last_of_epoch1 + 0.5, "--")]
     assert os.path.isfile(os.path.join(full, "alpha.png"))
-
-
-def _distill_subprocess(argv, output):
-    """distill.py started as a process of its own; its stdout and stderr go to `output`."""
-    with open(output, "a") as out:
-        return subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py")] + argv, cwd=REPO,
-                                env=OFFLINE_ENV, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _distill_whole_lines(path):
-    """The lines of a file being written that are complete (end with a newline)."""
-    if not os.path.exists(path):
-        return ""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    return text[:text.rfind("\n") + 1]
-
-
-def test_distill_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
-    """kill -9 in the middle of epoch 2 (its log rows after the epoch-1 checkpoint already
-    written), then --resume: the final weights and train_log.jsonl equal those of the run that
-    was never interrupted (no duplicated and no missing rows). distill.py runs as it is."""
-    argv = ["--model", "tiny", "--ntl", "1", "--max-examples", "16", "--batch-size", "2",
-            "--alpha-rows", "2", "--epochs", "2", "--max-length", "128", "--stride", "64",
-            "--t", "2", "--map-k", "--xquad-dir", XQUAD_DIR]
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    output = tmp_path / "output.txt"
-    proc = _distill_subprocess(argv + ["--output-dir", full], output)
-    assert proc.wait(timeout=600) == 0, output.read_text()[-3000:]
-    log_full = distill.read_log(os.path.join(full, "train_log.jsonl"))
-    epoch2 = [r["step"] for r in log_full if r["epoch"] == 2]
-    assert len(epoch2) >= 10                     # a long epoch: the kill lands well inside it
-
-    proc = _distill_subprocess(argv + ["--output-dir", killed], output)
-    log = os.path.join(killed, "train_log.jsonl")
-    try:
-        while proc.poll() is None and '"epoch": 2' not in _distill_whole_lines(log):
-            time.sleep(0.005)
-    finally:
-        proc.kill()                              # SIGKILL: nothing of distill.py runs after it
-        proc.wait()
-    rows = distill.read_log(log)
-    assert proc.returncode == -9, "the run ended before a row of epoch 2 was seen"
-    assert rows[-1]["epoch"] == 2 and rows[-1]["step"] < epoch2[-1], "killed at the epoch's end"
-    assert _distill_state(killed)["epoch"] == 1            # the last checkpoint: after epoch 1
-    assert not os.path.exists(os.path.join(killed, "config.json"))
-
-    proc = _distill_subprocess(argv + ["--output-dir", killed, "--resume"], output)
-    assert proc.wait(timeout=600) == 0, output.read_text()[-3000:]
-    assert distill.read_log(log) == log_full
-    assert _distill_same(_distill_weights(killed), _distill_weights(full))     # bitwise on CPU
 
 
 def test_distill_teacher_is_previous_epochs_student(distill_runs):

@@ -634,10 +634,7 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
     padded to max_length / their loss over all positions. `run` (a Phase1Run, from run()):
     train_log.jsonl, checkpoints at every epoch's end and mid-epoch (--save-steps, a stop
     signal), --resume. Returns the unwrapped model."""
-    micro = batch_size // (world_size * grad_accum)
-    if micro < 1 or micro * world_size * grad_accum != batch_size:
-        raise InputError(f"--batch-size {batch_size} is not a multiple of world size {world_size} "
-                         f"x --grad-accum {grad_accum}")
+    micro = micro_batch(batch_size, world_size, grad_accum)
     torch.manual_seed(seed + rank)                # dropout stream
     model.to(device).train()
     raw = model
@@ -681,6 +678,15 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
             log.epoch_done(epoch, step)
     log.close()
     return raw
+
+
+def micro_batch(batch_size, world_size, grad_accum):
+    """Rows of one micro-batch per process: --batch-size = world size x micro x --grad-accum."""
+    micro = batch_size // (world_size * grad_accum)
+    if micro < 1 or micro * world_size * grad_accum != batch_size:
+        raise InputError(f"--batch-size {batch_size} is not a multiple of world size {world_size} "
+                         f"x --grad-accum {grad_accum}")
+    return micro
 
 
 def mean_loss(loss, world_size):
@@ -1095,6 +1101,7 @@ def run(args, resume_with=None):
     if not examples:
         raise InputError(f"{args.train_file}: no examples")
     rank, world_size, device, is_master = setup_distributed()
+    micro_batch(args.batch_size, world_size, args.grad_accum)     # before anything is written
     out, lock = claim_output_dir(args, is_master, world_size)     # one run per directory
     with lock, StopSignals() as stop:       # Ctrl-C, SIGTERM, SIGUSR1: see rundir
         set_matmul_precision(args.precision)            # this stage's own, never inherited

@@ -320,7 +320,7 @@ def download(names, data_dir=DATA_DIR, base_url=None, check_counts=None, force=F
         DATASETS[name](data_dir, base_url=base_url, check_counts=check_counts, force=force)
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser(description="Download SQuAD v1.1, MLQA v1 and TyDiQA-GoldP v1.1.")
     parser.add_argument("datasets", nargs="*", default=["all"], metavar="DATASET",
                         help="squad mlqa tydiqa, or all (the default)")
@@ -330,7 +330,7 @@ def main():
     parser.add_argument("--check-counts", action="store_true",
                         help="check the published question counts also with --base-url")
     parser.add_argument("--force", action="store_true", help="download even if present and valid")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     download(args.datasets or ["all"], args.data_dir, args.base_url,
              check_counts=True if args.check_counts else None, force=args.force)
 
