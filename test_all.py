@@ -306,6 +306,8 @@ def test_rundir_overwrite_replaces_its_own_run_and_says_so(uninterrupted, tmp_pa
     assert seen and all(seen)
     assert "kept aside" in stdout or "replaced the previous run" in stdout
     assert json.load(open(out / "args.json"))["seed"] == 4
+    rows = rundir.read_log(str(out / "train_log.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 7))          # the new run's, not appended
     assert not _same_weights(out, uninterrupted["distill"])
     assert not os.path.exists(tmp_path / ".run.replaced")
     assert not os.path.exists(out / "checkpoint")                      # --keep-checkpoint none
@@ -431,10 +433,9 @@ def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupt
     held = rundir.Lock(str(out) + ".lock")               # a run in progress: this process
     assert held.try_acquire()
     try:
-        for extra in ([], ["--resume"]):                 # --resume takes the same lock
-            r = _run("distill.py", RUN_TINY + ["--output-dir", out] + extra)
-            assert r.returncode == 2
-            _one_error_line(r.stderr, "in use by another run", f"pid {os.getpid()}")
+        r = _run("distill.py", RUN_TINY + ["--output-dir", out, "--resume"])  # its lock too
+        assert r.returncode == 2
+        _one_error_line(r.stderr, "in use by another run", f"pid {os.getpid()}")
     finally:
         held.release()
     assert not os.path.exists(out)
@@ -2979,20 +2980,6 @@ def test_distill_existing_output_dir_exit_2_without_traceback(tmp_path):
     assert "not an output of this project" in r.stderr          # --overwrite would not help
     assert (out / "keep.txt").read_text() == "x"
 
-
-def test_distill_overwrite_replaces_a_previous_run(tmp_path):
-    """--overwrite on the directory of an earlier distill.py run: afterwards it holds the new
-    run only (its options, its log rows alone, its weights), nothing of the old one."""
-    out = str(tmp_path / "run")
-    argv = DISTILL_TINY + ["--epochs", "1", "--output-dir", out]
-    assert _distill_main(argv)[0] == 0
-    old_log, old_weights = distill.read_log(os.path.join(out, "train_log.jsonl")), _distill_weights(out)
-    assert _distill_main(argv + ["--overwrite", "--t", "3"])[0] == 0
-    assert json.loads(open(os.path.join(out, "args.json")).read())["t"] == 3.0
-    assert _distill_state(out)["args"]["t"] == 3.0
-    log = distill.read_log(os.path.join(out, "train_log.jsonl"))
-    assert [r["step"] for r in log] == list(range(1, len(old_log) + 1))      # not appended
-    assert log != old_log and not _distill_same(_distill_weights(out), old_weights)
 
 def test_distill_resume_refuses_other_options(distill_runs, capsys):
     argv = distill_runs["argv"] + ["--t", "3"]                     # --t 3 instead of 2
