@@ -76,10 +76,10 @@ from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, 
                     run_main)
 from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
-from rundir import (SAVE_MINUTES, Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, aside_path,
-                    check_output_dir, finish_replacing, from_rank0, install_model_files,
-                    lock_output_dir, lock_path, parse_save_steps, read_log, remove_checkpoint, resume_hint,
-                    start_fresh, state_bytes, stop_after_save, truncate_log)
+from rundir import (Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, add_output_options,
+                    aside_path, check_output_dir, check_space, finish_replacing, from_rank0,
+                    install_model_files, lock_output_dir, lock_path, parse_save_steps, read_log,
+                    remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
 from train_qa import (build_features, collate, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
@@ -134,7 +134,7 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
     student, tokenizer = load_student(args, examples, out)
-    check_space(args, out, student, is_master, world_size)
+    check_space(args.output_dir, student, 3 if args.ce_only else 4, is_master, world_size)
     features = build_features(examples, tokenizer, args.max_length, args.stride,  # windows
                               max_query_length=args.max_query_length, windows=args.windows)
     lengths = np.array([len(x) for x in features["input_ids"]])
@@ -492,22 +492,6 @@ def check_resumable(args, out):
                                    for k in diff))
 
 
-def check_space(args, out, student, is_master, world_size):
-    """Room for what the run writes, known from the model's size: the checkpoint (student,
-    teacher, Adam's two moments) twice while it is replaced, and the final model."""
-    copies = (4 if not args.ce_only else 3) * 2 + 1
-    error = None
-    if is_master:
-        try:
-            check_writable(args.output_dir, state_bytes(student, copies),
-                           "the checkpoint and final model")
-        except InputError as e:
-            error = str(e)
-    error = from_rank0(error, world_size)
-    if error:
-        raise InputError(error)
-
-
 def load_student(args, examples, out):
     """The model phase 2 starts from (every rank loads it alike; DDP broadcasts rank 0's
     weights), or on --resume the run's own config and tokenizer (weights: Checkpoint.restore)."""
@@ -742,16 +726,7 @@ def parse_args(argv=None):
     prepare.add_arguments(d)                 # --no-prepare (and test-only overrides)
     o = p.add_argument_group("output, checkpoints, resuming")
     o.add_argument("--output-dir", default=None, help="default: the name rule below the options")
-    o.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier distill.py run in --output-dir (kept aside until this "
-                        "run completes); never anything else")
-    o.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
-    o.add_argument("--save-steps", default="auto",
-                   help=f"a mid-epoch checkpoint every N optimiser steps; auto: about every "
-                        f"{SAVE_MINUTES} minutes; 0: at epoch ends only")
-    o.add_argument("--keep-checkpoint", default="last", choices=("last", "none"),
-                   help="after the run: keep checkpoint/ (about 4x the model: --resume, or more "
-                        "epochs) or remove it")
+    add_output_options(o, "distill.py", 4)     # --overwrite --resume --save-steps --keep-checkpoint
     o.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests
     args = parse_with_preset(p, argv, AS_AUTHORS)
 

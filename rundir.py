@@ -32,7 +32,8 @@ import time
 import numpy as np
 import torch
 
-from common import InputError, Stopped, atomic_write_json, atomic_write_text, not_a_script
+from common import (InputError, Stopped, atomic_write_json, atomic_write_text, check_writable,
+                    not_a_script)
 
 MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
 WRITERS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
@@ -120,6 +121,41 @@ def check_output_dir(path, kind, overwrite=False, resume=False, inputs=(), optio
 def state_bytes(model, copies):
     """Bytes of `copies` float32 copies of the model's parameters (weights, teacher, Adam)."""
     return copies * sum(p.numel() for p in model.parameters()) * 4
+
+
+def on_rank0(check, is_master, world_size):
+    """Run `check` (which raises InputError) on rank 0 alone: every rank raises its line, or none."""
+    error = None
+    if is_master:
+        try:
+            check()
+        except InputError as e:
+            error = str(e)
+    error = from_rank0(error, world_size)
+    if error:
+        raise InputError(error)
+
+
+def check_space(output_dir, model, state_copies, is_master, world_size):
+    """Room for what a run writes, known from the model's size: the checkpoint (`state_copies`
+    copies of the weights: student, teacher, Adam's two moments) twice while it is replaced, and
+    the final model."""
+    on_rank0(lambda: check_writable(output_dir, state_bytes(model, 2 * state_copies + 1),
+                                    "the checkpoint and final model"), is_master, world_size)
+
+
+def add_output_options(group, script, state_copies):
+    """--overwrite, --resume, --save-steps, --keep-checkpoint of a training script."""
+    group.add_argument("--overwrite", action="store_true",
+                       help=f"replace an earlier {script} run in --output-dir (kept aside until "
+                            "this run completes); never anything else")
+    group.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    group.add_argument("--save-steps", default="auto",
+                       help=f"a mid-epoch checkpoint every N optimiser steps; auto: about every "
+                            f"{SAVE_MINUTES} minutes; 0: at epoch ends only")
+    group.add_argument("--keep-checkpoint", default="last", choices=("last", "none"),
+                       help=f"after the run: keep checkpoint/ (about {state_copies}x the model: "
+                            "--resume, or more epochs) or remove it")
 
 
 def has_checkpoint(out):

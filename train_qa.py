@@ -44,11 +44,11 @@ from tqdm import tqdm
 from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
                     atomic_write_json, check_writable, load_squad_examples, parse_with_preset, read_json,
                     run_main)
-from rundir import (SAVE_MINUTES, Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, aside_path,
-                    check_output_dir, finish_replacing, from_rank0, has_checkpoint,
-                    install_model_files, lock_output_dir, lock_path, parse_save_steps,
-                    remove_checkpoint, resume_hint, start_fresh, state_bytes, stop_after_save,
-                    truncate_log)
+from rundir import (Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, add_output_options,
+                    aside_path, check_output_dir, check_space, finish_replacing, from_rank0,
+                    has_checkpoint, install_model_files, lock_output_dir, lock_path,
+                    parse_save_steps, remove_checkpoint, resume_hint, start_fresh,
+                    stop_after_save, truncate_log)
 
 # -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
 MODEL = "bert-base-multilingual-cased"
@@ -1058,15 +1058,7 @@ def parse_args(argv=None):
                         " (None: questions not cut); options given explicitly win")
     o = p.add_argument_group("output, checkpoints, resuming")
     o.add_argument("--output-dir", default=OUTPUT_DIR)
-    o.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier train_qa.py run in --output-dir (kept aside until this "
-                        "run completes); never anything else")
-    o.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
-    o.add_argument("--save-steps", default="auto",
-                   help=f"a mid-epoch checkpoint every N optimiser steps; auto: about every "
-                        f"{SAVE_MINUTES} minutes; 0: at epoch ends only")
-    o.add_argument("--keep-checkpoint", default="last", choices=("last", "none"),
-                   help="after the run: keep checkpoint/ (about 3x the model) or remove it")
+    add_output_options(o, "train_qa.py", 3)    # --overwrite --resume --save-steps --keep-checkpoint
     c = p.add_argument_group("offset-recovery report (instead of training)")
     c.add_argument("--check-offsets", action="store_true", help="print the offset-recovery report")
     c.add_argument("--xquad-dir", default=XQUAD_DIR)
@@ -1107,7 +1099,7 @@ def run(args, resume_with=None):
         set_matmul_precision(args.precision)            # this stage's own, never inherited
         texts = [x for ex in examples for x in (ex["question"], ex["context"])]
         model, tokenizer = load_phase1_model(args, out, texts)
-        check_space(args.output_dir, model, is_master, world_size)
+        check_space(args.output_dir, model, 3, is_master, world_size)    # weights, Adam x 2
         features = build_features(examples, tokenizer, args.max_length, args.stride,
                                   max_query_length=args.max_query_length, windows=args.windows)
         if is_master:
@@ -1186,20 +1178,6 @@ def claim_output_dir(args, is_master, world_size):
     if error:
         raise InputError(error)
     return out, lock
-
-
-def check_space(output_dir, model, is_master, world_size):
-    """Room for the checkpoint (weights and Adam's two moments) twice while it is replaced, and
-    the final model."""
-    error = None
-    if is_master:
-        try:
-            check_writable(output_dir, state_bytes(model, 3 * 2 + 1), "the checkpoint and model")
-        except InputError as e:
-            error = str(e)
-    error = from_rank0(error, world_size)
-    if error:
-        raise InputError(error)
 
 
 def load_phase1_model(args, out, texts):
