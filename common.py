@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 
 
 # -------------------------------------------------------------------- shared facts (one home each)
@@ -226,14 +227,22 @@ def atomic_output_dir(path, overwrite=False):
 
 @contextlib.contextmanager
 def signals_held():
-    """SIGINT, SIGTERM and SIGUSR1 wait until the block is done (then arrive as usual): for the
-    few steps that must not be split, such as making a temporary file and recording its name."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """SIGINT, SIGTERM and SIGUSR1 wait until the block is done, then arrive as usual: for the few
+    steps that must not be split, such as making a temporary file and recording its name. (Python
+    handlers, not a signal mask: another thread of the process would take a masked signal.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield                            # handlers can only be set from the main thread
+        return
+    arrived = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set in C
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def _field(obj, key, path, where, kind=None):
