@@ -42,12 +42,14 @@ Output directory (default runs/distill-ntl{ntl}-t{t}-{mode}; -ntl{ntl}-ce for --
         the best MLQA-dev G-XLT F1 instead); loads with AutoModelForQuestionAnswering/AutoTokenizer
   train_log.jsonl    one row per optimisation step: step, epoch (1-based), lr, loss, ce, kl, alpha
                      (alpha: the mean over the step's row groups)
-  alpha.png          alpha over training, epoch boundaries marked (Fig. 4 / Fig. 7)
+  alpha.png          alpha over training, epoch boundaries marked (Fig. 4 / Fig. 7), --map-k only
   dev_metrics.jsonl  one row per epoch with MLQA-dev pairs, XLT and G-XLT (when MLQA is present)
   args.json          the run's options (ntl, t, mode, ...), read by evaluate_mlqa.py --sweep
   checkpoint/        config + tokenizer of the run and state.pt: student, teacher, optimiser,
-        scheduler, RNG states of every rank, epochs done, step, best dev score; replaced
-        atomically at the end of every epoch; --resume continues from it (same final weights as
+        scheduler, RNG states of every rank, epochs done, step, steps done in the epoch, best dev
+        score; replaced atomically at the end of every epoch and mid-epoch (--save-steps, a stop
+        signal: rundir.py); removed at the end with --keep-checkpoint none; OUTPUT_DIR.lock
+        beside it while the run lives; --resume continues from it (same final weights as
         an uninterrupted run; bitwise on CPU). The data order is a function of (seed, epoch).
   best-epoch{N}/     with --keep-best-epoch: the best student so far (the final model at the end)
 """

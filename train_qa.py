@@ -7,6 +7,7 @@ optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenize
     python data/download.py squad                        # once: data/squad/train-v1.1.json, dev-v1.1.json
     python train_qa.py                                   # mBERT, 3 epochs, lr 3e-5, batch 24 (Sec. 4.1)
     torchrun --nproc_per_node 4 train_qa.py              # same, 4 GPUs (batch 24 = 4 x 6)
+    python train_qa.py --resume                          # continue after Ctrl-C, SIGTERM, a crash
     python train_qa.py --model tiny --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny
     python train_qa.py --model tiny-xlmr --train-file data/xquad/xquad.en.json --epochs 1 --output-dir runs/tiny-xlmr
     python train_qa.py --model xlm-roberta-base --output-dir runs/xlmr-qa-en   # any encoder, fast tokenizer
@@ -16,6 +17,9 @@ optimizer_step, setup_distributed, autocast, save_model, load_model_and_tokenize
         --skip mlqa xquad tydiqa --dataset data/squad/dev-v1.1.json --squad   # SQuAD dev EM/F1
 
 --batch-size is the effective batch of one optimiser step: world_size x micro-batch x --grad-accum.
+OUTPUT_DIR holds the run while it trains (rundir.py): checkpoint/ (every epoch's end and
+mid-epoch: --save-steps, a stop signal), train_log.jsonl (step, epoch, lr, loss), and at the end
+the model (config.json last) and train_args.json.
 --precision auto (default) is bf16 autocast on CUDA and fp32 on a CPU; bf16 opts a CPU into autocast.
 Questions are cut to their first --max-query-length tokens (64, the authors' value).
 Any encoder with a fast tokenizer works: windows follow the tokenizer's own pair template.
