@@ -394,9 +394,116 @@ class fp32_matmul:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
 
 
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({torch.get_num_threads()} threads)"
+
+
 def _peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
+
+
+# -------------------------------------------------------------------- profile of a phase-2 step (issue 20)
+# Op groups of the profile table, in print order. An op counts in the first group whose rule
+# matches: inside a region that bench_profile marks (data, loss + mAP@k, optimiser) or by name.
+PROFILE_GROUPS = ("matmul", "attention", "softmax/masks", "casts", "norms/activations",
+                  "loss + mAP@k", "optimiser", "data", "other")
+_BY_NAME = (("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+            ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+                        "aten::linear", "mkldnn_matmul", "mkldnn_linear")),
+            ("loss + mAP@k", ("nll_loss", "kl_div", "topk")),   # their backward ops too
+            ("softmax/masks", ("softmax", "masked_fill", "aten::where")),
+            ("casts", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::type_as")),
+            ("norms/activations", ("layer_norm", "gelu", "dropout", "tanh")))
+_REGIONS = ("data", "loss + mAP@k", "optimiser")     # record_function names (distill marks the loss)
+
+
+def profile_group(name, regions):
+    """The group of an op `name` whose enclosing record_function names are `regions`."""
+    for region in _REGIONS:
+        if region in regions:
+            return region
+    for group, keys in _BY_NAME:
+        if any(name == k or (not k.startswith("aten::") and k in name) or
+               (k.startswith("aten::") and name.startswith(k) and name[len(k):] in ("", "_"))
+               for k in keys):
+            return group
+    return "other"
+
+
+def profile_table(events, wall_ms, steps, device):
+    """{group: ms per step} from the profiler's events: each op's self time (on CUDA its kernels'
+    self device time) in its group; "other" also holds the rest of the wall time (Python between
+    ops on a CPU; on CUDA the time the GPU waits), so the groups add up to the wall time."""
+    cuda = device.type == "cuda"
+    ms = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    for e in events:
+        if cuda:
+            t = getattr(e, "self_device_time_total", None)
+            t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        else:
+            t = e.self_cpu_time_total
+        if not t or (not cuda and getattr(e, "device_type", None) is not None and
+                     "CPU" not in str(e.device_type)):
+            continue
+        regions, parent = set(), e.cpu_parent
+        while parent is not None:
+            regions.add(parent.name)
+            parent = parent.cpu_parent
+        group = e.name if e.name in _REGIONS else profile_group(e.name, regions)
+        ms[group] += t / 1e3
+    ms["other"] += max(0.0, wall_ms - sum(ms.values()))
+    return {g: v / steps for g, v in ms.items()}
+
+
+def bench_profile(features, tokenizer, shape, device, precision, steps, batch_size, warmup=2):
+    """torch.profiler over `steps` phase-2 steps of distill.py's code (row_passes, forward_backward,
+    optimizer_step; --map-k mode) on the bench's stand-in model -> ({group: ms per step}, wall ms
+    per step). The profiler's own cost per op inflates the small ops a little."""
+    lengths = np.array([len(x) for x in features["input_ids"]])
+    batches = [b for b in train_qa.length_grouped_batches(lengths, batch_size, 3, 0)
+               if len(b) == batch_size]
+    student = build_models(shape, tokenizer, device, "sdpa").train()
+    teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
+    optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
+    scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
+    opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)
+    rf = torch.profiler.record_function
+
+    def step(i):
+        for rows, share in distill.row_passes([batches[i % len(batches)]], opts.alpha_rows, device):
+            with rf("data"):
+                batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
+            distill.forward_backward(student, teacher, batch, opts, share)
+        with rf("optimiser"):
+            distill.optimizer_step(student, optimizer, scheduler)
+
+    for i in range(warmup):
+        step(i)
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities, record_shapes=bool(__import__("os").environ.get("SHAPES"))) as prof:
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(warmup + i)
+        _sync(device)
+        wall = (time.perf_counter() - t0) * 1e3
+    return profile_table(prof.events(), wall, steps, device), wall / steps
+
+
+def print_profile(tables, file=None):
+    """The profile tables side by side: ms per step and % of the step, one column pair each."""
+    names = list(tables)
+    print(f"{'op group':<20}" + "".join(f"{n + ' ms':>12}{'%':>7}" for n in names), file=file)
+    for g in PROFILE_GROUPS + ("total",):
+        row = f"{g:<20}"
+        for n in names:
+            total = sum(tables[n].values())
+            v = total if g == "total" else tables[n][g]
+            row += f"{v:>12.1f}{100 * v / total:>6.1f}%"
+        print(row, file=file)
 
 
 # -------------------------------------------------------------------- significance (issue 11)
@@ -468,6 +575,9 @@ def main(argv=None):
                    help="bf16: on a CPU, time ours in fp32 and under bf16 autocast (CUDA: always bf16)")
     p.add_argument("--significance", action="store_true",
                    help="time the paired bootstrap of two models at MLQA-test size instead")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: torch.profiler over --steps (default 4) phase-2 steps, a table of "
+                        "op groups; in fp32 and bf16 on a CPU unless --precision names one")
     args = p.parse_args(argv)
     if args.significance:
         result = {"significance": bench_significance(10_000, args.reps or 3)}
@@ -480,9 +590,9 @@ def main(argv=None):
     bf16 = args.precision == "bf16" and device.type == "cpu"    # CUDA's default is bf16 already
     # --quick / CPU: the project's own CPU model (--model tiny); GPU: the real mBERT-base shape
     shape = args.shape or ("tiny" if args.quick or device.type == "cpu" else "mbert-base")
-    steps = args.steps or (8 if args.quick else 20)
-    reps = args.reps or 5
-    n_eval = args.eval_examples or (300 if args.quick else 2000)
+    steps = args.steps or (4 if args.profile else 8 if args.quick else 20)
+    reps = 1 if args.profile else args.reps or 5
+    n_eval = 0 if args.profile else args.eval_examples or (300 if args.quick else 2000)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -495,7 +605,23 @@ def main(argv=None):
     # 30k pieces: window lengths close to mBERT's on XQuAD (the tiny model's 8k splits words more)
     tokenizer = train_qa.train_tiny_tokenizer(texts, vocab_size=BENCH_VOCAB)
     train_features = train_qa.build_features(train_examples, tokenizer)
-    eval_features = train_qa.build_features(eval_examples, tokenizer, train=False)
+    eval_features = train_qa.build_features(eval_examples, tokenizer, train=False) if n_eval else None
+    if args.profile:            # the precisions to profile: CPU auto = both fp32 and bf16
+        precisions = [args.precision] if args.precision != "auto" else \
+            ["auto"] if device.type == "cuda" else ["fp32", "bf16"]
+        print(f"profile: device {_device_name(device)}, shape {shape}, {steps} steps of batch "
+              f"{args.batch_size} (ms per step)")
+        tables, wall = {}, {}
+        for precision in precisions:
+            train_qa.set_matmul_precision(precision)
+            name = "bf16" if precision == "auto" else precision
+            tables[name], wall[name] = bench_profile(train_features, tokenizer, shape, device,
+                                                     precision, steps, args.batch_size)
+        print_profile(tables)
+        if args.json:
+            print(json.dumps({"profile": tables, "wall_ms": wall, "device": _device_name(device),
+                              "shape": shape}))
+        return
     print(f"device {device}, shape {shape} {SHAPES[shape]}; train: {steps} steps x {reps} reps of "
           f"batch {args.batch_size}; eval: {len(eval_features['input_ids'])} windows x {reps} reps",
           file=sys.stderr)
@@ -503,8 +629,7 @@ def main(argv=None):
     result = {"train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
                                    args.batch_size, bf16),
               "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps, bf16),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              f"cpu ({torch.get_num_threads()} threads)",
+              "device": _device_name(device),
               "shape": shape, "ours_precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
     for part in ("train", "eval"):
         r = result[part]

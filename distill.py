@@ -224,6 +224,10 @@ def step_options(args):
                        args.alpha_rows, args.precision, args.softmax_support, args.map_k_relevant)
 
 
+# the loss and alpha code, named for bench.py --profile (about a microsecond without a profiler)
+LOSS_REGION = lambda: torch.profiler.record_function("loss + mAP@k")  # noqa: E731
+
+
 def forward_backward(model, teacher, batch, opts, scale=1.0, sync=True):
     """Sec. 4.3-4.4 on one micro-batch: the teacher's soft labels, alpha of Eq. 5 from them,
     the student's logits, the loss of Eq. 4 / Eq. 6, backward of scale * loss. teacher None:
@@ -241,17 +245,19 @@ def forward_backward(model, teacher, batch, opts, scale=1.0, sync=True):
             t_start, t_end = qa_logits(teacher, batch, opts.precision,       # soft labels
                                        "all" if raw else opts.softmax_support)
         if opts.map_k:                                                        # Eq. 5, per group
-            a_kl = alpha_per_row(t_start, t_end, *gold, opts.alpha_rows, opts.k, opts.delta,
-                                 opts.map_variant, mask=batch["allowed"],
-                                 relevant=opts.map_k_relevant)
+            with LOSS_REGION():
+                a_kl = alpha_per_row(t_start, t_end, *gold, opts.alpha_rows, opts.k, opts.delta,
+                                     opts.map_variant, mask=batch["allowed"],
+                                     relevant=opts.map_k_relevant)
         if raw and opts.softmax_support == "context":                         # Eq. 1 for the KL
             t_start, t_end = (x.masked_fill(~batch["allowed"], train_qa.MASK_VALUE)
                               for x in (t_start, t_end))
     with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
         s_start, s_end = qa_logits(model, batch, opts.precision, opts.softmax_support)  # Eq. 1
-        loss, ce, kl = distill_loss(s_start, s_end, *gold, t_start, t_end, opts.t,
-                                    a_ce=0.0 if opts.no_ce else 1.0, a_kl=a_kl,
-                                    group_rows=opts.alpha_rows)               # Eq. 4 / Eq. 6
+        with LOSS_REGION():
+            loss, ce, kl = distill_loss(s_start, s_end, *gold, t_start, t_end, opts.t,
+                                        a_ce=0.0 if opts.no_ce else 1.0, a_kl=a_kl,
+                                        group_rows=opts.alpha_rows)           # Eq. 4 / Eq. 6
         (loss * scale).backward()
     alpha = (group_weights(len(a_kl), opts.alpha_rows, a_kl.device) * a_kl).sum()
     kl = torch.zeros_like(ce) if kl is None else kl

@@ -4871,6 +4871,34 @@ def test_bench_quick_runs_and_prints_json(capsys):
         assert 0.0 <= result["eval"][key] <= 1.0
 
 
+def test_bench_profile_groups_ops_by_name_and_region():
+    g = bench.profile_group
+    assert g("aten::mm", set()) == g("aten::addmm", set()) == "matmul"
+    assert g("aten::mm", {"optimiser", "aten::linear"}) == "optimiser"       # the region wins
+    assert g("aten::_scaled_dot_product_flash_attention_for_cpu", set()) == "attention"
+    assert g("aten::_to_copy", set()) == g("aten::to", set()) == g("aten::copy_", set()) == "casts"
+    assert g("aten::topk", set()) == g("aten::nll_loss_backward", set()) == "loss + mAP@k"
+    assert g("aten::masked_fill_", set()) == g("aten::_softmax", set()) == "softmax/masks"
+    assert g("aten::native_layer_norm", set()) == "norms/activations"
+    assert g("aten::mul", set()) == g("aten::mmx", set()) == "other"
+
+
+def test_bench_profile_table_adds_up_to_the_step(capsys):
+    """Issue 20: `bench.py --profile` on the tiny model, fp32 and bf16: every group of the table,
+    the ms of each add up to the measured wall time of a step (nothing counted twice), and the
+    groups the step must have (matmuls, the loss and alpha code, the optimiser) are not empty."""
+    bench.main(["--profile", "--shape", "tiny", "--steps", "1", "--batch-size", "8", "--json",
+                "--device", "cpu"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert set(result["profile"]) == {"fp32", "bf16"}
+    for name, table in result["profile"].items():
+        assert tuple(table) == bench.PROFILE_GROUPS
+        assert sum(table.values()) == pytest.approx(result["wall_ms"][name], rel=0.01)
+        assert min(table[g] for g in ("matmul", "loss + mAP@k", "optimiser", "casts")) > 0
+    assert any(line.startswith("total") and line.count("100.0%") == 2 for line in out)
+
+
 # ==================================================================================================
 # ==== cuda
 # CUDA only: bf16, fused AdamW, resume, nccl, mbert-base bench (skipped without a GPU)
