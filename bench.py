@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 
+import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -327,10 +328,12 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
     times = interleaved(sides, reps, device)
     fps = {name: steps * batch_size / statistics.median(t) for name, t in times.items()}
     out = _rows(fps)
+    # teacher forward (1x) + student forward and backward (3x) = 4 forward passes per token
+    flops_tok = model_flops_per_token(student, int(lengths.mean()))
+    for name in tokens:         # the achieved model FLOP rate of each side of ours (issue 20)
+        out[f"{name}_gflops"] = round(4 * flops_tok * sum(tokens[name]) / sum(times[name]) / 1e9, 1)
     if device.type == "cuda":
-        # teacher forward (1x) + student forward and backward (3x) = 4 forward passes per token
         tok_per_s = sum(tokens["ours"]) / sum(times["ours"])
-        flops_tok = model_flops_per_token(student, int(lengths.mean()))
         out.update(ours_mfu=round(4 * flops_tok * tok_per_s / _peak_flops(device), 4),
                    ours_peak_mem_gib=mem_ours, reference_peak_mem_gib=mem_ref)
     return out
@@ -392,6 +395,35 @@ class fp32_matmul:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
+
+
+def matmul_probe(device, dtype, n=None, reps=3):
+    """GFLOP/s of one n x n x n matmul in `dtype` (the best of reps): the device's practical
+    matmul peak, which the achieved rate of a step is compared with ("close to the limit" as a
+    number on any machine). fp32 is true fp32 (no TF32)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = math.inf
+    with fp32_matmul():
+        for _ in range(reps + 1):                        # the first is the warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return round(2 * n ** 3 / best / 1e9, 1)
+
+
+def peak_rows(result, peaks):
+    """Each side's achieved GFLOP/s of the training step over the probe's matmul peak of its
+    precision (ours: fp32 on a CPU, bf16 on CUDA; ours_bf16: bf16)."""
+    train = result["train"]
+    fractions = {}
+    for name, precision in (("ours", "bf16" if result["ours_precision"] != "fp32" else "fp32"),
+                            ("ours_bf16", "bf16")):
+        if f"{name}_gflops" in train:
+            fractions[f"{name}_peak_fraction"] = round(train[f"{name}_gflops"] / peaks[precision], 3)
+    return fractions
 
 
 def _device_name(device):
@@ -626,11 +658,16 @@ def main(argv=None):
           f"batch {args.batch_size}; eval: {len(eval_features['input_ids'])} windows x {reps} reps",
           file=sys.stderr)
 
-    result = {"train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
+    peaks = {"fp32": matmul_probe(device, torch.float32), "bf16": matmul_probe(device, torch.bfloat16)}
+    print(f"matmul probe: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+          file=sys.stderr)
+    result = {"matmul_peak_gflops": peaks,
+              "train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
                                    args.batch_size, bf16),
               "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps, bf16),
               "device": _device_name(device),
               "shape": shape, "ours_precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    result["train"].update(peak_rows(result, peaks))
     for part in ("train", "eval"):
         r = result[part]
         print(f"{part}: ours {r['ours_fps']:.1f} windows/s ({result['ours_precision']}), reference "
@@ -638,6 +675,12 @@ def main(argv=None):
               (f", MFU {r['ours_mfu']:.1%}" if "ours_mfu" in r else "") +
               (f", peak memory {r['ours_peak_mem_gib']} GiB" if "ours_peak_mem_gib" in r else ""),
               file=sys.stderr if args.json else sys.stdout)
+        if part == "train":
+            print(f"train: ours reaches {r['ours_gflops']:.0f} GFLOP/s = "
+                  f"{r['ours_peak_fraction']:.0%} of the matmul probe" +
+                  (f"; under bf16 autocast {r['ours_bf16_gflops']:.0f} GFLOP/s = "
+                   f"{r['ours_bf16_peak_fraction']:.0%} of bf16's" if "ours_bf16_gflops" in r else ""),
+                  file=sys.stderr if args.json else sys.stdout)
         if "ours_bf16_fps" in r:
             print(f"{part}: ours under bf16 autocast {r['ours_bf16_fps']:.1f} windows/s, "
                   f"{r['bf16_over_fp32']:.2f}x fp32, {r['bf16_speedup']:.2f}x the reference",

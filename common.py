@@ -35,6 +35,15 @@ SQUAD_TRAIN_FILE = os.path.join(DATA_DIR, "squad", "train-v1.1.json")  # data/do
 MLQA_DIR = os.path.join(DATA_DIR, "mlqa", "MLQA_V1")                # data/download.py mlqa
 TYDIQA_FILE = os.path.join(DATA_DIR, "tydiqa", "tydiqa-goldp-v1.1-dev.json")  # ... tydiqa
 
+# OpenMP (torch's libgomp on a CPU): a thread that waits at the end of a parallel region sleeps
+# at once instead of spinning (~300k rounds by default). With another busy process on the cores a
+# spinning thread holds the core its partner needs, and each of the thousands of parallel regions
+# of a step then waits for the scheduler: measured on 2 cores (issue 20, README "Performance") a
+# step ran up to 10x slower, bf16 (more, smaller regions: the casts) worse than fp32. libgomp
+# reads it when it loads, so the entry scripts import this module before torch; a user's own
+# OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -62,6 +62,7 @@ import sys
 import time
 from typing import NamedTuple
 
+import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import numpy as np
 import torch
 import torch.nn.functional as F

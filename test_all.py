@@ -4867,6 +4867,11 @@ def test_bench_quick_runs_and_prints_json(capsys):
         assert set(result[part]) >= {"ours_fps", "reference_fps", "speedup", "ours_bf16_fps",
                                      "bf16_over_fp32", "bf16_speedup"}
         assert all(result[part][k] > 0 for k in ("ours_fps", "reference_fps", "ours_bf16_fps"))
+    assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    train = result["train"]     # issue 20: the achieved FLOP rate over the probe's, per precision
+    for name, precision in (("ours", "fp32"), ("ours_bf16", "bf16")):
+        assert train[f"{name}_peak_fraction"] == pytest.approx(
+            train[f"{name}_gflops"] / result["matmul_peak_gflops"][precision], abs=2e-3)
     for key in ("same_answers", "bf16_same_answers"):
         assert 0.0 <= result["eval"][key] <= 1.0
 

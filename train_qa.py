@@ -35,6 +35,7 @@ import shutil
 import time
 import unicodedata
 
+import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import numpy as np
 import torch
 import torch.nn.functional as F
