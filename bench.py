@@ -262,7 +262,8 @@ def _reset_peak(device):
     return torch.cuda.memory_allocated()
 
 
-def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size, bf16=False):
+def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size, bf16=False,
+                compiled=False):
     """Training rows: ours (distill.py's step at the device's default precision: bf16 autocast on
     CUDA, fp32 on a CPU) and the reference; with bf16 on a CPU, ours under bf16 autocast too."""
     lengths = np.array([len(x) for x in features["input_ids"]])
@@ -271,11 +272,14 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
     feed = lambda: (batches[i % len(batches)] for i in range(10 ** 9))  # noqa: E731
     tokens = {}
 
-    def ours_side(name, precision):
+    def ours_side(name, precision, compile=False):
         """distill.py's code path, --map-k mode (its defaults otherwise: first-hit, 6-row alpha
-        groups), each side with its own models from the same weights, at `precision`."""
+        groups), each side with its own models from the same weights, at `precision`; compile:
+        distill.py --compile."""
         student = build_models(shape, tokenizer, device, "sdpa").train()
         teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
+        if compile:
+            distill.compile_forward(student, teacher)
         optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
         scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
         opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)
@@ -303,6 +307,11 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
         ours_bf16 = ours_side("ours_bf16", "bf16")[0]
         ours_bf16(warmup)()
         sides["ours_bf16"] = (ours_bf16(steps), contextlib.nullcontext)
+    if compiled:                # --compile: ours again, compiled, at each precision timed above
+        for name in list(sides):
+            side = ours_side(name + "_compiled", "bf16" if name == "ours_bf16" else "auto", True)[0]
+            side(warmup)()                               # compiles (not timed)
+            sides[name + "_compiled"] = (side(steps), contextlib.nullcontext)
 
     # reference: their configuration (see the top of this file)
     base = _reset_peak(device)
@@ -347,6 +356,10 @@ def _rows(fps):
         out.update(ours_bf16_fps=round(fps["ours_bf16"], 2),
                    bf16_over_fp32=round(fps["ours_bf16"] / fps["ours"], 2),
                    bf16_speedup=round(fps["ours_bf16"] / fps["reference"], 2))
+    for name in ("ours", "ours_bf16"):             # --compile: compiled over eager
+        if name + "_compiled" in fps:
+            out.update({f"{name}_compiled_fps": round(fps[name + "_compiled"], 2),
+                        f"{name}_compiled_over_eager": round(fps[name + "_compiled"] / fps[name], 2)})
     return out
 
 
@@ -607,6 +620,8 @@ def main(argv=None):
                    help="bf16: on a CPU, time ours in fp32 and under bf16 autocast (CUDA: always bf16)")
     p.add_argument("--significance", action="store_true",
                    help="time the paired bootstrap of two models at MLQA-test size instead")
+    p.add_argument("--compile", action="store_true",
+                   help="training rows of ours compiled too (distill.py --compile), and the ratio")
     p.add_argument("--profile", action="store_true",
                    help="instead: torch.profiler over --steps (default 4) phase-2 steps, a table of "
                         "op groups; in fp32 and bf16 on a CPU unless --precision names one")
@@ -663,7 +678,7 @@ def main(argv=None):
           file=sys.stderr)
     result = {"matmul_peak_gflops": peaks,
               "train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
-                                   args.batch_size, bf16),
+                                   args.batch_size, bf16, args.compile),
               "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps, bf16),
               "device": _device_name(device),
               "shape": shape, "ours_precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
@@ -681,6 +696,11 @@ def main(argv=None):
                   (f"; under bf16 autocast {r['ours_bf16_gflops']:.0f} GFLOP/s = "
                    f"{r['ours_bf16_peak_fraction']:.0%} of bf16's" if "ours_bf16_gflops" in r else ""),
                   file=sys.stderr if args.json else sys.stdout)
+        for name in ("ours", "ours_bf16"):
+            if f"{name}_compiled_fps" in r:
+                print(f"{part}: {name} compiled {r[name + '_compiled_fps']:.1f} windows/s, "
+                      f"{r[name + '_compiled_over_eager']:.2f}x eager",
+                      file=sys.stderr if args.json else sys.stdout)
         if "ours_bf16_fps" in r:
             print(f"{part}: ours under bf16 autocast {r['ours_bf16_fps']:.1f} windows/s, "
                   f"{r['bf16_over_fp32']:.2f}x fp32, {r['bf16_speedup']:.2f}x the reference",

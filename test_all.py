@@ -3126,6 +3126,42 @@ def test_distill_as_authors_end_to_end_resume_evaluation_and_compare(tmp_path, c
     assert "full [trained as-authors]" in summary and "full [as-authors]" in summary
 
 
+def test_distill_compile_matches_eager():
+    """Issue 20: --compile (distill.compile_forward, dynamic shapes) gives the eager loss, alpha and
+    gradients of a training step within float rounding, on two window lengths (the second reuses
+    the dynamic graph). One BERT layer, eval mode (no dropout streams to compare)."""
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on a CPU needs a C compiler (none found)")
+    from transformers import BertConfig, BertForQuestionAnswering
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, attn_implementation="sdpa")
+    eager = BertForQuestionAnswering(config).eval()
+    teacher = BertForQuestionAnswering(config).eval().requires_grad_(False)   # other weights
+    compiled, compiled_teacher = (BertForQuestionAnswering(config).eval() for _ in range(2))
+    compiled.load_state_dict(eager.state_dict())
+    compiled_teacher.load_state_dict(teacher.state_dict())
+    compiled_teacher.requires_grad_(False)
+    distill.compile_forward(compiled, compiled_teacher)
+    opts = distill.StepOptions(map_k=True, t=2.0, k=3, delta=2, precision="fp32")
+    g = torch.Generator().manual_seed(1)
+    for length in (20, 13):
+        allowed = torch.zeros(6, length, dtype=torch.bool)
+        allowed[:, 0], allowed[:, 6:] = True, True
+        batch = dict(input_ids=torch.randint(5, 64, (6, length), generator=g),
+                     attention_mask=torch.ones(6, length, dtype=torch.long),
+                     token_type_ids=allowed.long(), allowed=allowed,
+                     start_positions=torch.tensor([0, 6, 7, 9, 12, 0]),
+                     end_positions=torch.tensor([0, 8, 7, 11, 12, 0]))
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+        want = distill.forward_backward(eager, teacher, batch, opts)
+        got = distill.forward_backward(compiled, compiled_teacher, batch, opts)
+        assert want[2] > 0 and torch.allclose(got, want, rtol=1e-4, atol=1e-6)  # loss, ce, kl, alpha
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            assert torch.allclose(q.grad, p.grad, rtol=1e-3, atol=1e-5), name
+
+
 # ==================================================================================================
 # ==== evaluate_mlqa
 # evaluate_mlqa.py: official-equivalent scoring, Table 1's counts, model mode, comparisons with
