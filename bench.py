@@ -6,6 +6,9 @@
     python bench.py --shape mbert-base            # the real mBERT-base dimensions (GPU), random weights
     python bench.py --shape mbert-base --json --steps 20 --reps 5
     python bench.py --significance                # the paired bootstrap of two models, MLQA-test size
+    python bench.py --profile --shape small       # torch.profiler: where a phase-2 step's time goes,
+                                                  # by op group, fp32 and bf16 (CUDA: kernel time)
+    python bench.py --quick --json --compile      # + rows of ours under torch.compile (--compile)
 
 Both sides run on the same cross-lingual XQuAD sample (sample.py, ntl=5, seed=3), the same model
 shape and the same random weights, in one process:
@@ -26,7 +29,10 @@ several repetitions and the median is reported. On CUDA, MFU (model FLOPs of the
 tokens over the GPU's dense bf16 peak) and peak memory are reported too. With --precision bf16
 on a CPU, ours is timed twice, in fp32 (a CPU's default) and under bf16 autocast: the rows
 ours_bf16_fps, bf16_over_fp32 (the ratio of the two) and bf16_same_answers (evaluation answers
-equal to fp32's).
+equal to fp32's). Every run starts with a matmul probe (fp32 and bf16 GFLOP/s of one large
+matmul: the device's practical peak); ours_gflops is the model FLOP rate a training step reaches
+(4 forward passes per real token: the teacher's, the student's forward and backward), and
+ours_peak_fraction its share of the probe's rate at the same precision.
 """
 import contextlib
 import copy
