@@ -466,7 +466,7 @@ _BY_NAME = (("attention", ("scaled_dot_product", "flash_attention", "efficient_a
             ("loss + mAP@k", ("nll_loss", "kl_div", "topk")),   # their backward ops too
             ("softmax/masks", ("softmax", "masked_fill", "aten::where")),
             ("casts", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::type_as")),
-            ("norms/activations", ("layer_norm", "gelu", "dropout", "tanh")))
+            ("norms/activations", ("layer_norm", "gelu", "dropout", "bernoulli", "tanh")))  # + dropout
 _REGIONS = ("data", "loss + mAP@k", "optimiser")     # record_function names (distill marks the loss)
 
 
