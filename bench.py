@@ -6,6 +6,9 @@
     python bench.py --shape mbert-base            # the real mBERT-base dimensions (GPU), random weights
     python bench.py --shape mbert-base --json --steps 20 --reps 5
     python bench.py --significance                # the paired bootstrap of two models, MLQA-test size
+    python bench.py --profile --shape small       # torch.profiler: where a phase-2 step's time goes,
+                                                  # by op group, fp32 and bf16 (CUDA: kernel time)
+    python bench.py --quick --json --compile      # + rows of ours under torch.compile (--compile)
 
 Both sides run on the same cross-lingual XQuAD sample (sample.py, ntl=5, seed=3), the same model
 shape and the same random weights, in one process:
@@ -26,7 +29,10 @@ several repetitions and the median is reported. On CUDA, MFU (model FLOPs of the
 tokens over the GPU's dense bf16 peak) and peak memory are reported too. With --precision bf16
 on a CPU, ours is timed twice, in fp32 (a CPU's default) and under bf16 autocast: the rows
 ours_bf16_fps, bf16_over_fp32 (the ratio of the two) and bf16_same_answers (evaluation answers
-equal to fp32's).
+equal to fp32's). Every run starts with a matmul probe (fp32 and bf16 GFLOP/s of one large
+matmul: the device's practical peak); ours_gflops is the model FLOP rate a training step reaches
+(4 forward passes per real token: the teacher's, the student's forward and backward), and
+ours_peak_fraction its share of the probe's rate at the same precision.
 """
 import contextlib
 import copy
@@ -37,6 +43,7 @@ import statistics
 import sys
 import time
 
+import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -261,7 +268,8 @@ def _reset_peak(device):
     return torch.cuda.memory_allocated()
 
 
-def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size, bf16=False):
+def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size, bf16=False,
+                compiled=False):
     """Training rows: ours (distill.py's step at the device's default precision: bf16 autocast on
     CUDA, fp32 on a CPU) and the reference; with bf16 on a CPU, ours under bf16 autocast too."""
     lengths = np.array([len(x) for x in features["input_ids"]])
@@ -270,11 +278,14 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
     feed = lambda: (batches[i % len(batches)] for i in range(10 ** 9))  # noqa: E731
     tokens = {}
 
-    def ours_side(name, precision):
+    def ours_side(name, precision, compile=False):
         """distill.py's code path, --map-k mode (its defaults otherwise: first-hit, 6-row alpha
-        groups), each side with its own models from the same weights, at `precision`."""
+        groups), each side with its own models from the same weights, at `precision`; compile:
+        distill.py --compile."""
         student = build_models(shape, tokenizer, device, "sdpa").train()
         teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
+        if compile:
+            distill.compile_forward(student, teacher)
         optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
         scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
         opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)
@@ -302,6 +313,11 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
         ours_bf16 = ours_side("ours_bf16", "bf16")[0]
         ours_bf16(warmup)()
         sides["ours_bf16"] = (ours_bf16(steps), contextlib.nullcontext)
+    if compiled:                # --compile: ours again, compiled, at each precision timed above
+        for name in list(sides):
+            side = ours_side(name + "_compiled", "bf16" if name == "ours_bf16" else "auto", True)[0]
+            side(warmup)()                               # compiles (not timed)
+            sides[name + "_compiled"] = (side(steps), contextlib.nullcontext)
 
     # reference: their configuration (see the top of this file)
     base = _reset_peak(device)
@@ -327,10 +343,12 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
     times = interleaved(sides, reps, device)
     fps = {name: steps * batch_size / statistics.median(t) for name, t in times.items()}
     out = _rows(fps)
+    # teacher forward (1x) + student forward and backward (3x) = 4 forward passes per token
+    flops_tok = model_flops_per_token(student, int(lengths.mean()))
+    for name in tokens:         # the achieved model FLOP rate of each side of ours (issue 20)
+        out[f"{name}_gflops"] = round(4 * flops_tok * sum(tokens[name]) / sum(times[name]) / 1e9, 1)
     if device.type == "cuda":
-        # teacher forward (1x) + student forward and backward (3x) = 4 forward passes per token
         tok_per_s = sum(tokens["ours"]) / sum(times["ours"])
-        flops_tok = model_flops_per_token(student, int(lengths.mean()))
         out.update(ours_mfu=round(4 * flops_tok * tok_per_s / _peak_flops(device), 4),
                    ours_peak_mem_gib=mem_ours, reference_peak_mem_gib=mem_ref)
     return out
@@ -344,6 +362,10 @@ def _rows(fps):
         out.update(ours_bf16_fps=round(fps["ours_bf16"], 2),
                    bf16_over_fp32=round(fps["ours_bf16"] / fps["ours"], 2),
                    bf16_speedup=round(fps["ours_bf16"] / fps["reference"], 2))
+    for name in ("ours", "ours_bf16"):             # --compile: compiled over eager
+        if name + "_compiled" in fps:
+            out.update({f"{name}_compiled_fps": round(fps[name + "_compiled"], 2),
+                        f"{name}_compiled_over_eager": round(fps[name + "_compiled"] / fps[name], 2)})
     return out
 
 
@@ -394,9 +416,145 @@ class fp32_matmul:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
 
 
+def matmul_probe(device, dtype, n=None, reps=3):
+    """GFLOP/s of one n x n x n matmul in `dtype` (the best of reps): the device's practical
+    matmul peak, which the achieved rate of a step is compared with ("close to the limit" as a
+    number on any machine). fp32 is true fp32 (no TF32)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = math.inf
+    with fp32_matmul():
+        for _ in range(reps + 1):                        # the first is the warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return round(2 * n ** 3 / best / 1e9, 1)
+
+
+def peak_rows(result, peaks):
+    """Each side's achieved GFLOP/s of the training step over the probe's matmul peak of its
+    precision (ours: fp32 on a CPU, bf16 on CUDA; ours_bf16: bf16)."""
+    train = result["train"]
+    fractions = {}
+    for name, precision in (("ours", "bf16" if result["ours_precision"] != "fp32" else "fp32"),
+                            ("ours_bf16", "bf16")):
+        if f"{name}_gflops" in train:
+            fractions[f"{name}_peak_fraction"] = round(train[f"{name}_gflops"] / peaks[precision], 3)
+    return fractions
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({torch.get_num_threads()} threads)"
+
+
 def _peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
+
+
+# -------------------------------------------------------------------- profile of a phase-2 step (issue 20)
+# Op groups of the profile table, in print order. An op counts in the first group whose rule
+# matches: inside a region that bench_profile marks (data, loss + mAP@k, optimiser) or by name.
+PROFILE_GROUPS = ("matmul", "attention", "softmax/masks", "casts", "norms/activations",
+                  "loss + mAP@k", "optimiser", "data", "other")
+_BY_NAME = (("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+            ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+                        "aten::linear", "mkldnn_matmul", "mkldnn_linear")),
+            ("loss + mAP@k", ("nll_loss", "kl_div", "topk")),   # their backward ops too
+            ("softmax/masks", ("softmax", "masked_fill", "aten::where")),
+            ("casts", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::type_as")),
+            ("norms/activations", ("layer_norm", "gelu", "dropout", "bernoulli", "tanh")))  # + dropout
+_REGIONS = ("data", "loss + mAP@k", "optimiser")     # record_function names (distill marks the loss)
+
+
+def profile_group(name, regions):
+    """The group of an op `name` whose enclosing record_function names are `regions`."""
+    for region in _REGIONS:
+        if region in regions:
+            return region
+    for group, keys in _BY_NAME:
+        if any(name == k or (not k.startswith("aten::") and k in name) or
+               (k.startswith("aten::") and name.startswith(k) and name[len(k):] in ("", "_"))
+               for k in keys):
+            return group
+    return "other"
+
+
+def profile_table(events, wall_ms, steps, device):
+    """{group: ms per step} from the profiler's events: each op's self time (on CUDA its kernels'
+    self device time) in its group; "other" also holds the rest of the wall time (Python between
+    ops on a CPU; on CUDA the time the GPU waits), so the groups add up to the wall time."""
+    cuda = device.type == "cuda"
+    ms = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    for e in events:
+        if cuda:
+            t = getattr(e, "self_device_time_total", None)
+            t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        else:
+            t = e.self_cpu_time_total
+        if not t or (not cuda and getattr(e, "device_type", None) is not None and
+                     "CPU" not in str(e.device_type)):
+            continue
+        regions, parent = set(), e.cpu_parent
+        while parent is not None:
+            regions.add(parent.name)
+            parent = parent.cpu_parent
+        group = e.name if e.name in _REGIONS else profile_group(e.name, regions)
+        ms[group] += t / 1e3
+    ms["other"] += max(0.0, wall_ms - sum(ms.values()))
+    return {g: v / steps for g, v in ms.items()}
+
+
+def bench_profile(features, tokenizer, shape, device, precision, steps, batch_size, warmup=2):
+    """torch.profiler over `steps` phase-2 steps of distill.py's code (row_passes, forward_backward,
+    optimizer_step; --map-k mode) on the bench's stand-in model -> ({group: ms per step}, wall ms
+    per step). The profiler's own cost per op inflates the small ops a little."""
+    lengths = np.array([len(x) for x in features["input_ids"]])
+    batches = [b for b in train_qa.length_grouped_batches(lengths, batch_size, 3, 0)
+               if len(b) == batch_size]
+    student = build_models(shape, tokenizer, device, "sdpa").train()
+    teacher = build_models(shape, tokenizer, device, "sdpa").eval().requires_grad_(False)
+    optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
+    scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
+    opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)
+    rf = torch.profiler.record_function
+
+    def step(i):
+        for rows, share in distill.row_passes([batches[i % len(batches)]], opts.alpha_rows, device):
+            with rf("data"):
+                batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
+            distill.forward_backward(student, teacher, batch, opts, share)
+        with rf("optimiser"):
+            distill.optimizer_step(student, optimizer, scheduler)
+
+    for i in range(warmup):
+        step(i)
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities, record_shapes=bool(__import__("os").environ.get("SHAPES"))) as prof:
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(warmup + i)
+        _sync(device)
+        wall = (time.perf_counter() - t0) * 1e3
+    return profile_table(prof.events(), wall, steps, device), wall / steps
+
+
+def print_profile(tables, file=None):
+    """The profile tables side by side: ms per step and % of the step, one column pair each."""
+    names = list(tables)
+    print(f"{'op group':<20}" + "".join(f"{n + ' ms':>12}{'%':>7}" for n in names), file=file)
+    for g in PROFILE_GROUPS + ("total",):
+        row = f"{g:<20}"
+        for n in names:
+            total = sum(tables[n].values())
+            v = total if g == "total" else tables[n][g]
+            row += f"{v:>12.1f}{100 * v / total:>6.1f}%"
+        print(row, file=file)
 
 
 # -------------------------------------------------------------------- significance (issue 11)
@@ -468,6 +626,11 @@ def main(argv=None):
                    help="bf16: on a CPU, time ours in fp32 and under bf16 autocast (CUDA: always bf16)")
     p.add_argument("--significance", action="store_true",
                    help="time the paired bootstrap of two models at MLQA-test size instead")
+    p.add_argument("--compile", action="store_true",
+                   help="training rows of ours compiled too (distill.py --compile), and the ratio")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: torch.profiler over --steps (default 4) phase-2 steps, a table of "
+                        "op groups; in fp32 and bf16 on a CPU unless --precision names one")
     args = p.parse_args(argv)
     if args.significance:
         result = {"significance": bench_significance(10_000, args.reps or 3)}
@@ -480,9 +643,9 @@ def main(argv=None):
     bf16 = args.precision == "bf16" and device.type == "cpu"    # CUDA's default is bf16 already
     # --quick / CPU: the project's own CPU model (--model tiny); GPU: the real mBERT-base shape
     shape = args.shape or ("tiny" if args.quick or device.type == "cpu" else "mbert-base")
-    steps = args.steps or (8 if args.quick else 20)
-    reps = args.reps or 5
-    n_eval = args.eval_examples or (300 if args.quick else 2000)
+    steps = args.steps or (4 if args.profile else 8 if args.quick else 20)
+    reps = 1 if args.profile else args.reps or 5
+    n_eval = 0 if args.profile else args.eval_examples or (300 if args.quick else 2000)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -495,17 +658,37 @@ def main(argv=None):
     # 30k pieces: window lengths close to mBERT's on XQuAD (the tiny model's 8k splits words more)
     tokenizer = train_qa.train_tiny_tokenizer(texts, vocab_size=BENCH_VOCAB)
     train_features = train_qa.build_features(train_examples, tokenizer)
-    eval_features = train_qa.build_features(eval_examples, tokenizer, train=False)
+    eval_features = train_qa.build_features(eval_examples, tokenizer, train=False) if n_eval else None
+    if args.profile:            # the precisions to profile: CPU auto = both fp32 and bf16
+        precisions = [args.precision] if args.precision != "auto" else \
+            ["auto"] if device.type == "cuda" else ["fp32", "bf16"]
+        print(f"profile: device {_device_name(device)}, shape {shape}, {steps} steps of batch "
+              f"{args.batch_size} (ms per step)")
+        tables, wall = {}, {}
+        for precision in precisions:
+            train_qa.set_matmul_precision(precision)
+            name = "bf16" if precision == "auto" else precision
+            tables[name], wall[name] = bench_profile(train_features, tokenizer, shape, device,
+                                                     precision, steps, args.batch_size)
+        print_profile(tables)
+        if args.json:
+            print(json.dumps({"profile": tables, "wall_ms": wall, "device": _device_name(device),
+                              "shape": shape}))
+        return
     print(f"device {device}, shape {shape} {SHAPES[shape]}; train: {steps} steps x {reps} reps of "
           f"batch {args.batch_size}; eval: {len(eval_features['input_ids'])} windows x {reps} reps",
           file=sys.stderr)
 
-    result = {"train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
-                                   args.batch_size, bf16),
+    peaks = {"fp32": matmul_probe(device, torch.float32), "bf16": matmul_probe(device, torch.bfloat16)}
+    print(f"matmul probe: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+          file=sys.stderr)
+    result = {"matmul_peak_gflops": peaks,
+              "train": bench_train(train_features, tokenizer, shape, device, steps, reps, 2,
+                                   args.batch_size, bf16, args.compile),
               "eval": bench_eval(eval_examples, eval_features, tokenizer, shape, device, reps, bf16),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              f"cpu ({torch.get_num_threads()} threads)",
+              "device": _device_name(device),
               "shape": shape, "ours_precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    result["train"].update(peak_rows(result, peaks))
     for part in ("train", "eval"):
         r = result[part]
         print(f"{part}: ours {r['ours_fps']:.1f} windows/s ({result['ours_precision']}), reference "
@@ -513,6 +696,17 @@ def main(argv=None):
               (f", MFU {r['ours_mfu']:.1%}" if "ours_mfu" in r else "") +
               (f", peak memory {r['ours_peak_mem_gib']} GiB" if "ours_peak_mem_gib" in r else ""),
               file=sys.stderr if args.json else sys.stdout)
+        if part == "train":
+            print(f"train: ours reaches {r['ours_gflops']:.0f} GFLOP/s = "
+                  f"{r['ours_peak_fraction']:.0%} of the matmul probe" +
+                  (f"; under bf16 autocast {r['ours_bf16_gflops']:.0f} GFLOP/s = "
+                   f"{r['ours_bf16_peak_fraction']:.0%} of bf16's" if "ours_bf16_gflops" in r else ""),
+                  file=sys.stderr if args.json else sys.stdout)
+        for name in ("ours", "ours_bf16"):
+            if f"{name}_compiled_fps" in r:
+                print(f"{part}: {name} compiled {r[name + '_compiled_fps']:.1f} windows/s, "
+                      f"{r[name + '_compiled_over_eager']:.2f}x eager",
+                      file=sys.stderr if args.json else sys.stdout)
         if "ours_bf16_fps" in r:
             print(f"{part}: ours under bf16 autocast {r['ours_bf16_fps']:.1f} windows/s, "
                   f"{r['bf16_over_fp32']:.2f}x fp32, {r['bf16_speedup']:.2f}x the reference",

@@ -64,6 +64,7 @@ import sys
 import time
 from typing import NamedTuple
 
+import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,8 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     student.to(device).train()
     model = ddp(student, device) if world_size > 1 else student
     teacher = None if args.ce_only else frozen_copy(student)     # generation 0: the initial model
+    if args.compile:
+        compile_forward(student, teacher)
     optimizer = make_optimizer(student, args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, steps_per_epoch * args.epochs)
     checkpoint = Checkpoint(out, {"student": student, "teacher": teacher}, optimizer, scheduler)
@@ -226,6 +229,10 @@ def step_options(args):
                        args.alpha_rows, args.precision, args.softmax_support, args.map_k_relevant)
 
 
+# the loss and alpha code, named for bench.py --profile (about a microsecond without a profiler)
+LOSS_REGION = lambda: torch.profiler.record_function("loss + mAP@k")  # noqa: E731
+
+
 def forward_backward(model, teacher, batch, opts, scale=1.0, sync=True):
     """Sec. 4.3-4.4 on one micro-batch: the teacher's soft labels, alpha of Eq. 5 from them,
     the student's logits, the loss of Eq. 4 / Eq. 6, backward of scale * loss. teacher None:
@@ -243,17 +250,19 @@ def forward_backward(model, teacher, batch, opts, scale=1.0, sync=True):
             t_start, t_end = qa_logits(teacher, batch, opts.precision,       # soft labels
                                        "all" if raw else opts.softmax_support)
         if opts.map_k:                                                        # Eq. 5, per group
-            a_kl = alpha_per_row(t_start, t_end, *gold, opts.alpha_rows, opts.k, opts.delta,
-                                 opts.map_variant, mask=batch["allowed"],
-                                 relevant=opts.map_k_relevant)
+            with LOSS_REGION():
+                a_kl = alpha_per_row(t_start, t_end, *gold, opts.alpha_rows, opts.k, opts.delta,
+                                     opts.map_variant, mask=batch["allowed"],
+                                     relevant=opts.map_k_relevant)
         if raw and opts.softmax_support == "context":                         # Eq. 1 for the KL
             t_start, t_end = (x.masked_fill(~batch["allowed"], train_qa.MASK_VALUE)
                               for x in (t_start, t_end))
     with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
         s_start, s_end = qa_logits(model, batch, opts.precision, opts.softmax_support)  # Eq. 1
-        loss, ce, kl = distill_loss(s_start, s_end, *gold, t_start, t_end, opts.t,
-                                    a_ce=0.0 if opts.no_ce else 1.0, a_kl=a_kl,
-                                    group_rows=opts.alpha_rows)               # Eq. 4 / Eq. 6
+        with LOSS_REGION():
+            loss, ce, kl = distill_loss(s_start, s_end, *gold, t_start, t_end, opts.t,
+                                        a_ce=0.0 if opts.no_ce else 1.0, a_kl=a_kl,
+                                        group_rows=opts.alpha_rows)           # Eq. 4 / Eq. 6
         (loss * scale).backward()
     alpha = (group_weights(len(a_kl), opts.alpha_rows, a_kl.device) * a_kl).sum()
     kl = torch.zeros_like(ce) if kl is None else kl
@@ -348,6 +357,16 @@ def frozen_copy(model):
     teacher = teacher.to(model.device)
     teacher.load_state_dict(model.state_dict())
     return teacher.eval().requires_grad_(False)
+
+
+def compile_forward(*models):
+    """--compile: torch.compile each model's forward in place (Module.compile: the state_dict,
+    checkpoints and the teacher's load_state_dict stay as they are), with dynamic shapes, so the
+    windows' many lengths share one compiled graph instead of one each. Same loss and gradients
+    as eager within rounding (test_distill_compile_matches_eager)."""
+    for model in models:
+        if model is not None:
+            model.compile(dynamic=True)
 
 
 def ddp(model, device):
@@ -700,6 +719,9 @@ def parse_args(argv=None):
     t.add_argument("--stride", type=int, default=train_qa.STRIDE)
     t.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
                    help="question tokens kept (the authors' 64); longer questions are cut")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the student's and teacher's forward (needs a C compiler on "
+                        "a CPU; the first step compiles, about a minute); off by default")
     t.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU; fp32: true fp32 matmuls; "
                         "tf32: TF32 matmuls on Ampere+")

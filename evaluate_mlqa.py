@@ -49,6 +49,7 @@ import sys
 import unicodedata
 from collections import Counter
 
+import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import numpy as np
 from tqdm import tqdm
 

@@ -3128,6 +3128,42 @@ def test_distill_as_authors_end_to_end_resume_evaluation_and_compare(tmp_path, c
     assert "full [trained as-authors]" in summary and "full [as-authors]" in summary
 
 
+def test_distill_compile_matches_eager():
+    """Issue 20: --compile (distill.compile_forward, dynamic shapes) gives the eager loss, alpha and
+    gradients of a training step within float rounding, on two window lengths (the second reuses
+    the dynamic graph). One BERT layer, eval mode (no dropout streams to compare)."""
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on a CPU needs a C compiler (none found)")
+    from transformers import BertConfig, BertForQuestionAnswering
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, attn_implementation="sdpa")
+    eager = BertForQuestionAnswering(config).eval()
+    teacher = BertForQuestionAnswering(config).eval().requires_grad_(False)   # other weights
+    compiled, compiled_teacher = (BertForQuestionAnswering(config).eval() for _ in range(2))
+    compiled.load_state_dict(eager.state_dict())
+    compiled_teacher.load_state_dict(teacher.state_dict())
+    compiled_teacher.requires_grad_(False)
+    distill.compile_forward(compiled, compiled_teacher)
+    opts = distill.StepOptions(map_k=True, t=2.0, k=3, delta=2, precision="fp32")
+    g = torch.Generator().manual_seed(1)
+    for length in (20, 13):
+        allowed = torch.zeros(6, length, dtype=torch.bool)
+        allowed[:, 0], allowed[:, 6:] = True, True
+        batch = dict(input_ids=torch.randint(5, 64, (6, length), generator=g),
+                     attention_mask=torch.ones(6, length, dtype=torch.long),
+                     token_type_ids=allowed.long(), allowed=allowed,
+                     start_positions=torch.tensor([0, 6, 7, 9, 12, 0]),
+                     end_positions=torch.tensor([0, 8, 7, 11, 12, 0]))
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+        want = distill.forward_backward(eager, teacher, batch, opts)
+        got = distill.forward_backward(compiled, compiled_teacher, batch, opts)
+        assert want[2] > 0 and torch.allclose(got, want, rtol=1e-4, atol=1e-6)  # loss, ce, kl, alpha
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            assert torch.allclose(q.grad, p.grad, rtol=1e-3, atol=1e-5), name
+
+
 # ==================================================================================================
 # ==== evaluate_mlqa
 # evaluate_mlqa.py: official-equivalent scoring, Table 1's counts, model mode, comparisons with
@@ -4869,8 +4905,41 @@ def test_bench_quick_runs_and_prints_json(capsys):
         assert set(result[part]) >= {"ours_fps", "reference_fps", "speedup", "ours_bf16_fps",
                                      "bf16_over_fp32", "bf16_speedup"}
         assert all(result[part][k] > 0 for k in ("ours_fps", "reference_fps", "ours_bf16_fps"))
+    assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    train = result["train"]     # issue 20: the achieved FLOP rate over the probe's, per precision
+    for name, precision in (("ours", "fp32"), ("ours_bf16", "bf16")):
+        assert train[f"{name}_peak_fraction"] == pytest.approx(
+            train[f"{name}_gflops"] / result["matmul_peak_gflops"][precision], abs=2e-3)
     for key in ("same_answers", "bf16_same_answers"):
         assert 0.0 <= result["eval"][key] <= 1.0
+
+
+def test_bench_profile_groups_ops_by_name_and_region():
+    g = bench.profile_group
+    assert g("aten::mm", set()) == g("aten::addmm", set()) == "matmul"
+    assert g("aten::mm", {"optimiser", "aten::linear"}) == "optimiser"       # the region wins
+    assert g("aten::_scaled_dot_product_flash_attention_for_cpu", set()) == "attention"
+    assert g("aten::_to_copy", set()) == g("aten::to", set()) == g("aten::copy_", set()) == "casts"
+    assert g("aten::topk", set()) == g("aten::nll_loss_backward", set()) == "loss + mAP@k"
+    assert g("aten::masked_fill_", set()) == g("aten::_softmax", set()) == "softmax/masks"
+    assert g("aten::native_layer_norm", set()) == "norms/activations"
+    assert g("aten::mul", set()) == g("aten::mmx", set()) == "other"
+
+
+def test_bench_profile_table_adds_up_to_the_step(capsys):
+    """Issue 20: `bench.py --profile` on the tiny model, fp32 and bf16: every group of the table,
+    the ms of each add up to the measured wall time of a step (nothing counted twice), and the
+    groups the step must have (matmuls, the loss and alpha code, the optimiser) are not empty."""
+    bench.main(["--profile", "--shape", "tiny", "--steps", "1", "--batch-size", "8", "--json",
+                "--device", "cpu"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert set(result["profile"]) == {"fp32", "bf16"}
+    for name, table in result["profile"].items():
+        assert tuple(table) == bench.PROFILE_GROUPS
+        assert sum(table.values()) == pytest.approx(result["wall_ms"][name], rel=0.01)
+        assert min(table[g] for g in ("matmul", "loss + mAP@k", "optimiser", "casts")) > 0
+    assert any(line.startswith("total") and line.count("100.0%") == 2 for line in out)
 
 
 # ==================================================================================================

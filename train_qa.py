@@ -39,6 +39,7 @@ import shutil
 import time
 import unicodedata
 
+import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -631,16 +632,19 @@ def setup_distributed():
 def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, grad_accum=1,
           seed=0, weight_decay=WEIGHT_DECAY, warmup_steps=0, device="cpu", rank=0, world_size=1,
           progress=True, precision="auto", batches="grouped", softmax_support="context",
-          max_length=MAX_LENGTH, run=None):
+          max_length=MAX_LENGTH, run=None, compile=False):
     """The loop: length-grouped batches, Eq. 2 loss, AdamW + linear decay, grad accumulation, DDP.
     `batch_size` is the effective batch of one optimiser step; `precision` that of the forward
     (autocast). batches="random" / softmax_support="all": the authors' random batches of windows
     padded to max_length / their loss over all positions. `run` (a Phase1Run, from run()):
     train_log.jsonl, checkpoints at every epoch's end and mid-epoch (--save-steps, a stop
-    signal), --resume. Returns the unwrapped model."""
+    signal), --resume. compile: torch.compile the forward (--compile; distill.compile_forward's
+    Module.compile with dynamic shapes, state_dict unchanged). Returns the unwrapped model."""
     micro = micro_batch(batch_size, world_size, grad_accum)
     torch.manual_seed(seed + rank)                # dropout stream
     model.to(device).train()
+    if compile:
+        model.compile(dynamic=True)
     raw = model
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -1049,6 +1053,9 @@ def parse_args(argv=None):
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU; fp32: true fp32 matmuls; "
                         "tf32: TF32 matmuls on Ampere+")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (needs a C compiler on a CPU; the first step "
+                        "compiles); off by default")
     f = p.add_argument_group("the authors' computation (README: fidelity notes)")
     f.add_argument("--windows", choices=WINDOWS, default="fast",
                    help="legacy: a window starts every --stride tokens (the authors' phase-2 processor)")
@@ -1119,7 +1126,7 @@ def run(args, resume_with=None):
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       device=device, rank=rank, world_size=world_size, precision=args.precision,
                       batches=args.batches, softmax_support=args.softmax_support,
-                      max_length=args.max_length, run=run_state)
+                      max_length=args.max_length, run=run_state, compile=args.compile)
         if is_master:
             install_phase1_model(out, args, model, tokenizer)
 
