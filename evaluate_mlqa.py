@@ -810,17 +810,17 @@ def _saved_predictions(run, groups):
 
 def _gold_for(a, b, args):
     """The gold examples of the data sets both evaluations scored (their predictions loaded into
-    a and b); refuses evaluations with nothing in common or with different pairs."""
+    a and b); refuses evaluations with nothing in shared or with different pairs."""
     ga, gb = _tested_groups(a["metrics"]), _tested_groups(b["metrics"])
-    common = [g for g in ga if g in gb]
-    if not common:
+    shared = [g for g in ga if g in gb]
+    if not shared:
         raise InputError(f"{a['path']} ({' '.join(ga) or 'no data set'}) and {b['path']} "
                          f"({' '.join(gb) or 'no data set'}) share no evaluated data set or split")
-    for g in common:
+    for g in shared:
         if ga[g] != gb[g]:
             raise InputError(f"{g}: {a['path']} and {b['path']} scored different pairs "
                              f"({' '.join(ga[g])} vs {' '.join(gb[g])})")
-    groups = {g: ga[g] for g in common}
+    groups = {g: ga[g] for g in shared}
     a["predictions"], b["predictions"] = _saved_predictions(a, groups), _saved_predictions(b, groups)
     recorded = a["metrics"].get("data") or {}           # where the evaluation read its data
     source = lambda name, option, default: option or recorded.get(name) or default  # noqa: E731
