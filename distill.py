@@ -75,13 +75,12 @@ import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
-                    check_writable, load_squad_examples, parse_with_preset, read_json,
-                    run_main)
+                    load_squad_examples, parse_with_preset, read_json, run_main)
 from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
-from rundir import (Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, add_output_options,
-                    aside_path, check_output_dir, check_space, finish_replacing, from_rank0,
-                    install_model_files, lock_output_dir, lock_path, parse_save_steps, read_log,
+from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
+                    aside_path, check_same_options, check_space, claim_output_dir,
+                    finish_replacing, install_model_files, parse_save_steps, read_log,
                     remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
 from train_qa import (build_features, collate, load_model_and_tokenizer,
@@ -120,7 +119,12 @@ class NonFiniteLoss(Exception):
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device, is_master = setup_distributed()
-    out, lock = claim_output_dir(args, is_master, world_size)    # one run per directory
+    if args.mlqa_dir is not None and not os.path.isdir(args.mlqa_dir):
+        raise InputError(f"{args.mlqa_dir}: MLQA directory not found (--mlqa-dir)")
+    out, lock = claim_output_dir(args, "distill", [("--model", args.model), ("--xquad-dir",
+                                 args.xquad_dir), ("--mlqa-dir", args.mlqa_dir)], is_master,
+                                 world_size, check=(lambda out: check_resumable(args, out))
+                                 if args.resume else None)                  # one run per directory
     with lock, StopSignals() as stop:        # Ctrl-C, SIGTERM, SIGUSR1: see rundir
         distill(args, out, rank, world_size, device, is_master, stop)
     finish(world_size)
@@ -471,46 +475,11 @@ def run_args(args):
     return {key: getattr(args, key) for key in RESUME_KEYS}
 
 
-def claim_output_dir(args, is_master, world_size):
-    """Rank 0 takes the output directory's lock (one run per directory) and checks it: not an
-    input, not someone else's (--overwrite replaces only a distill.py run), writable; --resume's
-    must hold a checkpoint of a run with the same options. One decision for every rank.
-    Returns (absolute path, the lock)."""
-    out, lock, error = os.path.abspath(args.output_dir), None, None
-    if is_master:
-        try:
-            if args.mlqa_dir is not None and not os.path.isdir(args.mlqa_dir):
-                raise InputError(f"{args.mlqa_dir}: MLQA directory not found (--mlqa-dir)")
-            check_writable(args.output_dir)
-            lock = lock_output_dir(out, args.output_dir)        # then check: no race
-            check_output_dir(args.output_dir, "distill", args.overwrite, args.resume,
-                             inputs=[("--model", args.model), ("--xquad-dir", args.xquad_dir),
-                                     ("--mlqa-dir", args.mlqa_dir)])
-            if args.resume:
-                check_resumable(args, out)
-        except InputError as e:
-            error = str(e)
-            if lock is not None:
-                lock.release()
-    error = from_rank0(error, world_size)
-    if error:
-        raise InputError(error)
-    return out, lock or Lock(lock_path(out))        # other ranks: nothing to release
-
-
 def check_resumable(args, out):
-    """--resume: a checkpoint, written by a run with the same options (RESUME_KEYS)."""
-    state_path = os.path.join(out, "checkpoint", "state.pt")
-    if not os.path.isfile(state_path):
-        raise InputError(f"{args.output_dir}: no checkpoint to resume ({state_path} not found); "
-                         "--overwrite starts the run again")
-    saved, now = read_json(os.path.join(out, "args.json")), run_args(args)
-    saved = {k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}   # older args.json
-    diff = [k for k in RESUME_KEYS if saved[k] != now[k]]
-    if diff:
-        raise InputError("--resume with options that differ from the checkpoint's run: " +
-                         ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})"
-                                   for k in diff))
+    """--resume: the checkpoint's run had the same options (RESUME_KEYS)."""
+    saved = read_json(os.path.join(out, "args.json"))
+    check_same_options({k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS},  # older
+                       run_args(args))                                               # args.json
 
 
 def load_student(args, examples, out):

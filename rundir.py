@@ -173,9 +173,11 @@ def start_fresh(out, kind):
     aside = aside_path(out)
     moved = None
     if os.path.isdir(out) and os.listdir(out):
+        if output_kind(out) != kind:     # check_output_dir refused it already; never delete it
+            raise InputError(f"{out}: not an output of {WRITERS[kind]}; not replaced")
         if os.path.isdir(aside):
             # an earlier --overwrite never finished: the run aside is the last complete one and
-            # stays; the unfinished one here (ours: checked by check_output_dir) goes
+            # stays; the unfinished one here (ours, as just checked) goes
             shutil.rmtree(out)
         else:
             os.replace(out, aside)
@@ -284,6 +286,41 @@ def lock_output_dir(out, display):
         raise InputError(f"{display}: in use by another run ({lock.holder or 'starting'}; "
                          f"lock {lock_path(display)}): wait for it, or choose another --output-dir")
     return lock
+
+
+def claim_output_dir(args, kind, inputs, is_master, world_size, check=None):
+    """Rank 0 checks that args.output_dir can be written, takes its lock (one run per directory),
+    then checks it (check_output_dir: not an input, not someone else's) and, for --resume, that
+    it holds a checkpoint; then `check(out)` (the script's own: same options, ...). One decision
+    for every rank. -> (absolute path, the lock; other ranks: one with nothing to release)."""
+    out, lock = os.path.abspath(args.output_dir), Lock(lock_path(os.path.abspath(args.output_dir)))
+
+    def claim():
+        nonlocal lock
+        check_writable(args.output_dir)
+        lock = lock_output_dir(out, args.output_dir)              # then check: no race
+        try:
+            check_output_dir(args.output_dir, kind, args.overwrite, args.resume, inputs=inputs)
+            if args.resume and not has_checkpoint(out):
+                raise InputError(f"{args.output_dir}: no checkpoint to resume "
+                                 f"({os.path.join(out, 'checkpoint', 'state.pt')} not found); "
+                                 "--overwrite starts the run again")
+            if check is not None:
+                check(out)
+        except InputError:
+            lock.release()
+            raise
+    on_rank0(claim, is_master, world_size)
+    return out, lock
+
+
+def check_same_options(saved, now):
+    """--resume: the options in `now` (RESUME_KEYS of a script) as the checkpoint's run had them."""
+    diff = [k for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise InputError("--resume with options that differ from the checkpoint's run: " +
+                         ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                                   for k in diff))
 
 
 # -------------------------------------------------------------------- checkpoints

@@ -747,6 +747,17 @@ def test_download_all_layout_and_skip(server, tmp_path, capsys):
     download.download(["squad", "tydiqa"], str(data), base_url=server.url)
     assert sorted(server.requests) == ["dev-v1.1.json", "tydiqa-goldp-v1.1-dev.json"]
     assert len(load_squad_examples(str(dev))) == 2 and (tydi / "tydiqa.te.dev.json").exists()
+    # an incomplete MLQA_V1 of MLQA's files is fetched again; one holding a user's file is not
+    mlqa = data / "mlqa" / "MLQA_V1"
+    os.remove(mlqa / "dev" / "dev-context-en-question-en.json")
+    server.requests.clear()
+    download.download(["mlqa"], str(data), base_url=server.url)
+    assert server.requests == ["MLQA_V1.zip"] and (mlqa / "dev" / "dev-context-en-question-en.json").exists()
+    (mlqa / "dev" / "my-notes.txt").write_text("mine")
+    server.requests.clear()
+    with pytest.raises(InputError, match="my-notes.txt: not an MLQA v1 file"):
+        download.download(["mlqa"], str(data), base_url=server.url, force=True)
+    assert server.requests == [] and (mlqa / "dev" / "my-notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("name,dataset", [("dev-v1.1.json", "squad"), ("MLQA_V1.zip", "mlqa"),

@@ -47,13 +47,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
-                    atomic_write_json, check_writable, load_squad_examples, parse_with_preset, read_json,
+                    atomic_write_json, load_squad_examples, parse_with_preset, read_json,
                     run_main)
-from rundir import (Checkpoint, Lock, ProgressLines, SaveClock, StopSignals, add_output_options,
-                    aside_path, check_output_dir, check_space, finish_replacing, from_rank0,
-                    has_checkpoint, install_model_files, lock_output_dir, lock_path,
-                    parse_save_steps, remove_checkpoint, resume_hint, start_fresh,
-                    stop_after_save, truncate_log)
+from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
+                    aside_path, check_same_options, check_space, claim_output_dir,
+                    finish_replacing, install_model_files, parse_save_steps, remove_checkpoint,
+                    resume_hint, start_fresh, stop_after_save, truncate_log)
 
 # -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
 MODEL = "bert-base-multilingual-cased"
@@ -1105,7 +1104,11 @@ def run(args, resume_with=None):
         raise InputError(f"{args.train_file}: no examples")
     rank, world_size, device, is_master = setup_distributed()
     micro_batch(args.batch_size, world_size, args.grad_accum)     # before anything is written
-    out, lock = claim_output_dir(args, is_master, world_size)     # one run per directory
+    out, lock = claim_output_dir(                                 # one run per directory
+        args, "train_qa", [("--model", args.model), ("--train-file", args.train_file)], is_master,
+        world_size, check=(lambda out: check_same_options(
+            read_json(os.path.join(out, "train_args.json")), resume_options(args)))
+        if args.resume else None)
     with lock, StopSignals() as stop:       # Ctrl-C, SIGTERM, SIGUSR1: see rundir
         set_matmul_precision(args.precision)            # this stage's own, never inherited
         texts = [x for ex in examples for x in (ex["question"], ex["context"])]
@@ -1159,36 +1162,6 @@ RESUME_KEYS = ("model", "train_file", "epochs", "lr", "batch_size", "grad_accum"
 
 def resume_options(args):
     return {key: getattr(args, key) for key in RESUME_KEYS}
-
-
-def claim_output_dir(args, is_master, world_size):
-    """Rank 0: writable, the lock (one run per directory), then not an input, not someone
-    else's (--overwrite replaces only a train_qa.py run); --resume's holds a checkpoint of a run
-    with the same options. One decision for every rank. -> (absolute path, the lock)."""
-    out, lock, error = os.path.abspath(args.output_dir), Lock(lock_path(args.output_dir)), None
-    if is_master:
-        try:
-            check_writable(args.output_dir)
-            lock = lock_output_dir(out, args.output_dir)
-            check_output_dir(args.output_dir, "train_qa", args.overwrite, args.resume,
-                             inputs=[("--model", args.model), ("--train-file", args.train_file)])
-            if args.resume:
-                if not has_checkpoint(out):
-                    raise InputError(f"{args.output_dir}: no checkpoint to resume; --overwrite "
-                                     "starts the run again")
-                saved = read_json(os.path.join(out, "train_args.json"))
-                diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-                if diff:
-                    raise InputError("--resume with options that differ from the checkpoint's "
-                                     "run: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} "
-                                                         f"(now {getattr(args, k)})" for k in diff))
-        except InputError as e:
-            error = str(e)
-            lock.release()
-    error = from_rank0(error, world_size)
-    if error:
-        raise InputError(error)
-    return out, lock
 
 
 def load_phase1_model(args, out, texts):

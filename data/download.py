@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -176,12 +177,28 @@ def verify_mlqa(root, check_counts=True):
     return total
 
 
+MLQA_FILE = re.compile(r"(dev|test)/(dev|test)-context-[a-z]{2}-question-[a-z]{2}\.json")
+
+
+def _check_only_mlqa(target):
+    """An MLQA_V1 directory to replace (--force, or incomplete) must hold nothing but MLQA's own
+    files: a user's file in it makes the download stop with one line instead."""
+    for directory, _, names in os.walk(target):
+        for name in names:
+            rel = os.path.relpath(os.path.join(directory, name), target).replace(os.sep, "/")
+            if not MLQA_FILE.fullmatch(rel):
+                raise InputError(f"{os.path.join(target, rel)}: not an MLQA v1 file, so {target} "
+                                 "is not replaced; move it away, or remove the directory yourself")
+
+
 def download_mlqa(data_dir, base_url=None, check_counts=True, force=False):
     out_dir = os.path.join(data_dir, "mlqa")
     target = os.path.join(out_dir, "MLQA_V1")
     if not force and _valid(verify_mlqa, target, check_counts):
         print(f"{target}: present and valid, skipped")
         return
+    if os.path.exists(target):
+        _check_only_mlqa(target)         # before 76 MB of download, not after
     with _output_dir(out_dir):
         n = _download_mlqa(out_dir, target, base_url, check_counts)
     print(f"{target}: 98 files, {n} questions")
@@ -208,7 +225,7 @@ def _download_mlqa(out_dir, target, base_url, check_counts):
         if not os.path.isdir(root):
             raise InputError(f"{url}: archive has no MLQA_V1/ directory")
         n = _checked(url, tmp_dir, verify_mlqa, root, check_counts)
-        if os.path.exists(target):
+        if os.path.exists(target):       # MLQA's files alone: _check_only_mlqa, at the start
             shutil.rmtree(target)
         os.replace(root, target)
     finally:
