@@ -83,7 +83,7 @@ from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_outpu
                     finish_replacing, install_model_files, parse_save_steps, read_log,
                     remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
-from train_qa import (build_features, collate, load_model_and_tokenizer,
+from train_qa import (build_features, collate, compile_forward, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
                       setup_distributed)
 
@@ -369,16 +369,6 @@ def frozen_copy(model, precision="auto"):
                 layer.to(torch.bfloat16)
     teacher.load_state_dict(model.state_dict())
     return teacher.eval().requires_grad_(False)
-
-
-def compile_forward(*models):
-    """--compile: torch.compile each model's forward in place (Module.compile: the state_dict,
-    checkpoints and the teacher's load_state_dict stay as they are), with dynamic shapes, so the
-    windows' many lengths share one compiled graph instead of one each. Same loss and gradients
-    as eager within rounding (test_distill_compile_matches_eager)."""
-    for model in models:
-        if model is not None:
-            model.compile(dynamic=True)
 
 
 def ddp(model, device):

@@ -475,11 +475,14 @@ def _prediction_path(task):
 def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device=None,
                    hidden_criterion="em", hidden_f1=50.0, desc="eval", precision="auto",
                    max_query_length=train_qa.MAX_QUERY_LENGTH, windows="fast", answers="offsets",
-                   as_authors=False):
+                   as_authors=False, compile=False):
     """Predict, score and write predictions (and MLQA-dev n-best lists) under out_dir (which
-    must exist); returns the metrics dict (not yet written; "options": how it was computed)."""
+    must exist); returns the metrics dict (not yet written; "options": how it was computed).
+    compile: torch.compile the model's forward (--compile)."""
     train_qa.set_matmul_precision(precision)
     model, tokenizer = train_qa.load_model_and_tokenizer(model_dir, require_qa_head=True)
+    if compile:
+        train_qa.compile_forward(model)
     predict_tasks(model, tokenizer, tasks, batch_size, device, desc, precision=precision,
                   max_query_length=max_query_length, windows=windows, answers=answers)
     metrics = {"model": os.path.abspath(model_dir),
@@ -592,7 +595,7 @@ def model_mode(args):
     with output_dir(args) as tmp:
         kw = dict(batch_size=args.batch_size, device=args.device, precision=args.precision,
                   max_query_length=args.max_query_length, windows=args.windows, answers=args.answers,
-                  as_authors=args.as_authors,
+                  as_authors=args.as_authors, compile=args.compile,
                   hidden_criterion=args.hidden_knowledge, hidden_f1=args.hidden_knowledge_f1)
         fresh = [{k: v for k, v in t.items() if k != "predictions"} for t in tasks]
         metrics = evaluate_model(args.model, tmp, tasks, desc=name, **kw)
@@ -976,6 +979,9 @@ def parse_args(argv=None):
     m.add_argument("--precision", default="auto", choices=train_qa.PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU; fp32: true fp32 matmuls; "
                         "tf32: TF32 matmuls on Ampere+")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (needs a C compiler on a CPU; the first "
+                        "batches compile); off by default")
     m.add_argument("--max-query-length", type=int, default=train_qa.MAX_QUERY_LENGTH,
                    help="question tokens kept (the authors' 64); longer questions are cut")
     m.add_argument("--windows", choices=train_qa.WINDOWS, default="fast",

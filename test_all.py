@@ -22,6 +22,7 @@ Sections in pipeline order, one per module (search for `# ==== <name>`):
 No test needs the internet or the Hugging Face hub; servers run on 127.0.0.1. Tests that
 need a GPU are skipped with the reason elsewhere (`pytest -rs` shows it).
 """
+import ast
 import contextlib
 import glob
 import http.server
@@ -122,6 +123,29 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     with common.atomic_output_dir(str(target), overwrite=True) as tmp:
         open(os.path.join(tmp, "new.txt"), "w").write("y")
     assert os.listdir(target) == ["new.txt"]
+
+
+def test_common_sets_a_short_openmp_spin_before_torch_loads():
+    """Issue 20: libgomp's default 3 ms spin after each parallel region made a step 5-8x slower
+    with one competing process; common.py sets GOMP_SPINCOUNT=3000 unless the user chose a wait
+    policy or spin count. libgomp reads it when torch loads it, so every entry script imports
+    common before torch (checked on the scripts' imports, in order)."""
+    def spin(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        return subprocess.run([sys.executable, "-c", "import common, os; "
+                               "print(os.environ.get('GOMP_SPINCOUNT'))"], cwd=REPO,
+                              env=dict(base, **env), capture_output=True, text=True).stdout.strip()
+    assert spin() == "3000"
+    assert spin(GOMP_SPINCOUNT="50") == "50"
+    assert spin(OMP_WAIT_POLICY="PASSIVE") == "None"
+    for script in ("train_qa.py", "distill.py", "evaluate_mlqa.py", "bench.py"):
+        tree = ast.parse(open(os.path.join(REPO, script), encoding="utf-8").read())
+        names = [(n.names[0].name if isinstance(n, ast.Import) else n.module or "").split(".")[0]
+                 for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        packages = [i for i, name in enumerate(names)    # torch, numpy, the project's modules
+                    if name not in sys.stdlib_module_names and name not in ("common", "__future__")]
+        assert "common" in names and packages, script
+        assert names.index("common") < min(packages), (script, names)
 
 
 @pytest.mark.parametrize("module", ["common.py", "map_at_k.py", "significance.py", "report.py",
@@ -2595,12 +2619,12 @@ def test_distill_cpu_row_passes_give_the_same_loss_and_gradient(mode):
     """row_passes (the CPU path: passes of whole alpha groups, each collated on its own) equals
     one pass over the whole micro-batch: the step's loss is a mean over row groups, each group
     keeps its own alpha (Eq. 6)."""
-    model, teacher, feats, tok = _distill_tiny_batch()
+    model, teacher, feats, tok = _distill_tiny_batch(n_examples=2 + distill.CPU_PASS_ROWS)
     teacher = None if mode == "ce" else teacher
     flags = _distill_flags(mode)
     opts = distill.StepOptions(map_k=flags["map_k"], no_ce=flags["no_ce"], t=2.0, alpha_rows=3)
     idx = np.arange(len(feats["input_ids"]))
-    assert len(idx) > 6                                   # more than one CPU pass
+    assert len(idx) > distill.CPU_PASS_ROWS               # more than one CPU pass
     model.zero_grad()
     whole = distill.forward_backward(model, teacher, qa.collate(feats, idx, tok.pad_token_id, "cpu"),
                                      opts)
@@ -3608,6 +3632,23 @@ def eval_run(eval_env):
                 "--xquad-langs", "el", "ru", "--tydiqa-file", eval_env["tydiqa"],
                 "--tydiqa-langs", "bn", "fi", "--batch-size", "32"])
     return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_eval_model_mode_compile_gives_the_eager_answers(eval_env, eval_run, tmp_path):
+    """Issue 20: evaluate_mlqa.py --compile (train_qa.compile_forward) predicts the eager run's
+    answers and scores; it skips without a C compiler."""
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on a CPU needs a C compiler (none found)")
+    out = tmp_path / "compiled"
+    _eval_main(["--model", eval_env["model"], "--output-dir", str(out), "--skip", "mlqa", "tydiqa",
+                "--xquad-dir", eval_env["xquad"], "--xquad-langs", "el", "ru", "--batch-size", "32",
+                "--compile"])
+    eager_out, eager = eval_run
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["xquad"] == eager["xquad"]
+    for lang in ("el", "ru"):
+        path = os.path.join("predictions", "xquad", f"{lang}-{lang}.json")
+        assert (out / path).read_text() == (eager_out / path).read_text()
 
 
 def test_eval_model_mode_mlqa_pairs_match_drop_in_scorer(eval_env, eval_run):
