@@ -283,7 +283,7 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
         groups), each side with its own models from the same weights, at `precision`; compile:
         distill.py --compile."""
         student = build_models(shape, tokenizer, device, "sdpa").train()
-        teacher = distill.frozen_copy(student, precision)
+        teacher = distill.frozen_copy(student)
         if compile:
             distill.compile_forward(student, teacher)
         optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
@@ -516,7 +516,7 @@ def bench_profile(features, tokenizer, shape, device, precision, steps, batch_si
     batches = [b for b in train_qa.length_grouped_batches(lengths, batch_size, 3, 0)
                if len(b) == batch_size]
     student = build_models(shape, tokenizer, device, "sdpa").train()
-    teacher = distill.frozen_copy(student, precision)
+    teacher = distill.frozen_copy(student)
     optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
     scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
     opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)

@@ -40,13 +40,13 @@ TYDIQA_FILE = os.path.join(DATA_DIR, "tydiqa", "tydiqa-goldp-v1.1-dev.json")  # 
 # region spins 300,000 times (~3 ms) before it sleeps. With another busy process on the cores the
 # spinning thread holds the core its partner needs, and each of the thousands of parallel regions
 # of a step waits for the scheduler: on 2 cores with one competing process a phase-2 step ran 5x
-# (fp32) and 8x (bf16: more, smaller regions) slower than idle. 3,000 spins keep the idle speed
-# (within 4%, the noise of the measurement) and, with a competitor, run 3x (fp32) and 5x (bf16)
-# faster than the default, close to OMP_WAIT_POLICY=PASSIVE (sleep at once, 12-19% slower idle)
-# (issue 20, README "Performance"). libgomp reads it when it loads: the entry scripts import this
-# module before torch. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# (fp32) and 8x (bf16: more, smaller regions) slower than idle. 10,000 spins cost 0-3% idle and
+# ran 2.2x (fp32) and 4.2x (bf16) as fast as the default with a competitor; 3,000 cost 8% idle,
+# OMP_WAIT_POLICY=PASSIVE (sleep at once) 12-19% (issue 20, README "Performance"). libgomp
+# reads it when it loads: the entry scripts import this module before torch. A user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -151,7 +151,7 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     start_output_dir(out, student, tokenizer, args, is_master, world_size)
     student.to(device).train()
     model = ddp(student, device) if world_size > 1 else student
-    teacher = None if args.ce_only else frozen_copy(student, args.precision)  # generation 0
+    teacher = None if args.ce_only else frozen_copy(student)     # generation 0: the initial model
     if args.compile:
         compile_forward(student, teacher)
     optimizer = make_optimizer(student, args.lr, args.weight_decay)
@@ -355,18 +355,10 @@ def row_passes(step_batches, alpha_rows, device):
     return [(idx, g / sum(groups)) for idx, g in zip(passes, groups)]
 
 
-def frozen_copy(model, precision="auto"):
-    """The teacher: same architecture and weights, eval mode, no gradients (Sec. 4.3). Under bf16
-    autocast its Linear layers are held in bf16: autocast would cast their weights again at every
-    pass (it caches casts only of weights that need gradients), and holding them cast is the same
-    rounding, so the soft labels are bit-identical (test); each generation's load_state_dict
-    rounds the student's weights the same way."""
+def frozen_copy(model):
+    """The teacher: same architecture and weights, eval mode, no gradients (Sec. 4.3)."""
     teacher = AutoModelForQuestionAnswering.from_config(model.config, attn_implementation="sdpa")
     teacher = teacher.to(model.device)
-    if train_qa.runs_in_bf16(model.device, precision):
-        for layer in teacher.modules():
-            if isinstance(layer, torch.nn.Linear):
-                layer.to(torch.bfloat16)
     teacher.load_state_dict(model.state_dict())
     return teacher.eval().requires_grad_(False)
 

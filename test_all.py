@@ -127,7 +127,7 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
 
 def test_common_sets_a_short_openmp_spin_before_torch_loads():
     """Issue 20: libgomp's default 3 ms spin after each parallel region made a step 5-8x slower
-    with one competing process; common.py sets GOMP_SPINCOUNT=3000 unless the user chose a wait
+    with one competing process; common.py sets GOMP_SPINCOUNT=10000 unless the user chose a wait
     policy or spin count. libgomp reads it when torch loads it, so every entry script imports
     common before torch (checked on the scripts' imports, in order)."""
     def spin(**env):
@@ -135,7 +135,7 @@ def test_common_sets_a_short_openmp_spin_before_torch_loads():
         return subprocess.run([sys.executable, "-c", "import common, os; "
                                "print(os.environ.get('GOMP_SPINCOUNT'))"], cwd=REPO,
                               env=dict(base, **env), capture_output=True, text=True).stdout.strip()
-    assert spin() == "3000"
+    assert spin() == "10000"
     assert spin(GOMP_SPINCOUNT="50") == "50"
     assert spin(OMP_WAIT_POLICY="PASSIVE") == "None"
     for script in ("train_qa.py", "distill.py", "evaluate_mlqa.py", "bench.py"):
@@ -3197,31 +3197,6 @@ def test_distill_compile_matches_eager():
         assert want[2] > 0 and torch.allclose(got, want, rtol=1e-4, atol=1e-6)  # loss, ce, kl, alpha
         for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
             assert torch.allclose(q.grad, p.grad, rtol=1e-3, atol=1e-5), name
-
-
-def test_distill_bf16_teacher_gives_autocasts_soft_labels_bit_for_bit():
-    """Issue 20: under bf16 autocast the teacher holds its Linear layers in bf16 (frozen_copy), so
-    autocast stops re-casting its weights at every pass. The soft labels are those of the float32
-    teacher under autocast, bit for bit, also after a generation's load_state_dict; in fp32 the
-    teacher stays float32."""
-    ex = enc_examples("en", 12)
-    for name in qa.TINY_MODELS:
-        model, tok = qa.load_model_and_tokenizer(name, texts=qa_texts(ex), seed=0)
-        batch = qa.collate(qa.build_features(ex, tok), list(range(8)), tok.pad_token_id, "cpu")
-        assert all(p.dtype == torch.float32 for p in distill.frozen_copy(model, "fp32").parameters())
-        held, plain = distill.frozen_copy(model, "bf16"), distill.frozen_copy(model, "fp32")
-        linears = [m for m in held.modules() if isinstance(m, torch.nn.Linear)]
-        assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
-        for generation in range(2):
-            with torch.no_grad():
-                want = qa.qa_logits(plain, batch, "bf16")
-                got = qa.qa_logits(held, batch, "bf16")
-            assert all(torch.equal(g, w) for g, w in zip(got, want)), (name, generation)
-            with torch.no_grad():                           # the student moves on: a new generation
-                for p in model.parameters():
-                    p.add_(0.01 * torch.randn_like(p))
-            held.load_state_dict(model.state_dict())
-            plain.load_state_dict(model.state_dict())
 
 
 # ==================================================================================================

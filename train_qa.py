@@ -532,14 +532,10 @@ def autocast(device, precision="auto"):
     AMX-BF16 runs it ~2x faster). Parameters, gradients and the optimiser stay float32."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {' '.join(PRECISIONS)}, got {precision!r}")
-    if runs_in_bf16(device, precision):         # tf32: no autocast (set_matmul_precision's)
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    device_type = torch.device(device).type     # tf32: no autocast (set_matmul_precision's)
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def runs_in_bf16(device, precision="auto"):
-    """Whether `precision` on `device` means bf16 autocast (see autocast)."""
-    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
 
 
 def set_matmul_precision(precision):
