@@ -27,8 +27,9 @@ shape and the same random weights, in one process:
 Throughput is windows ("features") per second; warm-up steps are excluded; each side is timed over
 several repetitions and the median is reported. Two sides of the same precision share oneDNN's
 cache of kernels built per shape, so the second meets fewer new shapes (bf16 on a CPU: ~8% faster
-for that alone, 2026-12-01): compare two variants of one precision in separate runs. On CUDA, MFU (model FLOPs of the real, unpadded
-tokens over the GPU's dense bf16 peak) and peak memory are reported too. With --precision bf16
+for that alone, 2026-12-01): compare two variants of one precision in separate runs. On CUDA,
+MFU (model FLOPs of the real, unpadded tokens over the GPU's dense bf16 peak) and peak memory are
+reported too. With --precision bf16
 on a CPU, ours is timed twice, in fp32 (a CPU's default) and under bf16 autocast: the rows
 ours_bf16_fps, bf16_over_fp32 (the ratio of the two) and bf16_same_answers (evaluation answers
 equal to fp32's). Every run starts with a matmul probe (fp32 and bf16 GFLOP/s of one large
