@@ -93,7 +93,7 @@ NTL, T = 5, 2.0                            # target languages per id (Eq. 3), KD
 EPOCHS, LR, BATCH_SIZE, SEED = 3, 5e-5, 24, 3   # the authors' scripts (not the paper's 1e-3)
 K, DELTA, MAP_VARIANT = 10, 5, "first-hit"  # Eq. 5: top k, window of 2*delta tokens, the score
 ALPHA_ROWS = 6                             # rows per alpha: the authors' micro-batch (6 x 4 = 24)
-CPU_PASS_ROWS = 12                         # CPU passes: 12 rows ran 1.05x (fp32), 1.22x (bf16) as fast as 6
+CPU_PASS_ROWS = 12                         # rows per CPU pass: 1.05x (fp32), 1.22x (bf16) the speed of 6
 # options that must match for --resume (the rest, e.g. --mlqa-dir, may change)
 RESUME_KEYS = ("model", "ntl", "t", "mode", "k", "delta", "map_variant", "alpha_rows", "epochs",
                "lr", "batch_size", "grad_accum", "seed", "max_examples", "max_length", "stride",
