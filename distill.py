@@ -203,7 +203,7 @@ def distill(args, out, rank, world_size, device, is_master, stop):
             clock.saved()
             if is_master:
                 remove_stale_best(out, best)
-            log.epoch_done(epoch, step, loss, metrics)
+            log.epoch_done(epoch, step, metrics)
             if stop_early(args, epoch, is_master):
                 break
         else:
@@ -526,6 +526,8 @@ class RunLog:
         self.file = open(os.path.join(out, "train_log.jsonl"), "a", encoding="utf-8") \
             if is_master else None
         self.lines = ProgressLines(is_master)       # the bar's content when stderr is no terminal
+        rows = read_log(os.path.join(out, "train_log.jsonl")) if is_master else []
+        self.loss = rows[-1]["loss"] if rows else None   # the last step's (--resume: from the log)
         if is_master:
             print(f"{n_examples} examples (ntl={args.ntl}) -> {n_windows} windows; mode "
                   f"{args.mode}; {steps_per_epoch} steps/epoch x {args.epochs}; device {device} x "
@@ -539,6 +541,7 @@ class RunLog:
 
     def step(self, bar, step, epoch, lr, loss, ce, kl, alpha, step_batches):
         self.windows += sum(len(idx) for idx in step_batches) * self.world_size
+        self.loss = loss
         kl, alpha = (kl, alpha) if self.teacher else (None, None)      # "w/ ce": no teacher
         if self.is_master:
             self.file.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss,
@@ -555,14 +558,16 @@ class RunLog:
                                  f"loss {loss:.4f}" + ("" if alpha is None else f", alpha {alpha:.3f}")
                                  + f", {speed:.1f} windows/s, epoch ETA {left / 60:.1f} min")
 
-    def epoch_done(self, epoch, step, loss, metrics):
+    def epoch_done(self, epoch, step, metrics):
+        """The epoch's line (its last step's loss: a run resumed after the epoch's last step but
+        before its end has run no step of it) and its dev scores."""
         if not self.is_master:
             return
         if metrics is not None:
             with open(os.path.join(self.out, "dev_metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"epoch": epoch + 1, "xlt": metrics["xlt"],
                                     "gxlt": metrics["gxlt"], "pairs": metrics["pairs"]}) + "\n")
-        msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {loss:.4f}, " \
+        msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {self.loss:.4f}, " \
               f"{time.time() - self.t0:.0f}s"
         if metrics is not None:
             msg += f"; MLQA dev G-XLT F1 {metrics['gxlt']['f1']:.2f}, XLT F1 " \

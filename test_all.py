@@ -449,6 +449,37 @@ def test_rundir_signal_mid_epoch_saves_and_resume_equals_uninterrupted(uninterru
         open(os.path.join(uninterrupted[script[:-3]], "train_log.jsonl")).read()
 
 
+def test_rundir_stop_at_an_epochs_last_step_resumes(uninterrupted, tmp_path, capsys,
+                                                    qa_one_thread):
+    """A stop agreed at an epoch's last step saves every step of the epoch but not its end (dev
+    scores, the epoch's checkpoint). --resume then runs no step of that epoch, only its end: that
+    failed on an unbound loss (CI 2026-12-01: a DDP SIGTERM landed on the last step). The resumed
+    run equals the uninterrupted one; the epoch line shows the last step's loss, from the log."""
+    agreed = []
+
+    class StopAtStep6(rundir.StopSignals):              # RUN_TINY: 6 steps per epoch
+        def agree(self, save_due, world_size, device):
+            agreed.append(1)
+            signum, save_now = super().agree(save_due, world_size, device)
+            return (signal.SIGTERM if len(agreed) == 6 else signum), save_now
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "StopSignals", StopAtStep6)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", out], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 0 and state["in_epoch"] == 6 and state["step"] == 6
+    code, _ = _distill_main(RUN_TINY + ["--output-dir", out, "--resume"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    rows = rundir.read_log(str(out / "train_log.jsonl"))
+    assert re.search(rf"epoch 1/2: step 6, loss {rows[5]['loss']:.4f}", printed.out), printed.out
+    assert _same_weights(out, uninterrupted["distill"])
+    assert open(out / "train_log.jsonl").read() == \
+        open(os.path.join(uninterrupted["distill"], "train_log.jsonl")).read()
+
+
 def test_rundir_kill9_after_a_save_steps_checkpoint_resumes_bitwise(uninterrupted, tmp_path):
     out = tmp_path / "run"
     argv = [a if a != "0" else "4" for a in RUN_TINY]               # --save-steps 4
