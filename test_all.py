@@ -3194,12 +3194,16 @@ def test_distill_as_authors_end_to_end_resume_evaluation_and_compare(tmp_path, c
     assert "full [trained as-authors]" in summary and "full [as-authors]" in summary
 
 
+def _skip_without_a_c_compiler():
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on a CPU needs a C compiler (none found)")
+
+
 def test_distill_compile_matches_eager():
     """Issue 20: --compile (distill.compile_forward, dynamic shapes) gives the eager loss, alpha and
     gradients of a training step within float rounding, on two window lengths (the second reuses
     the dynamic graph). One BERT layer, eval mode (no dropout streams to compare)."""
-    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
-        pytest.skip("torch.compile on a CPU needs a C compiler (none found)")
+    _skip_without_a_c_compiler()
     from transformers import BertConfig, BertForQuestionAnswering
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -3643,8 +3647,7 @@ def eval_run(eval_env):
 def test_eval_model_mode_compile_gives_the_eager_answers(eval_env, eval_run, tmp_path):
     """Issue 20: evaluate_mlqa.py --compile (train_qa.compile_forward) predicts the eager run's
     answers and scores; it skips without a C compiler."""
-    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
-        pytest.skip("torch.compile on a CPU needs a C compiler (none found)")
+    _skip_without_a_c_compiler()
     out = tmp_path / "compiled"
     _eval_main(["--model", eval_env["model"], "--output-dir", str(out), "--skip", "mlqa", "tydiqa",
                 "--xquad-dir", eval_env["xquad"], "--xquad-langs", "el", "ru", "--batch-size", "32",
