@@ -311,10 +311,7 @@ def distill_loss(start_logits, end_logits, start_positions, end_positions, teach
 # -------------------------------------------------------------------- batching helpers
 def rows_per_pass(args, world_size):
     """Rows of one micro-batch per process; alpha groups must tile it."""
-    micro = args.batch_size // (world_size * args.grad_accum)
-    if micro < 1 or micro * world_size * args.grad_accum != args.batch_size:
-        raise InputError(f"--batch-size {args.batch_size} is not a multiple of world size "
-                         f"{world_size} x --grad-accum {args.grad_accum}")
+    micro = train_qa.micro_batch(args.batch_size, world_size, args.grad_accum)
     if micro > args.alpha_rows and micro % args.alpha_rows:
         raise InputError(f"--alpha-rows {args.alpha_rows} does not divide the {micro} rows of a "
                          "micro-batch (--batch-size / (world size x --grad-accum))")
