@@ -469,7 +469,8 @@ _BY_NAME = (("attention", ("scaled_dot_product", "flash_attention", "efficient_a
             ("loss + mAP@k", ("nll_loss", "kl_div", "topk")),   # their backward ops too
             ("softmax/masks", ("softmax", "masked_fill", "aten::where")),
             ("casts", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::type_as")),
-            ("norms/activations", ("layer_norm", "gelu", "dropout", "bernoulli", "tanh")))  # + dropout
+            ("norms/activations", ("layer_norm", "gelu", "dropout", "bernoulli", "aten::random_",
+                                   "tanh")))     # + dropout (torch's; cpu_dropout draws random_)
 _REGIONS = ("data", "loss + mAP@k", "optimiser")     # record_function names (distill marks the loss)
 
 
@@ -537,7 +538,7 @@ def bench_profile(features, tokenizer, shape, device, precision, steps, batch_si
         step(i)
     activities = [torch.profiler.ProfilerActivity.CPU] + \
         ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities, record_shapes=bool(__import__("os").environ.get("SHAPES"))) as prof:
+    with torch.profiler.profile(activities=activities) as prof:
         _sync(device)
         t0 = time.perf_counter()
         for i in range(steps):

@@ -8,6 +8,8 @@ Sections in pipeline order, one per module (search for `# ==== <name>`):
   sample        sample.py: cross-lingual sampling (Sec. 4.2, Eq. 3)
   train_qa      train_qa.py: windows and offsets (any encoder), batching, Eq. 1 masking, answer
                 extraction, learning, precision, command line, DDP
+  cpu_dropout   cpu_dropout.py: dropout's distribution and gradient, attention equal to SDPA,
+                a BERT training forward routed through it
   map_at_k      map_at_k.py: the mAP@k coefficient (Eq. 5), first-hit and eq5, row groups
   prepare       prepare.py: the main command on a fresh machine (downloads, phase 1, the lock)
   distill       distill.py: the loss (Eq. 4, 6), alpha groups, generations, checkpoints, resume,
@@ -55,6 +57,7 @@ import torch
 
 import bench
 import common
+import cpu_dropout
 import distill
 import evaluate_mlqa
 import map_at_k as mapk
@@ -149,7 +152,7 @@ def test_common_sets_a_short_openmp_spin_before_torch_loads():
 
 
 @pytest.mark.parametrize("module", ["common.py", "map_at_k.py", "significance.py", "report.py",
-                                    "prepare.py"])
+                                    "prepare.py", "cpu_dropout.py"])
 def test_common_library_modules_run_as_scripts_say_so(module):
     """Issue 16 item 11: `python report.py --help` printed nothing and exited 0, although the
     README says every script prints its usage: a library module says what it is, one line, exit
@@ -2102,6 +2105,100 @@ def test_qa_as_authors_is_their_phase1_and_explicit_options_win(tmp_path):
     plain = qa.parse_args([])
     assert (plain.epochs, plain.batch_size, plain.max_query_length, plain.softmax_support,
             plain.batches, plain.windows) == (3, 24, 64, "context", "grouped", "fast")
+
+
+# ==================================================================================================
+# ==== cpu_dropout
+# cpu_dropout.py: dropout's distribution and gradient, attention equal to SDPA, a BERT training
+# forward routed through it
+# ==================================================================================================
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_is_torchs_distribution_and_gradient(p):
+    """Kept with probability 1 - p, kept values x / (1 - p), the gradient the same mask; the same
+    seed gives the same mask (in fp32 and bf16 alike), the next draw another."""
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    y = cpu_dropout.dropout(x, p)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / len(x))   # 5 sigma
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    y.backward(torch.arange(len(x), dtype=torch.float32))
+    assert torch.equal(x.grad, y.detach() * torch.arange(len(x)))
+    torch.manual_seed(0)
+    again = cpu_dropout.dropout(torch.ones(400_000, dtype=torch.bfloat16), p)
+    assert again.dtype == torch.bfloat16 and torch.equal(again != 0, y != 0)
+    assert not torch.equal(cpu_dropout.dropout(torch.ones(400_000), p) != 0, y != 0)
+
+
+def _attention_inputs(batch=2, heads=3, length=7, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g) for _ in range(3))
+    keep = torch.ones(batch, 1, length, length, dtype=torch.bool)
+    keep[0, :, :, 5:] = False                                     # padding keys of row 0
+    additive = torch.zeros(batch, 1, 1, length)
+    additive[1, ..., 3:] = torch.finfo(torch.float32).min         # transformers 4.x's float mask
+    return q, k, v, {"none": None, "bool": keep, "float": additive}
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_cpu_attention_equals_sdpa_and_its_dropout_is_unbiased(mask):
+    """Without dropout attention() is F.scaled_dot_product_attention (fp32 to rounding, an explicit
+    scale too; under bf16 autocast within bf16's precision); with dropout the mean output over
+    many draws is the dropout-free output (the 1 / (1 - p) scaling)."""
+    F = torch.nn.functional
+    q, k, v, masks = _attention_inputs()
+    m = masks[mask]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    assert torch.allclose(cpu_dropout.attention(q, k, v, m), want, atol=1e-6)
+    assert torch.allclose(cpu_dropout.attention(q, k, v, m, scale=0.3),
+                          F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3), atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cpu_dropout.attention(q, k, v, m)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), want, atol=0.05)
+    draws = 20_000
+    many = [t.expand(draws, *t.shape[1:]) if t is not None else None for t in (q[:1], k[:1], v[:1])]
+    mm = None if m is None else m[:1].expand(draws, *m.shape[1:])
+    torch.manual_seed(0)
+    mean = cpu_dropout.attention(*many, mm, dropout_p=0.1).mean(0)
+    assert torch.allclose(mean, want[0], atol=0.02)
+    assert not torch.allclose(mean * 0.9, want[0], atol=0.02)    # a missing 1/(1-p) would show
+
+
+def test_cpu_dropout_routes_a_bert_training_forward(monkeypatch):
+    """training_ops: a BERT training forward on a CPU draws every dropout (embeddings, each
+    layer's two, the attention probabilities) and runs every attention through cpu_dropout,
+    repeatably under a seed; in eval mode or on CUDA it is not entered and changes nothing."""
+    from transformers import BertConfig, BertForQuestionAnswering
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(config).train()
+    ids = torch.randint(5, 64, (3, 11))
+    attention_mask = torch.ones(3, 11, dtype=torch.long)
+    attention_mask[0, 8:] = 0                                      # padding: a mask reaches SDPA
+    calls = Counter()
+    for name in ("dropout", "attention"):
+        real = getattr(cpu_dropout, name)
+        monkeypatch.setattr(cpu_dropout, name, lambda *a, _real=real, _name=name, **kw:
+                            calls.update([_name]) or _real(*a, **kw))
+
+    def forward(device="cpu"):
+        torch.manual_seed(1)
+        with cpu_dropout.training_ops(model, device):
+            return model(input_ids=ids, attention_mask=attention_mask).start_logits
+
+    first = forward()
+    layers = config.num_hidden_layers
+    assert calls == Counter(dropout=1 + 3 * layers, attention=layers)
+    assert torch.equal(forward(), first)                           # repeatable under a seed
+    first.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    calls.clear()
+    forward("cuda")                                                # a CUDA device: torch's own
+    model.eval()
+    plain = model(input_ids=ids, attention_mask=attention_mask).start_logits
+    assert torch.equal(forward(), plain) and not calls
 
 
 # ==================================================================================================

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
+import cpu_dropout
 from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
                     atomic_write_json, load_squad_examples, parse_with_preset, read_json,
                     run_main)
@@ -576,7 +577,8 @@ def qa_logits(model, batch, precision="auto", softmax_support="context"):
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if takes_token_types(model):
         inputs["token_type_ids"] = batch["token_type_ids"]
-    with autocast(batch["input_ids"].device, precision):
+    device = batch["input_ids"].device
+    with autocast(device, precision), cpu_dropout.training_ops(model, device):
         out = model(**inputs)
     if softmax_support == "all":
         return out.start_logits.float(), out.end_logits.float()
