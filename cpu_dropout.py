@@ -13,7 +13,7 @@ random stream differs from torch's, so a CPU run's numbers differ from one witho
 Attention with dropout is written out, so that under --precision bf16 it runs in bf16 (the
 softmax accumulating in fp32), not in the math path's fp32.
 
-    with cpu_dropout.training_ops(model):   # train_qa.qa_logits: the forward of a training step
+    with cpu_dropout.training_ops(model, device):   # train_qa.qa_logits, a training forward
         out = model(**inputs)
 
 Any model whose dropout goes through F.dropout (nn.Dropout) and F.scaled_dot_product_attention is
@@ -48,8 +48,10 @@ def dropout(x, p):
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=None):
     """F.scaled_dot_product_attention (not causal, same head count) with dropout() on the
     probabilities. attn_mask: None, bool (True = attend) or additive float, broadcast to the
-    scores. Under bf16 autocast the scores and probabilities are bf16 (the softmax accumulates in
-    fp32), as in a fused GPU kernel's second matmul; in fp32 everything is fp32."""
+    scores. Under bf16 autocast the first matmul rounds the scores to bf16 (as transformers'
+    eager attention under autocast; a fused GPU kernel keeps them in fp32), the softmax
+    accumulates in fp32 and the probabilities enter the second matmul in bf16; in fp32 mode
+    everything is fp32."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(query * scale, key.transpose(-2, -1))
     lowest = torch.finfo(scores.dtype).min
