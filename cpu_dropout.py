@@ -20,6 +20,7 @@ Any model whose dropout goes through F.dropout (nn.Dropout) and F.scaled_dot_pro
 covered; anything else (CUDA, eval mode, a causal or grouped-query attention) runs torch's own.
 """
 import contextlib
+import math
 
 import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
 import torch
@@ -31,9 +32,7 @@ from common import not_a_script
 
 def keep_mask(shape, p, dtype, device="cpu"):
     """The dropout multiplier of a tensor of `shape`: 1 / (1 - p) with probability 1 - p, else 0."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     draws = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, None)
     bits = draws.view(torch.int32)[:n].view(shape)      # uniform on [-2^31, 2^31)
     drop_below = -2 ** 31 + round(p * 2 ** 32)           # P(bits < drop_below) = p

@@ -2157,7 +2157,7 @@ def test_cpu_attention_equals_sdpa_and_its_dropout_is_unbiased(mask):
         low = cpu_dropout.attention(q, k, v, m)
     assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), want, atol=0.05)
     draws = 20_000
-    many = [t.expand(draws, *t.shape[1:]) if t is not None else None for t in (q[:1], k[:1], v[:1])]
+    many = [t[:1].expand(draws, *t.shape[1:]) for t in (q, k, v)]
     mm = None if m is None else m[:1].expand(draws, *m.shape[1:])
     torch.manual_seed(0)
     mean = cpu_dropout.attention(*many, mm, dropout_p=0.1).mean(0)
