@@ -470,7 +470,7 @@ _BY_NAME = (("attention", ("scaled_dot_product", "flash_attention", "efficient_a
             ("softmax/masks", ("softmax", "masked_fill", "aten::where")),
             ("casts", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::type_as")),
             ("norms/activations", ("layer_norm", "gelu", "dropout", "bernoulli", "aten::random_",
-                                   "tanh")))     # + dropout (torch's; cpu_dropout draws random_)
+                                   "random_bits", "tanh")))     # + dropout's random numbers
 _REGIONS = ("data", "loss + mAP@k", "optimiser")     # record_function names (distill marks the loss)
 
 

@@ -1,17 +1,19 @@
 """Dropout for training on a CPU: torch's distribution, drawn faster, and attention kept in bf16.
 
-Two costs of dropout on a CPU that a GPU does not have (issue 20; measured on the 2-core AMD EPYC,
-the bench's small shape, a bf16 phase-2 step):
+Two costs of dropout on a CPU that a GPU does not have (issue 20; measured on the 2-core CPUs of
+this project, the bench's small shape, a bf16 phase-2 step):
   * torch's CPU dropout draws one double-precision uniform per element, on one thread (6-8 ns per
     element): ~20% of the step;
   * scaled_dot_product_attention with dropout cannot use the fused CPU kernel and takes PyTorch's
     math path, which runs bf16 attention in fp32 (its matmuls at a quarter of bf16's speed).
-Here an element is kept when 32 random bits (two elements per 64-bit draw of torch's own CPU
-generator, so seeds, checkpoints and exact resume work as before) lie above a threshold: kept with
-probability 1 - p (to 2^-32), kept values scaled by 1 / (1 - p), which is torch's dropout. The
-random stream differs from torch's, so a CPU run's numbers differ from one without this.
+Here an element is dropped when 32 random bits lie below a threshold: dropped with probability p
+(to 2^-32), kept values scaled by 1 / (1 - p), which is torch's dropout. The bits come two per
+64-bit draw of numpy SFC64 generators seeded from torch's default one (so seeds, checkpoints and
+exact resume work as before), one per fixed-size chunk, the chunks drawn on all of torch's threads.
+The random stream differs from torch's, so a CPU run's numbers differ from one without this.
 Attention with dropout is written out, so that under --precision bf16 it runs in bf16 (the
-softmax accumulating in fp32), not in the math path's fp32.
+softmax accumulating in fp32), not in the math path's fp32. Masks are added and multiplied, not
+applied with masked_fill or converted from bool (3-5x slower than a multiply on a CPU).
 
     with cpu_dropout.training_ops(model, device):   # train_qa.qa_logits, a training forward
         out = model(**inputs)
@@ -21,8 +23,10 @@ covered; anything else (CUDA, eval mode, a causal or grouped-query attention) ru
 """
 import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -30,36 +34,69 @@ from torch.overrides import TorchFunctionMode
 from common import not_a_script
 
 
-def keep_mask(shape, p, dtype, device="cpu"):
-    """The dropout multiplier of a tensor of `shape`: 1 / (1 - p) with probability 1 - p, else 0."""
-    n = math.prod(shape)
-    draws = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, None)
-    bits = draws.view(torch.int32)[:n].view(shape)      # uniform on [-2^31, 2^31)
-    drop_below = -2 ** 31 + round(p * 2 ** 32)           # P(bits < drop_below) = p
-    return (bits >= drop_below).to(dtype).mul_(1.0 / (1.0 - p))
+DRAWS_PER_CHUNK = 1 << 18   # 2 MB of draws per generator; fixed: the bits do not depend on threads
+_pool = None                # the threads that draw the chunks, made at the first multi-chunk draw
 
 
-def dropout(x, p):
-    """F.dropout(x, p, training=True) with keep_mask's random numbers."""
-    return x * keep_mask(x.shape, p, x.dtype, x.device)
+def random_bits(n):
+    """n uniform 32-bit integers (int32), two per 64-bit draw of a numpy SFC64 generator per chunk
+    of DRAWS_PER_CHUNK draws, each seeded from torch's default CPU generator (so torch.manual_seed
+    and a checkpoint's RNG state decide them all), the chunks drawn on torch's threads at once.
+    (SFC64 draws 2-3x as fast as torch's mt19937 here; numpy releases the GIL while it draws.)"""
+    global _pool
+    draws = torch.empty((n + 1) // 2, dtype=torch.int64)
+    chunks = draws.split(DRAWS_PER_CHUNK)
+    seeds = torch.empty(len(chunks), dtype=torch.int64).random_().tolist()     # 0 <= seed < 2^63
+
+    def fill(chunk, seed):
+        chunk.copy_(torch.from_numpy(np.random.SFC64(seed).random_raw(len(chunk)).view(np.int64)))
+
+    with torch.profiler.record_function("cpu_dropout.random_bits"):   # bench.py --profile
+        if len(chunks) == 1:
+            fill(chunks[0], seeds[0])
+        else:
+            _pool = _pool or ThreadPoolExecutor(torch.get_num_threads())
+            list(_pool.map(fill, chunks, seeds))
+    return draws.view(torch.int32)[:n]
+
+
+def keep_mask(shape, p, dtype):
+    """1 where dropout keeps an element of a tensor of `shape` (probability 1 - p, to 2^-32), else
+    0, in `dtype`."""
+    bits = random_bits(math.prod(shape)).view(shape)    # uniform on [-2^31, 2^31)
+    keep = bits >= -2 ** 31 + round(p * 2 ** 32)        # P(bits < threshold) = p
+    return keep.view(torch.uint8).to(dtype)     # via uint8: bool -> float is 3-5x slower on a CPU
+
+
+def dropout(x, p, rescale=True):
+    """F.dropout(x, p, training=True) with keep_mask's random numbers. The kept values are scaled
+    by 1 / (1 - p) as a Python float (computed in fp32 for a bf16 x, then rounded once; torch's
+    own bf16 dropout multiplies by 1 / (1 - p) rounded to bf16: 1.109 for 1.111). rescale=False
+    leaves that factor to the caller."""
+    dropped = x * keep_mask(x.shape, p, x.dtype)
+    return dropped.mul_(1.0 / (1.0 - p)) if rescale else dropped
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=None):
     """F.scaled_dot_product_attention (not causal, same head count) with dropout() on the
     probabilities. attn_mask: None, bool (True = attend) or additive float, broadcast to the
-    scores. Under bf16 autocast the first matmul rounds the scores to bf16 (as transformers'
-    eager attention under autocast; a fused GPU kernel keeps them in fp32), the softmax
-    accumulates in fp32 and the probabilities enter the second matmul in bf16; in fp32 mode
-    everything is fp32."""
+    scores. Under bf16 autocast the scores and probabilities stay bf16, L x L per head, as in
+    transformers' eager attention (a fused GPU kernel keeps the scores in fp32): the softmax
+    accumulates in fp32 and rounds once, to the bf16 the second matmul takes. In fp32 mode
+    everything is fp32. Dropout's 1 / (1 - p) multiplies the output, L x head_dim per head, not the
+    L x L probabilities: the same product, on a smaller tensor."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(query * scale, key.transpose(-2, -1))
     lowest = torch.finfo(scores.dtype).min
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, lowest)
-    elif attn_mask is not None:     # fp32's lowest value would round to -inf in bf16
-        scores = scores + attn_mask.clamp_min(lowest).to(scores.dtype)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(dropout(probs, dropout_p) if dropout_p > 0 else probs, value)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:   # added: masked_fill is slower
+        attn_mask = (~attn_mask).view(torch.uint8).to(scores.dtype) * lowest
+    if attn_mask is not None:   # in place: the matmul's backward keeps its inputs, not its output
+        scores.add_(attn_mask.clamp_min(lowest).to(scores.dtype))  # fp32's lowest: -inf in bf16
+    probs = torch.softmax(scores, dim=-1)       # CPU autocast leaves it in bf16, fp32 inside
+    if not dropout_p > 0:
+        return torch.matmul(probs, value)
+    out = torch.matmul(dropout(probs, dropout_p, rescale=False), value)
+    return out.mul_(1.0 / (1.0 - dropout_p))
 
 
 def _arg(args, kwargs, index, name, default):
@@ -91,8 +128,10 @@ class CpuDropout(TorchFunctionMode):
 
 
 def training_ops(model, device):
-    """CpuDropout while `model` trains on a CPU; nothing otherwise (CUDA's dropout is fused)."""
-    training = getattr(model, "training", False)
+    """CpuDropout while `model` trains on a CPU, eagerly; nothing otherwise (CUDA's dropout is
+    fused, and a --compile'd forward fuses its own: Module.compile sets _compiled_call_impl)."""
+    eager = getattr(model, "_compiled_call_impl", None) is None
+    training = getattr(model, "training", False) and eager
     return CpuDropout() if training and torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 

@@ -26,6 +26,7 @@ need a GPU are skipped with the reason elsewhere (`pytest -rs` shows it).
 """
 import ast
 import contextlib
+import copy
 import glob
 import http.server
 import importlib.util
@@ -2115,20 +2116,49 @@ def test_qa_as_authors_is_their_phase1_and_explicit_options_win(tmp_path):
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_cpu_dropout_is_torchs_distribution_and_gradient(p):
-    """Kept with probability 1 - p, kept values x / (1 - p), the gradient the same mask; the same
-    seed gives the same mask (in fp32 and bf16 alike), the next draw another."""
+    """Kept with probability 1 - p (in each generator's chunk of the draws), kept values x / (1 - p),
+    the gradient the same mask; the same seed gives the same mask (in fp32 and bf16 alike), the next
+    draw another."""
+    n = 5 * cpu_dropout.DRAWS_PER_CHUNK            # 2.5 chunks of 64-bit draws: 3 generators
     torch.manual_seed(0)
-    x = torch.ones(400_000, requires_grad=True)
+    x = torch.ones(n, requires_grad=True)
     y = cpu_dropout.dropout(x, p)
-    dropped = float((y == 0).float().mean())
-    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / len(x))   # 5 sigma
+    chunk = 2 * cpu_dropout.DRAWS_PER_CHUNK       # elements per generator
+    for part in (y[:chunk], y[chunk:2 * chunk], y[2 * chunk:]):
+        dropped = float((part == 0).float().mean())
+        assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / len(part))   # 5 sigma
+    assert not torch.equal(y[:chunk // 2] == 0, y[chunk:chunk + chunk // 2] == 0)   # own seeds
     assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
-    y.backward(torch.arange(len(x), dtype=torch.float32))
-    assert torch.equal(x.grad, y.detach() * torch.arange(len(x)))
+    y.backward(torch.arange(n, dtype=torch.float32))
+    assert torch.equal(x.grad, y.detach() * torch.arange(n))
     torch.manual_seed(0)
-    again = cpu_dropout.dropout(torch.ones(400_000, dtype=torch.bfloat16), p)
+    again = cpu_dropout.dropout(torch.ones(n, dtype=torch.bfloat16), p)
     assert again.dtype == torch.bfloat16 and torch.equal(again != 0, y != 0)
-    assert not torch.equal(cpu_dropout.dropout(torch.ones(400_000), p) != 0, y != 0)
+    assert torch.equal(again[again != 0].float(), torch.full_like(y[y != 0], 1 / (1 - p)).bfloat16().float())
+    assert not torch.equal(cpu_dropout.dropout(torch.ones(n), p) != 0, y != 0)
+
+
+def test_cpu_dropout_bits_do_not_depend_on_the_thread_count(monkeypatch):
+    """random_bits: the same seed gives the same bits whether 1 or 3 threads draw the chunks, and
+    other bits under another seed; a short draw (one chunk) comes from the same seeding."""
+    from concurrent.futures import ThreadPoolExecutor
+    n = 3 * cpu_dropout.DRAWS_PER_CHUNK
+    bits = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(cpu_dropout, "_pool", ThreadPoolExecutor(threads))
+            torch.manual_seed(5)
+            bits[threads] = cpu_dropout.random_bits(n)
+    finally:
+        torch.set_num_threads(before)
+    assert bits[1].dtype == torch.int32 and len(bits[1]) == n
+    assert torch.equal(bits[1], bits[3])
+    torch.manual_seed(6)
+    assert not torch.equal(cpu_dropout.random_bits(n), bits[1])
+    torch.manual_seed(5)
+    assert torch.equal(cpu_dropout.random_bits(1001), bits[1][:1001])
 
 
 def _attention_inputs(batch=2, heads=3, length=7, dim=8, seed=0):
@@ -2165,10 +2195,33 @@ def test_cpu_attention_equals_sdpa_and_its_dropout_is_unbiased(mask):
     assert not torch.allclose(mean * 0.9, want[0], atol=0.02)    # a missing 1/(1-p) would show
 
 
+def test_cpu_attention_keeps_the_scores_in_bf16_under_autocast():
+    """Under bf16 autocast no L x L tensor of attention() (scores, probabilities, dropout mask,
+    their gradients) is fp32: the softmax's fp32 copy and its casts cost a bf16 step on a CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    q, k, v, masks = _attention_inputs(length=9)
+    q.requires_grad_(True)
+    square = Counter()
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2:] == (9, 9):
+                    square[t.dtype] += 1
+            return out
+
+    with Dtypes():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = cpu_dropout.attention(q, k, v, masks["bool"], dropout_p=0.1)
+        out.float().sum().backward()
+    assert square[torch.bfloat16] >= 6 and torch.float32 not in square, square
+
+
 def test_cpu_dropout_routes_a_bert_training_forward(monkeypatch):
     """training_ops: a BERT training forward on a CPU draws every dropout (embeddings, each
     layer's two, the attention probabilities) and runs every attention through cpu_dropout,
-    repeatably under a seed; in eval mode or on CUDA it is not entered and changes nothing."""
+    repeatably under a seed; in eval mode, on CUDA or compiled it is not entered."""
     from transformers import BertConfig, BertForQuestionAnswering
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, attn_implementation="sdpa")
@@ -2196,6 +2249,9 @@ def test_cpu_dropout_routes_a_bert_training_forward(monkeypatch):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     calls.clear()
     forward("cuda")                                                # a CUDA device: torch's own
+    compiled = copy.deepcopy(model)
+    compiled.compile()                                             # --compile: dynamo's own
+    assert isinstance(cpu_dropout.training_ops(compiled, "cpu"), contextlib.nullcontext)
     model.eval()
     plain = model(input_ids=ids, attention_mask=attention_mask).start_logits
     assert torch.equal(forward(), plain) and not calls
