@@ -3680,7 +3680,10 @@ def _write(path, text):
     return str(path)
 
 
-def test_score_cli_bad_input(tmp_path):
+def test_score_cli_bad_input(tmp_path, capsys):
+    """Each bad input: exit 2, one stderr line naming it, nothing on stdout. The first case runs
+    the real command line; the others run its main() in-process through the same run_main (a
+    Python start and torch import less each)."""
     good_data = os.path.join(XQUAD_DIR, "xquad.en.json")
     good_pred = _write(tmp_path / "pred.json", json.dumps({"x": "y"}))
     bad_json = _write(tmp_path / "bad.json", '{"data": [{"paragraphs": [')
@@ -3701,10 +3704,15 @@ def test_score_cli_bad_input(tmp_path):
         (["--squad", str(tmp_path)], ["--squad"]),
         (["--squad", str(tmp_path), good_pred], [str(tmp_path)]),  # a directory
     ]
-    for args, words in cases:
-        proc = run_script("evaluate_mlqa.py", *args)
-        assert_user_error(proc, *words)
-        assert proc.stdout == ""
+    proc = run_script("evaluate_mlqa.py", *cases[0][0])
+    assert_user_error(proc, *cases[0][1])
+    assert proc.stdout == ""
+    for args, words in cases[1:]:
+        with pytest.raises(SystemExit) as e:
+            common.run_main(lambda: evaluate_mlqa.main(args))
+        out, err = capsys.readouterr()
+        assert_user_error(types.SimpleNamespace(returncode=e.value.code, stderr=err), *words)
+        assert out == ""
 
 
 def _eval_png_size(path):
