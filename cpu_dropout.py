@@ -89,9 +89,11 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=None):
     scores = torch.matmul(query * scale, key.transpose(-2, -1))
     lowest = torch.finfo(scores.dtype).min
     if attn_mask is not None and attn_mask.dtype == torch.bool:   # added: masked_fill is slower
-        attn_mask = (~attn_mask).view(torch.uint8).to(scores.dtype) * lowest
+        bias = (~attn_mask).view(torch.uint8).to(scores.dtype) * lowest
+    elif attn_mask is not None:     # fp32's lowest value would round to -inf in bf16
+        bias = attn_mask.clamp_min(lowest).to(scores.dtype)
     if attn_mask is not None:   # in place: the matmul's backward keeps its inputs, not its output
-        scores.add_(attn_mask.clamp_min(lowest).to(scores.dtype))  # fp32's lowest: -inf in bf16
+        scores.add_(bias)
     probs = torch.softmax(scores, dim=-1)       # CPU autocast leaves it in bf16, fp32 inside
     if not dropout_p > 0:
         return torch.matmul(probs, value)
