@@ -12,14 +12,18 @@ Here an element is dropped when 32 random bits lie below a threshold: dropped wi
 exact resume work as before), one per fixed-size chunk, the chunks drawn on all of torch's threads.
 The random stream differs from torch's, so a CPU run's numbers differ from one without this.
 Attention with dropout is written out, so that under --precision bf16 it runs in bf16 (the
-softmax accumulating in fp32), not in the math path's fp32. Masks are added and multiplied, not
-applied with masked_fill or converted from bool (3-5x slower than a multiply on a CPU).
+softmax accumulating in fp32), not in the math path's fp32; under bf16 autocast attention without
+dropout (the teacher, evaluation) is written out too, since the fused CPU kernel is no faster in
+bf16 than in fp32 (its scores are then rounded to bf16, as transformers' eager attention's). Masks
+are added and multiplied, not applied with masked_fill or converted from bool (3-5x slower than a
+multiply on a CPU).
 
-    with cpu_dropout.training_ops(model, device):   # train_qa.qa_logits, a training forward
+    with cpu_dropout.cpu_ops(model, device):   # train_qa.qa_logits, inside its autocast
         out = model(**inputs)
 
 Any model whose dropout goes through F.dropout (nn.Dropout) and F.scaled_dot_product_attention is
-covered; anything else (CUDA, eval mode, a causal or grouped-query attention) runs torch's own.
+covered; anything else (CUDA, an fp32 forward in eval mode, a causal or grouped-query attention)
+runs torch's own.
 """
 import contextlib
 import math
@@ -38,34 +42,54 @@ DRAWS_PER_CHUNK = 1 << 18   # 2 MB of draws per generator; fixed: the bits do no
 _pool = None                # the threads that draw the chunks, made at the first multi-chunk draw
 
 
-def random_bits(n):
-    """n uniform 32-bit integers (int32), two per 64-bit draw of a numpy SFC64 generator per chunk
-    of DRAWS_PER_CHUNK draws, each seeded from torch's default CPU generator (so torch.manual_seed
-    and a checkpoint's RNG state decide them all), the chunks drawn on torch's threads at once.
-    (SFC64 draws 2-3x as fast as torch's mt19937 here; numpy releases the GIL while it draws.)"""
+def _in_chunks(n, fill):
+    """Calls fill(lo, hi, bits) for each chunk [lo, hi) of n 32-bit values, bits = the chunk's
+    values (numpy int32, uniform): two per 64-bit draw of a numpy SFC64 generator per chunk of
+    DRAWS_PER_CHUNK draws, each seeded from torch's default CPU generator (so torch.manual_seed
+    and a checkpoint's RNG state decide them all), the chunks on torch's threads at once. (SFC64
+    draws 2-3x as fast as torch's mt19937 here; numpy releases the GIL while it works.)"""
     global _pool
-    draws = torch.empty((n + 1) // 2, dtype=torch.int64)
-    chunks = draws.split(DRAWS_PER_CHUNK)
-    seeds = torch.empty(len(chunks), dtype=torch.int64).random_().tolist()     # 0 <= seed < 2^63
+    per_chunk = 2 * DRAWS_PER_CHUNK
+    starts = range(0, n, per_chunk)
+    seeds = torch.empty(len(starts), dtype=torch.int64).random_().tolist()     # 0 <= seed < 2^63
 
-    def fill(chunk, seed):
-        chunk.copy_(torch.from_numpy(np.random.SFC64(seed).random_raw(len(chunk)).view(np.int64)))
+    def draw(lo, seed):
+        hi = min(lo + per_chunk, n)
+        fill(lo, hi, np.random.SFC64(seed).random_raw((hi - lo + 1) // 2).view(np.int32)[:hi - lo])
 
     with torch.profiler.record_function("cpu_dropout.random_bits"):   # bench.py --profile
-        if len(chunks) == 1:
-            fill(chunks[0], seeds[0])
+        if len(starts) == 1:
+            draw(starts[0], seeds[0])
         else:
             _pool = _pool or ThreadPoolExecutor(torch.get_num_threads())
-            list(_pool.map(fill, chunks, seeds))
-    return draws.view(torch.int32)[:n]
+            list(_pool.map(draw, starts, seeds))
+
+
+def random_bits(n):
+    """n uniform 32-bit integers (int32 tensor): _in_chunks' values, in order."""
+    bits = torch.empty(n, dtype=torch.int32)
+    out = bits.numpy()
+
+    def fill(lo, hi, chunk):
+        out[lo:hi] = chunk
+    _in_chunks(n, fill)
+    return bits
 
 
 def keep_mask(shape, p, dtype):
     """1 where dropout keeps an element of a tensor of `shape` (probability 1 - p, to 2^-32), else
-    0, in `dtype`."""
-    bits = random_bits(math.prod(shape)).view(shape)    # uniform on [-2^31, 2^31)
-    keep = bits >= -2 ** 31 + round(p * 2 ** 32)        # P(bits < threshold) = p
-    return keep.view(torch.uint8).to(dtype)     # via uint8: bool -> float is 3-5x slower on a CPU
+    0, in `dtype`: random_bits(n) >= threshold, made chunk by chunk on the threads that draw the
+    bits, while they are in cache (one pass over the mask in memory, not four)."""
+    mask = torch.empty(shape, dtype=dtype)
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    out = mask.view(-1).view(as_int).numpy()                  # the mask's bytes, as integers
+    one = np.array(torch.ones((), dtype=dtype).view(as_int).item(), dtype=out.dtype)  # 1.0's bits
+    threshold = -2 ** 31 + round(p * 2 ** 32)                 # P(bits < threshold) = p
+
+    def fill(lo, hi, bits):
+        np.multiply(bits >= threshold, one, out=out[lo:hi])   # 0 or 1.0, as their bits
+    _in_chunks(mask.numel(), fill)
+    return mask
 
 
 def dropout(x, p, rescale=True):
@@ -107,8 +131,10 @@ def _arg(args, kwargs, index, name, default):
 
 class CpuDropout(TorchFunctionMode):
     """Routes a CPU forward's F.dropout (training, 0 < p < 1, not in place) to dropout() and its
-    F.scaled_dot_product_attention with dropout to attention(); every other call runs as it is.
-    (Inside __torch_function__ the mode is off, so the replacements' own ops run plainly.)"""
+    F.scaled_dot_product_attention with dropout or in bf16 to attention(); every other call runs
+    as it is. (Inside __torch_function__ the mode is off, so the replacements' own ops run plainly.)
+    bf16 without dropout too (the teacher, evaluation): the fused CPU kernel ran no faster in bf16
+    than in fp32, attention() 2-2.5x as fast (AMD EPYC, [12, 4, L, 64], L = 160-384)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -120,7 +146,7 @@ class CpuDropout(TorchFunctionMode):
         elif func is F.scaled_dot_product_attention:
             query, key = args[0], args[1]
             dropout_p = _arg(args, kwargs, 4, "dropout_p", 0.0)
-            if (0 < dropout_p < 1 and query.device.type == "cpu"
+            if ((0 < dropout_p < 1 or query.dtype == torch.bfloat16) and query.device.type == "cpu"
                     and not _arg(args, kwargs, 5, "is_causal", False)
                     and not kwargs.get("enable_gqa", False) and query.dim() == 4
                     and query.shape[1] == key.shape[1]):
@@ -129,12 +155,15 @@ class CpuDropout(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def training_ops(model, device):
-    """CpuDropout while `model` trains on a CPU, eagerly; nothing otherwise (CUDA's dropout is
-    fused, and a --compile'd forward fuses its own: Module.compile sets _compiled_call_impl)."""
+def cpu_ops(model, device):
+    """CpuDropout while `model` runs eagerly on a CPU and trains or runs under bf16 autocast (call
+    it inside the autocast); nothing otherwise (CUDA's dropout and attention are fused, a
+    --compile'd forward fuses its own: Module.compile sets _compiled_call_impl; an fp32 forward
+    without dropout keeps the fused kernel, faster in fp32)."""
     eager = getattr(model, "_compiled_call_impl", None) is None
-    training = getattr(model, "training", False) and eager
-    return CpuDropout() if training and torch.device(device).type == "cpu" else contextlib.nullcontext()
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    wanted = eager and (getattr(model, "training", False) or bf16)
+    return CpuDropout() if wanted and torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 if __name__ == "__main__":

@@ -2140,7 +2140,8 @@ def test_cpu_dropout_is_torchs_distribution_and_gradient(p):
 
 def test_cpu_dropout_bits_do_not_depend_on_the_thread_count(monkeypatch):
     """random_bits: the same seed gives the same bits whether 1 or 3 threads draw the chunks, and
-    other bits under another seed; a short draw (one chunk) comes from the same seeding."""
+    other bits under another seed; a short draw (one chunk) comes from the same seeding; keep_mask
+    (made chunk by chunk on the drawing threads) is those bits against the threshold."""
     from concurrent.futures import ThreadPoolExecutor
     n = 3 * cpu_dropout.DRAWS_PER_CHUNK
     bits = {}
@@ -2159,6 +2160,11 @@ def test_cpu_dropout_bits_do_not_depend_on_the_thread_count(monkeypatch):
     assert not torch.equal(cpu_dropout.random_bits(n), bits[1])
     torch.manual_seed(5)
     assert torch.equal(cpu_dropout.random_bits(1001), bits[1][:1001])
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):   # made from the same bits
+        torch.manual_seed(5)
+        mask = cpu_dropout.keep_mask((3, n // 3), 0.3, dtype)
+        assert mask.dtype == dtype and mask.shape == (3, n // 3)
+        assert torch.equal(mask.flatten(), (bits[1] >= -2 ** 31 + round(0.3 * 2 ** 32)).to(dtype))
 
 
 def _attention_inputs(batch=2, heads=3, length=7, dim=8, seed=0):
@@ -2219,9 +2225,10 @@ def test_cpu_attention_keeps_the_scores_in_bf16_under_autocast():
 
 
 def test_cpu_dropout_routes_a_bert_training_forward(monkeypatch):
-    """training_ops: a BERT training forward on a CPU draws every dropout (embeddings, each
-    layer's two, the attention probabilities) and runs every attention through cpu_dropout,
-    repeatably under a seed; in eval mode, on CUDA or compiled it is not entered."""
+    """cpu_ops: a BERT training forward on a CPU draws every dropout (embeddings, each layer's
+    two, the attention probabilities) and runs every attention through cpu_dropout, repeatably
+    under a seed; on CUDA, compiled or in fp32 eval mode it is not entered; an eval forward under
+    bf16 autocast (the teacher's) runs its attention through it, with no dropout."""
     from transformers import BertConfig, BertForQuestionAnswering
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, attn_implementation="sdpa")
@@ -2238,7 +2245,7 @@ def test_cpu_dropout_routes_a_bert_training_forward(monkeypatch):
 
     def forward(device="cpu"):
         torch.manual_seed(1)
-        with cpu_dropout.training_ops(model, device):
+        with cpu_dropout.cpu_ops(model, device):
             return model(input_ids=ids, attention_mask=attention_mask).start_logits
 
     first = forward()
@@ -2251,10 +2258,16 @@ def test_cpu_dropout_routes_a_bert_training_forward(monkeypatch):
     forward("cuda")                                                # a CUDA device: torch's own
     compiled = copy.deepcopy(model)
     compiled.compile()                                             # --compile: dynamo's own
-    assert isinstance(cpu_dropout.training_ops(compiled, "cpu"), contextlib.nullcontext)
+    assert isinstance(cpu_dropout.cpu_ops(compiled, "cpu"), contextlib.nullcontext)
     model.eval()
     plain = model(input_ids=ids, attention_mask=attention_mask).start_logits
     assert torch.equal(forward(), plain) and not calls
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(input_ids=ids, attention_mask=attention_mask).start_logits
+        low = forward()
+    assert calls == Counter(attention=layers)                      # no dropout in eval mode
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), fused.float(), atol=0.05)
+    assert torch.allclose(low.float(), plain, atol=0.1)
 
 
 # ==================================================================================================
@@ -2816,6 +2829,13 @@ def test_distill_cpu_row_passes_give_the_same_loss_and_gradient(mode):
     model.zero_grad()
     passes = distill.row_passes([idx], opts.alpha_rows, "cpu")
     assert len(passes) > 1 and sum(share for _, share in passes) == pytest.approx(1.0)
+    rows = np.arange(24)                             # bf16 passes are larger: half the bytes a row
+    for precision, rows_per_pass in (("fp32", distill.CPU_PASS_ROWS), ("auto", distill.CPU_PASS_ROWS),
+                                     ("bf16", distill.CPU_PASS_ROWS_BF16)):
+        cut = distill.row_passes([rows], 6, "cpu", precision)
+        assert [len(r) for r, _ in cut] == [rows_per_pass] * (24 // rows_per_pass)
+    assert distill.CPU_PASS_ROWS_BF16 > distill.CPU_PASS_ROWS
+    assert [len(r) for r, _ in distill.row_passes([rows], 6, "cuda", "bf16")] == [24]
     cut = sum(distill.forward_backward(model, teacher, qa.collate(feats, p, tok.pad_token_id, "cpu"),
                                        opts, share) for p, share in passes)
     torch.testing.assert_close(whole, cut, atol=1e-5, rtol=1e-5)

@@ -578,7 +578,7 @@ def qa_logits(model, batch, precision="auto", softmax_support="context"):
     if takes_token_types(model):
         inputs["token_type_ids"] = batch["token_type_ids"]
     device = batch["input_ids"].device
-    with autocast(device, precision), cpu_dropout.training_ops(model, device):
+    with autocast(device, precision), cpu_dropout.cpu_ops(model, device):
         out = model(**inputs)
     if softmax_support == "all":
         return out.start_logits.float(), out.end_logits.float()
