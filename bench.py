@@ -300,7 +300,7 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
                 for _ in range(n):
                     idx = next(stream)
                     tokens[name].append(int(lengths[idx].sum()))
-                    for rows, share in distill.row_passes([idx], opts.alpha_rows, device, precision):
+                    for rows, share in distill.row_passes([idx], opts.alpha_rows, device):
                         batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
                         distill.forward_backward(student, teacher, batch, opts, share)
                     distill.optimizer_step(student, optimizer, scheduler)
@@ -527,8 +527,7 @@ def bench_profile(features, tokenizer, shape, device, precision, steps, batch_si
     rf = torch.profiler.record_function
 
     def step(i):
-        idx = batches[i % len(batches)]
-        for rows, share in distill.row_passes([idx], opts.alpha_rows, device, precision):
+        for rows, share in distill.row_passes([batches[i % len(batches)]], opts.alpha_rows, device):
             with rf("data"):
                 batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
             distill.forward_backward(student, teacher, batch, opts, share)
