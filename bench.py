@@ -9,6 +9,8 @@
     python bench.py --profile --shape small       # torch.profiler: where a phase-2 step's time goes,
                                                   # by op group, fp32 and bf16 (CUDA: kernel time)
     python bench.py --quick --json --compile      # + rows of ours under torch.compile (--compile)
+    python bench.py --save-model runs/small       # the small stand-in as a model directory, to time
+                                                  # distill.py itself: --model runs/small
 
 Both sides run on the same cross-lingual XQuAD sample (sample.py, ntl=5, seed=3), the same model
 shape and the same random weights, in one process:
@@ -42,6 +44,7 @@ import copy
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -54,7 +57,8 @@ import torch.nn.functional as F
 import distill
 import evaluate_mlqa
 import train_qa
-from common import LANGUAGES, XQUAD_DIR, ArgumentParser, InputError, run_main
+from common import (LANGUAGES, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
+                    check_writable, run_main)
 from sample import sample_cross_lingual
 
 SHAPES = {  # BERT dimensions; vocab None = the tiny tokenizer's own vocabulary
@@ -615,6 +619,23 @@ def bench_significance(n_resamples, reps, n_ids=11_600):
 
 
 # -------------------------------------------------------------------- main
+def save_stand_in(out, shape, xquad_dir):
+    """The bench's stand-in model (random weights) and tokenizer (BENCH_VOCAB pieces learnt from
+    the texts of the main command's sample) as a model directory: distill.py end to end on it."""
+    if os.path.exists(out):                      # never written over: it may be a user's model
+        raise InputError(f"--save-model {out}: exists; name a new directory")
+    check_writable(out, what="the stand-in model")  # before the tokenizer's minute of training
+    examples = sample_cross_lingual(xquad_dir, ntl=5, seed=3)
+    texts = sorted({text for ex in examples for text in (ex["question"], ex["context"])})
+    tokenizer = train_qa.train_tiny_tokenizer(texts, vocab_size=BENCH_VOCAB)
+    model = build_models(shape, tokenizer, torch.device("cpu"), "sdpa")
+    with atomic_output_dir(out) as tmp:         # whole or not at all
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"saved the {shape} stand-in ({len(tokenizer)} pieces, random weights) to {out}; time "
+          f"e.g.: python distill.py --model {out} --max-examples 480 --epochs 1 --precision bf16")
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shape, few steps (CPU, minutes)")
@@ -635,7 +656,13 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="instead: torch.profiler over --steps (default 4) phase-2 steps, a table of "
                         "op groups; in fp32 and bf16 on a CPU unless --precision names one")
+    p.add_argument("--save-model", metavar="DIR", default=None,
+                   help="instead: save the --shape model (default small; random weights) and the "
+                        "bench's 30k-piece tokenizer to a new DIR, to time distill.py --model DIR")
     args = p.parse_args(argv)
+    if args.save_model:
+        save_stand_in(args.save_model, args.shape or "small", args.xquad_dir)
+        return
     if args.significance:
         result = {"significance": bench_significance(10_000, args.reps or 3)}
         print(json.dumps(result))

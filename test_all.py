@@ -5174,6 +5174,28 @@ def test_bench_quick_runs_and_prints_json(capsys):
         assert 0.0 <= result["eval"][key] <= 1.0
 
 
+def test_bench_save_model_writes_a_new_stand_in_and_never_over_a_directory(tmp_path, capsys,
+                                                                           monkeypatch):
+    """--save-model: a new directory with the --shape model and the bench's tokenizer, which
+    distill.py's loader reads; an existing path (a user's model) is refused and left as it was."""
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        common.run_main(lambda: bench.main(["--save-model", str(mine)]))
+    assert stop.value.code == 2 and (mine / "config.json").read_text() == "{}"
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    monkeypatch.setattr(bench, "BENCH_VOCAB", 3000)             # a smaller tokenizer: faster
+    out = tmp_path / "stand-in"
+    bench.main(["--save-model", str(out), "--shape", "tiny"])
+    model = AutoModelForQuestionAnswering.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.hidden_size == bench.SHAPES["tiny"]["hidden_size"]
+    assert model.config.vocab_size == len(tokenizer) <= 3000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "stand-in"]   # no temporary left
+
+
 def test_bench_profile_groups_ops_by_name_and_region():
     g = bench.profile_group
     assert g("aten::mm", set()) == g("aten::addmm", set()) == "matmul"
