@@ -26,7 +26,6 @@ covered; anything else (CUDA, an fp32 forward in eval mode, a causal or grouped-
 runs torch's own.
 """
 import contextlib
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
