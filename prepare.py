@@ -106,10 +106,7 @@ def prepare_inputs(args):
                       (f"still missing: {', '.join(need)}" if need else "all built, going on"),
                       flush=True)
             if "model" in need:
-                print(f"{PHASE1_DIR} not found: building it first (phase 1, the model phase 2 starts "
-                      f"from: {phase1_args.model or train_qa.MODEL} on SQuAD v1.1, "
-                      f"{phase1_args.epochs} epochs{duration(phase1_args, device, world_size)}; "
-                      "--model DIR to use another)", flush=True)
+                print(building(args, phase1_args, device, world_size), flush=True)
             names = (["squad"] if "model" in need else []) + (["mlqa"] if "mlqa" in need else [])
             try:
                 for name in names:
@@ -126,6 +123,19 @@ def prepare_inputs(args):
                 torch.distributed.barrier()   # the others load it next: wait for the save
             if is_master:
                 print(f"{PHASE1_DIR}: built; going on with phase 2", flush=True)
+
+
+def building(args, phase1_args, device, world_size):
+    """The line that says phase 1 is built first; under --as-authors, that it is this project's
+    phase 1 all the same (the authors' is a separate model, a row of the README's fidelity table)."""
+    line = (f"{PHASE1_DIR} not found: building it first (phase 1, the model phase 2 starts from: "
+            f"{phase1_args.model or train_qa.MODEL} on SQuAD v1.1, {phase1_args.epochs} epochs"
+            f"{duration(phase1_args, device, world_size)}; --model DIR to use another)")
+    if getattr(args, "as_authors", False):
+        line += ("; --as-authors sets phase 2's switches, while this phase 1 has train_qa.py's "
+                 "defaults: for the authors' phase 1, `python train_qa.py --as-authors --output-dir "
+                 f"{PHASE1_DIR}-authors`, then --model {PHASE1_DIR}-authors")
+    return line
 
 
 def fetch(name, base_url=None):

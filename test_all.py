@@ -2627,6 +2627,23 @@ def test_prepare_what_is_missing_and_no_prepare(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_prepare_says_its_phase1_is_not_the_authors_under_as_authors():
+    """distill.py --as-authors on a fresh machine builds this project's phase 1 (train_qa.py's
+    defaults), as without it; the line that announces the build says so and names the command
+    for the authors' phase 1 (README, fidelity table: phase 1 is a row of its own)."""
+    cpu = torch.device("cpu")
+
+    def line(*extra):
+        args = distill.parse_args(["--ntl", "1", *extra])
+        return prepare.building(args, train_qa.parse_args(["--output-dir", prepare.PHASE1_DIR]), cpu, 1)
+
+    plain, authors = line(), line("--as-authors")
+    assert PREPARE_BUILDING in plain and "--as-authors" not in plain
+    assert authors.startswith(plain) and "train_qa.py's defaults" in authors
+    assert "python train_qa.py --as-authors --output-dir runs/mbert-qa-en-authors" in authors
+    assert authors.endswith("--model runs/mbert-qa-en-authors")
+
+
 def test_prepare_torchrun_waits_for_a_killed_holder_then_builds_phase1_with_ddp(prepare_server, tmp_path):
     """Under torchrun, rank 0 waits for the lock while rank 1 waits with it (one broadcast per
     poll); the holder is killed (a stale lock), then phase 1 runs on both processes (DDP)."""
