@@ -52,6 +52,19 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _interrupted_while_starting(kind, value, traceback, _default=sys.excepthook):
+    """Ctrl-C before run_main is running (torch and transformers take seconds to import, and the
+    entry scripts import this module first): one line, not a traceback. Python still ends with
+    SIGINT's status, 130; any other uncaught exception is printed as usual."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\ninterrupted (SIGINT) while starting; nothing was written", file=sys.stderr, flush=True)
+    else:
+        _default(kind, value, traceback)
+
+
+sys.excepthook = _interrupted_while_starting
+
+
 class InputError(Exception):
     """An error the user caused and can fix; the message names the file, field or option."""
 
