@@ -52,17 +52,26 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _interrupted_while_starting(kind, value, traceback, _default=sys.excepthook):
-    """Ctrl-C before run_main is running (torch and transformers take seconds to import, and the
-    entry scripts import this module first): one line, not a traceback. Python still ends with
-    SIGINT's status, 130; any other uncaught exception is printed as usual."""
-    if issubclass(kind, KeyboardInterrupt):
-        print("\ninterrupted (SIGINT) while starting; nothing was written", file=sys.stderr, flush=True)
-    else:
-        _default(kind, value, traceback)
+# Ctrl-C while a script still imports torch and transformers (its first 2-3 s, before run_main):
+# a KeyboardInterrupt raised inside a C++ extension's import aborts the process ("terminate called
+# after throwing ... pybind11::error_already_set", SIGABRT). So in this project's scripts (not
+# in pytest or a user's program importing this module) SIGINT is only noted until run_main starts,
+# which then ends the run with one line and status 130.
+_signals_while_starting = []
 
 
-sys.excepthook = _interrupted_while_starting
+def _note_signal(signum, frame):
+    _signals_while_starting.append(signum)
+
+
+def _is_our_script():
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return os.path.dirname(script) in (here, os.path.join(here, "data"))
+
+
+if _is_our_script() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _note_signal)
 
 
 class InputError(Exception):
@@ -135,6 +144,11 @@ def run_main(main, resume_hint=None):
     """Run a script's main(). A user error is one stderr line and exit status 2, and so is a
     failed write (read-only or full disk); Ctrl-C and SIGTERM are one line and exit 128 + the
     signal's number (130, 143), with `resume_hint()`'s command where a run can be continued."""
+    if signal.getsignal(signal.SIGINT) is _note_signal:      # the imports are done
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _signals_while_starting:
+        print("\ninterrupted (SIGINT) while starting; nothing was written", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     try:
         main()
     except InputError as e:

@@ -581,8 +581,8 @@ def test_rundir_ctrl_c_in_evaluate_is_one_line_and_leaves_nothing(uninterrupted,
 @pytest.mark.parametrize("script", ["distill.py", "train_qa.py"])
 def test_rundir_ctrl_c_while_a_script_starts_is_one_line(tmp_path, script):
     """Ctrl-C while a script still imports torch and transformers (2-3 s here, before run_main
-    runs): one line, no traceback, nothing written. Python then ends by SIGINT itself (-2; a shell
-    shows 130, as for run_main's exit status 130)."""
+    runs): one line, no traceback, nothing written, status 130. (A KeyboardInterrupt inside
+    torch's import could abort the process: SIGABRT, "terminate called ...", CI 2026-12-02.)"""
     out = tmp_path / "run"
     proc = _script(script, (RUN_TINY if script == "distill.py" else PHASE1_TINY) +
                    ["--output-dir", out])
@@ -590,7 +590,7 @@ def test_rundir_ctrl_c_while_a_script_starts_is_one_line(tmp_path, script):
     proc.send_signal(signal.SIGINT)
     r = _finish(proc)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == -signal.SIGINT and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert lines == ["interrupted (SIGINT) while starting; nothing was written"]
     assert os.listdir(tmp_path) == []
 
