@@ -591,7 +591,8 @@ def test_rundir_ctrl_c_while_a_script_starts_is_one_line(tmp_path, script):
     r = _finish(proc)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert lines == ["interrupted (SIGINT) while starting; nothing was written"]
+    # "... while starting; ..." here; a machine done importing in 0.5 s gives run_main's own line
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGINT)")
     assert os.listdir(tmp_path) == []
 
 
