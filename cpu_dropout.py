@@ -6,11 +6,14 @@ this project, the bench's small shape, a bf16 phase-2 step):
     element): ~20% of the step;
   * scaled_dot_product_attention with dropout cannot use the fused CPU kernel and takes PyTorch's
     math path, which runs bf16 attention in fp32 (its matmuls at a quarter of bf16's speed).
-Here an element is dropped when 32 random bits lie below a threshold: dropped with probability p
-(to 2^-32), kept values scaled by 1 / (1 - p), which is torch's dropout. The bits come two per
+Here an element is dropped when its 32 random bits, read as an unsigned number, lie below
+round(p * 2^32): dropped with probability p (to 2^-32), kept values scaled by 1 / (1 - p), which
+is torch's dropout. The top 8 of the 32 bits decide all elements but those whose top byte equals
+the threshold's (1 in 256); only those draw their other 24 bits. So eight elements share one
 64-bit draw of numpy SFC64 generators seeded from torch's default one (so seeds, checkpoints and
-exact resume work as before), one per fixed-size chunk, the chunks drawn on all of torch's threads.
-The random stream differs from torch's, so a CPU run's numbers differ from one without this.
+exact resume work as before), one generator per fixed-size chunk of the elements, the chunks drawn
+on all of torch's threads. The random stream differs from torch's, so a CPU run's numbers differ
+from one without this.
 Attention with dropout is written out, so that under --precision bf16 it runs in bf16 (the
 softmax accumulating in fp32), not in the math path's fp32; under bf16 autocast attention without
 dropout (the teacher, evaluation) is written out too, since the fused CPU kernel is no faster in
@@ -37,24 +40,22 @@ from torch.overrides import TorchFunctionMode
 from common import not_a_script
 
 
-DRAWS_PER_CHUNK = 1 << 18   # 2 MB of draws per generator; fixed: the bits do not depend on threads
-_pool = None                # the threads that draw the chunks, made at the first multi-chunk draw
+CHUNK = 1 << 18     # elements per generator (32K draws); fixed: the masks do not depend on threads
+_pool = None        # the threads that draw the chunks, made at the first multi-chunk draw
 
 
 def _in_chunks(n, fill):
-    """Calls fill(lo, hi, bits) for each chunk [lo, hi) of n 32-bit values, bits = the chunk's
-    values (numpy int32, uniform): two per 64-bit draw of a numpy SFC64 generator per chunk of
-    DRAWS_PER_CHUNK draws, each seeded from torch's default CPU generator (so torch.manual_seed
-    and a checkpoint's RNG state decide them all), the chunks on torch's threads at once. (SFC64
-    draws 2-3x as fast as torch's mt19937 here; numpy releases the GIL while it works.)"""
+    """Calls fill(lo, hi, generator) for each chunk [lo, hi) of n elements, with a numpy SFC64
+    generator of its own per chunk of CHUNK elements, each seeded from torch's default CPU
+    generator (so torch.manual_seed and a checkpoint's RNG state decide them all), the chunks on
+    torch's threads at once. (SFC64 draws 2-3x as fast as torch's mt19937 here; numpy releases the
+    GIL while it works.)"""
     global _pool
-    per_chunk = 2 * DRAWS_PER_CHUNK
-    starts = range(0, n, per_chunk)
+    starts = range(0, n, CHUNK)
     seeds = torch.empty(len(starts), dtype=torch.int64).random_().tolist()     # 0 <= seed < 2^63
 
     def draw(lo, seed):
-        hi = min(lo + per_chunk, n)
-        fill(lo, hi, np.random.SFC64(seed).random_raw((hi - lo + 1) // 2).view(np.int32)[:hi - lo])
+        fill(lo, min(lo + CHUNK, n), np.random.SFC64(seed))
 
     with torch.profiler.record_function("cpu_dropout.random_bits"):   # bench.py --profile
         if len(starts) == 1:
@@ -64,29 +65,27 @@ def _in_chunks(n, fill):
             list(_pool.map(draw, starts, seeds))
 
 
-def random_bits(n):
-    """n uniform 32-bit integers (int32 tensor): _in_chunks' values, in order."""
-    bits = torch.empty(n, dtype=torch.int32)
-    out = bits.numpy()
-
-    def fill(lo, hi, chunk):
-        out[lo:hi] = chunk
-    _in_chunks(n, fill)
-    return bits
-
-
 def keep_mask(shape, p, dtype):
-    """1 where dropout keeps an element of a tensor of `shape` (probability 1 - p, to 2^-32), else
-    0, in `dtype`: random_bits(n) >= threshold, made chunk by chunk on the threads that draw the
-    bits, while they are in cache (one pass over the mask in memory, not four)."""
+    """1 where dropout keeps an element of a tensor of `shape`, else 0, in `dtype`. An element is
+    kept when its 32 random bits u (unsigned) are >= threshold = round(p * 2^32): dropped with
+    probability threshold / 2^32, p to 2^-32. u's top byte decides unless it equals the
+    threshold's top byte (1 element in 256); only then are u's other 24 bits drawn. Top bytes come
+    eight per 64-bit draw of the chunk's generator, the tied elements' 24 bits after them, one
+    draw each. Made chunk by chunk on the threads that draw the bits, while they are in cache (one
+    pass over the mask in memory)."""
     mask = torch.empty(shape, dtype=dtype)
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     out = mask.view(-1).view(as_int).numpy()                  # the mask's bytes, as integers
     one = np.array(torch.ones((), dtype=dtype).view(as_int).item(), dtype=out.dtype)  # 1.0's bits
-    threshold = -2 ** 31 + round(p * 2 ** 32)                 # P(bits < threshold) = p
+    threshold = min(round(p * 2 ** 32), 2 ** 32 - 1)          # P(u < threshold) = p, to 2^-32
+    top, low = np.uint8(threshold >> 24), threshold & 0xFFFFFF
 
-    def fill(lo, hi, bits):
-        np.multiply(bits >= threshold, one, out=out[lo:hi])   # 0 or 1.0, as their bits
+    def fill(lo, hi, generator):
+        top_bytes = generator.random_raw(-(-(hi - lo) // 8)).view(np.uint8)[:hi - lo]
+        kept = top_bytes > top
+        tied = np.flatnonzero(top_bytes == top)
+        kept[tied] = (generator.random_raw(len(tied)) & 0xFFFFFF) >= low   # their other 24 bits
+        np.multiply(kept, one, out=out[lo:hi])                # 0 or 1.0, as their bits
     _in_chunks(mask.numel(), fill)
     return mask
 

@@ -2137,11 +2137,11 @@ def test_cpu_dropout_is_torchs_distribution_and_gradient(p):
     """Kept with probability 1 - p (in each generator's chunk of the draws), kept values x / (1 - p),
     the gradient the same mask; the same seed gives the same mask (in fp32 and bf16 alike), the next
     draw another."""
-    n = 5 * cpu_dropout.DRAWS_PER_CHUNK            # 2.5 chunks of 64-bit draws: 3 generators
+    chunk = cpu_dropout.CHUNK                     # elements per generator
+    n = 5 * chunk // 2                            # 2.5 chunks: 3 generators
     torch.manual_seed(0)
     x = torch.ones(n, requires_grad=True)
     y = cpu_dropout.dropout(x, p)
-    chunk = 2 * cpu_dropout.DRAWS_PER_CHUNK       # elements per generator
     for part in (y[:chunk], y[chunk:2 * chunk], y[2 * chunk:]):
         dropped = float((part == 0).float().mean())
         assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / len(part))   # 5 sigma
@@ -2156,33 +2156,42 @@ def test_cpu_dropout_is_torchs_distribution_and_gradient(p):
     assert not torch.equal(cpu_dropout.dropout(torch.ones(n), p) != 0, y != 0)
 
 
-def test_cpu_dropout_bits_do_not_depend_on_the_thread_count(monkeypatch):
-    """random_bits: the same seed gives the same bits whether 1 or 3 threads draw the chunks, and
-    other bits under another seed; a short draw (one chunk) comes from the same seeding; keep_mask
-    (made chunk by chunk on the drawing threads) is those bits against the threshold."""
+def test_cpu_dropout_masks_do_not_depend_on_the_thread_count(monkeypatch):
+    """keep_mask: the same seed gives the same mask whether 1 or 3 threads draw the chunks, in every
+    dtype (the same elements kept), and another mask under another seed."""
     from concurrent.futures import ThreadPoolExecutor
-    n = 3 * cpu_dropout.DRAWS_PER_CHUNK
-    bits = {}
+    shape = (3, cpu_dropout.CHUNK + 1001)             # 4 chunks, the last one short
+    masks = {}
     before = torch.get_num_threads()
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
             monkeypatch.setattr(cpu_dropout, "_pool", ThreadPoolExecutor(threads))
             torch.manual_seed(5)
-            bits[threads] = cpu_dropout.random_bits(n)
+            masks[threads] = cpu_dropout.keep_mask(shape, 0.3, torch.float32)
     finally:
         torch.set_num_threads(before)
-    assert bits[1].dtype == torch.int32 and len(bits[1]) == n
-    assert torch.equal(bits[1], bits[3])
+    assert masks[1].shape == shape and torch.equal(masks[1], masks[3])
+    assert set(masks[1].unique().tolist()) == {0.0, 1.0}
     torch.manual_seed(6)
-    assert not torch.equal(cpu_dropout.random_bits(n), bits[1])
-    torch.manual_seed(5)
-    assert torch.equal(cpu_dropout.random_bits(1001), bits[1][:1001])
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):   # made from the same bits
+    assert not torch.equal(cpu_dropout.keep_mask(shape, 0.3, torch.float32), masks[1])
+    for dtype in (torch.bfloat16, torch.float64):
         torch.manual_seed(5)
-        mask = cpu_dropout.keep_mask((3, n // 3), 0.3, dtype)
-        assert mask.dtype == dtype and mask.shape == (3, n // 3)
-        assert torch.equal(mask.flatten(), (bits[1] >= -2 ** 31 + round(0.3 * 2 ** 32)).to(dtype))
+        mask = cpu_dropout.keep_mask(shape, 0.3, dtype)
+        assert mask.dtype == dtype and torch.equal(mask.float(), masks[1])
+
+
+def test_cpu_dropout_resolves_p_beyond_the_top_byte():
+    """The top byte of an element's 32 random bits decides only when it differs from the
+    threshold's; ties draw 24 more bits. Three p that share the threshold's top byte (26/256,
+    26.5/256 and just under 27/256) are dropped at their own rates: deciding ties all one way
+    would put two of them at the same rate, 13 standard deviations from where they belong."""
+    n = 1 << 22
+    for threshold in (26 << 24, (26 << 24) + (1 << 23), (27 << 24) - 1):
+        p = threshold / 2 ** 32
+        torch.manual_seed(threshold)
+        dropped = 1 - float(cpu_dropout.keep_mask((n,), p, torch.bfloat16).float().mean())
+        assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n), (p, dropped)
 
 
 def _attention_inputs(batch=2, heads=3, length=7, dim=8, seed=0):
