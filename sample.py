@@ -16,6 +16,7 @@ The output is a SQuAD v1.1-format file (one paragraph per distinct context).
 import os
 from collections import Counter
 
+import common  # noqa: F401 (first: a Ctrl-C while numpy imports is noted, not a traceback)
 import numpy as np
 
 from common import (LANGUAGES, SEED_LANGUAGE, XQUAD_DIR, ArgumentParser, InputError,
