@@ -70,6 +70,7 @@ SHAPES = {  # BERT dimensions; vocab None = the tiny tokenizer's own vocabulary
 }
 BENCH_VOCAB = 30000
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+PROBE_SECONDS = 0.1     # matmul_probe stops growing its matrices once one multiplication takes this
 
 
 # -------------------------------------------------------------------- the reference configuration
@@ -296,6 +297,7 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
         optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
         scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
         opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)
+        multiple = train_qa.pad_multiple(device, precision, train_qa.MAX_LENGTH)   # as distill.py
         stream, tokens[name] = feed(), []
 
         def steps_of(n):
@@ -305,7 +307,8 @@ def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_s
                     idx = next(stream)
                     tokens[name].append(int(lengths[idx].sum()))
                     for rows, share in distill.row_passes([idx], opts.alpha_rows, device):
-                        batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
+                        batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device,
+                                                 multiple=multiple)
                         distill.forward_backward(student, teacher, batch, opts, share)
                     distill.optimizer_step(student, optimizer, scheduler)
             return run
@@ -426,18 +429,29 @@ class fp32_matmul:
 def matmul_probe(device, dtype, n=None, reps=3):
     """GFLOP/s of one n x n x n matmul in `dtype` (the best of reps): the device's practical
     matmul peak, which the achieved rate of a step is compared with ("close to the limit" as a
-    number on any machine). fp32 is true fp32 (no TF32)."""
+    number on any machine). fp32 is true fp32 (no TF32). The size doubles from 256 up to n while
+    one multiplication takes under PROBE_SECONDS (the first at a size is the warm-up): a device
+    without fast kernels for dtype (bf16 on an AVX2 CPU: ~1 GFLOP/s) is measured at a smaller
+    size in about a second, not in minutes at n (its rate hardly depends on the size)."""
     n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = math.inf
+    size = min(256, n)
     with fp32_matmul():
-        for _ in range(reps + 1):                        # the first is the warm-up
-            _sync(device)
-            t0 = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-    return round(2 * n ** 3 / best / 1e9, 1)
+        while True:
+            a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+            first = _timed_matmul(a, b, device)
+            if size >= n or first >= PROBE_SECONDS:
+                break
+            size = min(2 * size, n)
+        best = min(_timed_matmul(a, b, device) for _ in range(reps))
+    return round(2 * size ** 3 / best / 1e9, 1)
+
+
+def _timed_matmul(a, b, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    a @ b
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def peak_rows(result, peaks):
@@ -528,12 +542,14 @@ def bench_profile(features, tokenizer, shape, device, precision, steps, batch_si
     optimizer = train_qa.make_optimizer(student, distill.LR, 0.0)
     scheduler = train_qa.make_scheduler(optimizer, 10 ** 6)
     opts = distill.StepOptions(map_k=True, t=2.0, precision=precision)
+    multiple = train_qa.pad_multiple(device, precision, train_qa.MAX_LENGTH)       # as distill.py
     rf = torch.profiler.record_function
 
     def step(i):
         for rows, share in distill.row_passes([batches[i % len(batches)]], opts.alpha_rows, device):
             with rf("data"):
-                batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device)
+                batch = train_qa.collate(features, rows, tokenizer.pad_token_id, device,
+                                         multiple=multiple)
             distill.forward_backward(student, teacher, batch, opts, share)
         with rf("optimiser"):
             distill.optimizer_step(student, optimizer, scheduler)
@@ -667,11 +683,12 @@ def main(argv=None):
         result = {"significance": bench_significance(10_000, args.reps or 3)}
         print(json.dumps(result))
         return
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = train_qa.default_device(args.device)
     if device.type == "cuda" and args.precision == "fp32":
         raise InputError("--precision fp32: on CUDA ours runs distill.py's bf16 autocast; fp32 "
                          "rows are a CPU comparison")
     bf16 = args.precision == "bf16" and device.type == "cpu"    # CUDA's default is bf16 already
+    train_qa.note_slow_bf16(args.precision, device.type)
     # --quick / CPU: the project's own CPU model (--model tiny); GPU: the real mBERT-base shape
     shape = args.shape or ("tiny" if args.quick or device.type == "cpu" else "mbert-base")
     steps = args.steps or (4 if args.profile else 8 if args.quick else 20)
@@ -697,7 +714,7 @@ def main(argv=None):
               f"{args.batch_size} (ms per step)")
         tables, wall = {}, {}
         for precision in precisions:
-            train_qa.set_matmul_precision(precision)
+            train_qa.set_matmul_precision(precision, device)
             name = "bf16" if precision == "auto" else precision
             tables[name], wall[name] = bench_profile(train_features, tokenizer, shape, device,
                                                      precision, steps, args.batch_size)

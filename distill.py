@@ -134,10 +134,11 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     """Phase 2, as the paper reads: the sample, the models, then per epoch and step the teacher's
     soft labels, alpha and the loss; MLQA-dev scores and a checkpoint at every epoch's end."""
     prepare.prepare_inputs(args)         # the default --model missing: fetch data, build phase 1
-    train_qa.set_matmul_precision(args.precision)   # this stage's own, not phase 1's
+    train_qa.set_matmul_precision(args.precision, device)   # this stage's own, not phase 1's
     micro = rows_per_pass(args, world_size)
     pad_to = train_qa.pad_length(args.max_length, args.batches, args.softmax_support,
                                  args.map_k_relevant)
+    multiple = train_qa.pad_multiple(device, args.precision, args.max_length)
     # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
     student, tokenizer = load_student(args, examples, out)
@@ -174,7 +175,7 @@ def distill(args, out, rank, world_size, device, is_master, stop):
                 passes = row_passes(step_batches, args.alpha_rows, device)  # one optimiser step
                 stats = sum(forward_backward(model, teacher,      # teacher pass, alpha (Eq. 5),
                                              collate(features, idx, tokenizer.pad_token_id, device,
-                                                     pad_to),
+                                                     pad_to, multiple),
                                              opts, share, sync=j + 1 == len(passes))  # loss (Eq. 6)
                             for j, (idx, share) in enumerate(passes))
                 loss, ce, kl, alpha = mean_over_ranks(stats, world_size)

@@ -479,7 +479,7 @@ def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device
     """Predict, score and write predictions (and MLQA-dev n-best lists) under out_dir (which
     must exist); returns the metrics dict (not yet written; "options": how it was computed).
     compile: torch.compile the model's forward (--compile)."""
-    train_qa.set_matmul_precision(precision)
+    train_qa.set_matmul_precision(precision, device)
     model, tokenizer = train_qa.load_model_and_tokenizer(model_dir, require_qa_head=True)
     if compile:
         train_qa.compile_forward(model)
@@ -908,7 +908,7 @@ def ask_mode(args):
             raise InputError(f"{args.context_file}: cannot read ({e})") from None
     if not args.question.strip() or not context.strip():
         raise InputError("--question and the context must not be empty")
-    train_qa.set_matmul_precision(args.precision)
+    train_qa.set_matmul_precision(args.precision, args.device)
     model, tokenizer = train_qa.load_model_and_tokenizer(args.model, require_qa_head=True)
     example = {"id": "question", "question": args.question, "context": context}
     answer, score = train_qa.predict(model, tokenizer, [example], device=args.device,

@@ -1148,6 +1148,71 @@ def test_qa_loss_and_logits_independent_of_padding():
         torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
 
 
+def test_qa_bf16_on_a_cpu_pads_batches_to_a_multiple_of_16(tmp_path, monkeypatch, capsys):
+    """Issue 20: under bf16 on a CPU every batch is padded to a multiple of CPU_BF16_PAD_MULTIPLE
+    tokens (its bf16 kernels are slower on other lengths), never past --max-length; fp32, auto
+    and GPU batches stay at their longest window. The added positions are padding: masked for
+    attention and Eq. 1, so the real positions' logits are the unpadded batch's."""
+    m = qa.CPU_BF16_PAD_MULTIPLE
+    assert m > 1 and qa.pad_multiple("cpu", "bf16", 384) == m
+    assert qa.pad_multiple("cpu", "fp32", 384) == qa.pad_multiple("cpu", "auto", 384) == 1
+    assert qa.pad_multiple("cuda", "bf16", 384) == 1 and qa.pad_multiple("cpu", "bf16", 390) == 1
+    ex = load_squad_examples(XQUAD_EN)[:40]
+    model, tok = qa.load_model_and_tokenizer("tiny", texts=qa_texts(ex), seed=0)
+    model.eval()
+    feats = qa.build_features(ex, tok)
+    lengths = np.array([len(x) for x in feats["input_ids"]])
+    idx = [int(i) for i in np.flatnonzero(lengths % m)[:4]]
+    longest = int(lengths[idx].max())
+    plain = qa.collate(feats, idx, tok.pad_token_id, "cpu")
+    padded = qa.collate(feats, idx, tok.pad_token_id, "cpu", multiple=m)
+    assert plain["input_ids"].shape[1] == longest and longest % m
+    assert padded["input_ids"].shape[1] == -(-longest // m) * m
+    for key, value in plain.items():
+        assert torch.equal(padded[key][:, :longest] if value.dim() == 2 else padded[key], value), key
+    extra = {k: v[:, longest:] for k, v in padded.items() if v.dim() == 2}
+    assert (extra["input_ids"] == tok.pad_token_id).all() and not extra["attention_mask"].any()
+    assert not extra["allowed"].any()
+    with torch.no_grad():
+        for a, b in zip(qa.qa_logits(model, plain), qa.qa_logits(model, padded)):
+            torch.testing.assert_close(b[:, :longest], a, atol=1e-5, rtol=1e-5)
+            assert (b[:, longest:] == qa.MASK_VALUE).all()
+    # distill.py under bf16 on a CPU: every batch it trains on (and the one note where the CPU
+    # has no bf16 kernels)
+    widths = []
+    monkeypatch.setattr(distill, "collate", lambda *a, **k: widths.append(
+        qa.collate(*a, **k)["input_ids"].shape[1]) or qa.collate(*a, **k))
+    monkeypatch.setattr(qa, "cpu_has_bf16", lambda: False)
+    qa.note_slow_bf16.cache_clear()
+    code, err = _distill_main(["--model", "tiny", "--ntl", "1", "--max-examples", "8", "--batch-size",
+                               "4", "--epochs", "1", "--t", "2", "--map-k", "--save-steps", "0",
+                               "--precision", "bf16", "--output-dir", tmp_path / "bf16"], capsys)
+    assert code == 0, err
+    assert widths and all(w % m == 0 for w in widths), widths
+    assert err.count("note: this CPU has no bf16 matmul kernels") == 1
+
+
+def test_qa_bf16_on_a_cpu_without_bf16_kernels_is_one_note(monkeypatch, capsys):
+    """--precision bf16 on a CPU without bf16 matmul kernels (AVX2 only: tens of times slower
+    than fp32) runs, after one note on stderr per process; nothing for fp32, a GPU, or a CPU
+    with the kernels."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        for has, precision, device, notes in ((False, "bf16", "cpu", 1), (True, "bf16", "cpu", 0),
+                                              (False, "fp32", "cpu", 0), (False, "auto", "cpu", 0),
+                                              (False, "bf16", "cuda", 0)):
+            monkeypatch.setattr(qa, "cpu_has_bf16", lambda: has)
+            qa.note_slow_bf16.cache_clear()
+            qa.set_matmul_precision(precision, device)
+            qa.set_matmul_precision(precision, device)            # a second stage: no second note
+            err = capsys.readouterr().err
+            assert err.count("note: this CPU has no bf16 matmul kernels") == notes, (has, precision)
+            assert err.count("\n") == notes
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        qa.note_slow_bf16.cache_clear()
+
+
 def qa_reference_spans(start, end, allowed, n_best, max_tokens):
     """Slow and obvious: top n_best starts and ends among the context positions, every pair."""
     ctx = [i for i in range(1, len(start)) if allowed[i]]
@@ -1756,8 +1821,10 @@ def enc_learn_synthetic_task(name, precision, epochs=10, n_train=1000):
 def test_enc_tiny_model_learns_synthetic_task_under_bf16(qa_one_thread):
     """The one learning test (training, Eq. 1 masking, answer extraction end to end): a tiny
     XLM-R (the encoder family other than BERT's) trained under bf16 autocast (CUDA's default
-    precision) goes from held-out F1 < 0.5 to > 0.9; its weights stay fp32."""
-    f1_before, f1, model = enc_learn_synthetic_task("tiny-xlmr", "bf16")
+    precision) goes from held-out F1 < 0.5 to > 0.9; its weights stay fp32. On a CPU without bf16
+    matmul kernels (AVX2 only: 2 minutes instead of 10 s) it learns in fp32; bf16's numerics are
+    then still checked on one batch (..._bf16_is_close)."""
+    f1_before, f1, model = enc_learn_synthetic_task("tiny-xlmr", "bf16" if qa.cpu_has_bf16() else "fp32")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert f1_before < 0.5 and f1 > 0.9, (f1_before, f1)
 
@@ -5250,6 +5317,24 @@ def test_bench_profile_groups_ops_by_name_and_region():
     assert g("aten::masked_fill_", set()) == g("aten::_softmax", set()) == "softmax/masks"
     assert g("aten::native_layer_norm", set()) == "norms/activations"
     assert g("aten::mul", set()) == g("aten::mmx", set()) == "other"
+
+
+def test_bench_matmul_probe_stops_growing_once_a_multiplication_is_slow(monkeypatch):
+    """The probe doubles its size from 256 towards n while one multiplication takes under
+    PROBE_SECONDS, then times reps at that size: a slow dtype (bf16 on an AVX2 CPU, ~1 GFLOP/s)
+    is measured in about a second instead of minutes at 2048."""
+    sizes = []
+
+    def timed(a, b, device):                 # 0.05 s below 1024, 0.5 s from 1024 up
+        sizes.append(a.shape[0])
+        return 0.05 if a.shape[0] < 1024 else 0.5
+    monkeypatch.setattr(bench, "_timed_matmul", timed)
+    rate = bench.matmul_probe(torch.device("cpu"), torch.float32, n=4096, reps=2)
+    assert sizes == [256, 512, 1024, 1024, 1024] and rate == round(2 * 1024 ** 3 / 0.5 / 1e9, 1)
+    sizes.clear()
+    assert bench.matmul_probe(torch.device("cpu"), torch.float32, n=512, reps=1) == \
+        round(2 * 512 ** 3 / 0.05 / 1e9, 1)
+    assert sizes == [256, 512, 512]          # fast: up to n and no further
 
 
 def test_bench_profile_table_adds_up_to_the_step(capsys):

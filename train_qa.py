@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import unicodedata
 
@@ -64,6 +65,7 @@ N_BEST, MAX_ANSWER_TOKENS = 20, 30            # answer extraction: top start/end
 MASK_VALUE = -1e9                             # logit of a position outside Eq. 1's softmax
 MAX_QUERY_LENGTH = 64                         # question tokens kept (the authors' max_query_length)
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on a CPU
+CPU_BF16_PAD_MULTIPLE = 16                    # bf16 on a CPU: batches padded to a multiple of 16 tokens
 # Switches between this project's computation (first value, the default) and the authors' code
 # (second value; README "Fidelity"): each is a CLI option and a keyword of the function it changes.
 WINDOWS = ("fast", "legacy")                  # build_features: window starts (legacy: every --stride)
@@ -497,11 +499,23 @@ def pad_length(max_length, batches="grouped", softmax_support="context", map_k_r
     return max_length if legacy else None
 
 
-def collate(features, indices, pad_token_id, device, pad_to=None):
-    """Tensors for the features `indices`, padded to the longest of them (or to pad_to, when
-    longer: the authors' fixed-length windows)."""
+def pad_multiple(device, precision, max_length):
+    """Batches are padded up to a multiple of this many tokens (collate's `multiple`):
+    CPU_BF16_PAD_MULTIPLE for bf16 on a CPU, whose bf16 kernels (softmax, adds, matmul tails) run
+    slower on lengths that are not (a bf16 phase-2 step ~8% faster on AMD EPYC, bench.py); 1
+    otherwise, so fp32 and GPU runs are as before. Only when max_length is a multiple too, so that
+    no batch grows past --max-length (the model's positions). The added positions are padding:
+    masked in attention and in Eq. 1, the same results up to bf16 rounding."""
+    bf16_cpu = precision == "bf16" and torch.device(device).type == "cpu"
+    return CPU_BF16_PAD_MULTIPLE if bf16_cpu and max_length % CPU_BF16_PAD_MULTIPLE == 0 else 1
+
+
+def collate(features, indices, pad_token_id, device, pad_to=None, multiple=1):
+    """Tensors for the features `indices`, padded to the longest of them rounded up to a multiple
+    of `multiple` (pad_multiple), or to pad_to when longer (the authors' fixed-length windows)."""
     ids = [features["input_ids"][i] for i in indices]
-    n, length = len(ids), max(max(len(x) for x in ids), pad_to or 0)
+    longest = max(len(x) for x in ids)
+    n, length = len(ids), max(-(-longest // multiple) * multiple, pad_to or 0)
     input_ids = np.full((n, length), pad_token_id, dtype=np.int64)
     token_type_ids = np.zeros((n, length), dtype=np.int64)
     allowed = np.zeros((n, length), dtype=bool)
@@ -539,14 +553,41 @@ def autocast(device, precision="auto"):
     return contextlib.nullcontext()
 
 
-def set_matmul_precision(precision):
+def set_matmul_precision(precision, device="cpu"):
     """The float32 matmul precision of this stage, from its own --precision (never what an earlier
     stage of the same process set): fp32 = true fp32 ("highest", as the authors' torch); tf32 =
     TF32 on Ampere and newer GPUs ("high"); auto and bf16 keep "high" for the float32 work
-    outside autocast."""
+    outside autocast. bf16 on a CPU without bf16 matmul kernels: a note (note_slow_bf16)."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {' '.join(PRECISIONS)}, got {precision!r}")
     torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
+    note_slow_bf16(precision, default_device(device).type)
+
+
+def default_device(device=None):
+    """`device`, or where a run goes without one: the GPU when there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cpu_has_bf16():
+    """Whether this CPU has oneDNN's bf16 matmul kernels (AVX-512 or AMX). Without them (AVX2
+    only) torch multiplies bf16 matrices in a generic loop, ~100x slower than fp32's kernels
+    (1.1 against 155 GFLOP/s on a 2-core AMD EPYC with AVX2)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):      # a torch without the probe: assume it has them
+        return True
+
+
+@functools.cache                                # once per process, not per stage
+def note_slow_bf16(precision, device_type):
+    """One line on stderr for bf16 on a CPU without cpu_has_bf16: the user asked for it, so it
+    runs, but knowing why it is slow."""
+    if precision != "bf16" or device_type != "cpu" or cpu_has_bf16():
+        return
+    print("note: this CPU has no bf16 matmul kernels (they need AVX-512 or AMX): --precision bf16 "
+          "runs tens of times slower than fp32 here; --precision fp32 (a CPU's default) is the "
+          "fast one", file=sys.stderr, flush=True)
 
 
 def compile_forward(*models):
@@ -625,7 +666,7 @@ def optimizer_step(model, optimizer, scheduler):
 def setup_distributed():
     """(rank, world_size, device, is_master): torchrun env -> DDP (nccl on GPU, gloo on CPU)."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True
+        return 0, 1, default_device(), True
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -662,6 +703,7 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
             model, device_ids=[device.index] if device.type == "cuda" else None)
     lengths = np.array([len(x) for x in features["input_ids"]])
     pad_to = pad_length(max_length, batches, softmax_support)
+    multiple = pad_multiple(device, precision, max_length)
     per_epoch = len(batch_order(lengths, micro, seed, 0, batches, rank=rank, world_size=world_size))
     steps_per_epoch = math.ceil(per_epoch / grad_accum)
     optimizer = make_optimizer(raw, lr, weight_decay)
@@ -679,7 +721,7 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
                     continue
                 total = torch.zeros((), device=device)
                 for j, idx in enumerate(step_batches):
-                    batch = collate(features, idx, pad_token_id, device, pad_to)
+                    batch = collate(features, idx, pad_token_id, device, pad_to, multiple)
                     last = j + 1 == len(step_batches)
                     sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
                     with sync:
@@ -966,7 +1008,7 @@ def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_siz
     probability over their n-best). windows: of the features built here."""
     if answers not in ANSWERS:
         raise InputError(f"--answers must be one of {' '.join(ANSWERS)}, got {answers!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     model = getattr(model, "module", model).to(device)
     was_training = model.training
     model.eval()
@@ -984,8 +1026,9 @@ def predict(model, tokenizer, examples, batch_size=None, device=None, n_best_siz
                             np.zeros((n, top), np.int64))
     log_norm = np.zeros(n, np.float32)                        # log of Eq. 1's two denominators
     lengths = [len(x) for x in features["input_ids"]]
+    multiple = pad_multiple(device, precision, max_length)
     for idx in length_grouped_batches(lengths, batch_size or eval_batch_size(device), 0, 0, shuffle=False):
-        batch = collate(features, idx, tokenizer.pad_token_id, device)
+        batch = collate(features, idx, tokenizer.pad_token_id, device, multiple=multiple)
         start_logits, end_logits = qa_logits(model, batch, precision)
         s, a, b = extract_spans(start_logits, end_logits, batch["allowed"], top=top)
         scores[idx, :s.shape[1]], starts[idx, :s.shape[1]], ends[idx, :s.shape[1]] = \
@@ -1122,7 +1165,7 @@ def run(args, resume_with=None):
             read_json(os.path.join(out, "train_args.json")), resume_options(args)))
         if args.resume else None)
     with lock, StopSignals() as stop:       # Ctrl-C, SIGTERM, SIGUSR1: see rundir
-        set_matmul_precision(args.precision)            # this stage's own, never inherited
+        set_matmul_precision(args.precision, device)    # this stage's own, never inherited
         texts = [x for ex in examples for x in (ex["question"], ex["context"])]
         model, tokenizer = load_phase1_model(args, out, texts)
         check_space(args.output_dir, model, 3, is_master, world_size)    # weights, Adam x 2
