@@ -502,7 +502,7 @@ def pad_length(max_length, batches="grouped", softmax_support="context", map_k_r
 def pad_multiple(device, precision, max_length):
     """Batches are padded up to a multiple of this many tokens (collate's `multiple`):
     CPU_BF16_PAD_MULTIPLE for bf16 on a CPU, whose bf16 kernels (softmax, adds, matmul tails) run
-    slower on lengths that are not (a bf16 phase-2 step ~8% faster on AMD EPYC, bench.py); 1
+    slower on lengths that are not (bf16 phase-2 steps ~8% faster on AMD EPYC; README); 1
     otherwise, so fp32 and GPU runs are as before. Only when max_length is a multiple too, so that
     no batch grows past --max-length (the model's positions). The added positions are padding:
     masked in attention and in Eq. 1, the same results up to bf16 rounding."""
@@ -553,7 +553,7 @@ def autocast(device, precision="auto"):
     return contextlib.nullcontext()
 
 
-def set_matmul_precision(precision, device="cpu"):
+def set_matmul_precision(precision, device=None):
     """The float32 matmul precision of this stage, from its own --precision (never what an earlier
     stage of the same process set): fp32 = true fp32 ("highest", as the authors' torch); tf32 =
     TF32 on Ampere and newer GPUs ("high"); auto and bf16 keep "high" for the float32 work
