@@ -269,8 +269,22 @@ def test_rundir_whose_output_and_what_is_refused(tmp_path):
     evaluation = tmp_path / "eval"
     evaluation.mkdir()
     rundir.write_marker(str(evaluation), "evaluate")
-    assert [rundir.output_kind(str(p)) for p in (own, phase1, user, evaluation)] == \
-        ["distill", "train_qa", None, "evaluate"]
+    downloaded = tmp_path / "mbert"                       # a model from the hub, saved by a user
+    downloaded.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (downloaded / name).write_text("{}")
+    (downloaded / "train_args.json").write_text(json.dumps({"lr": 3e-5}))    # not train_qa's
+    copied_args = tmp_path / "copied-args"                 # a distill run's args.json, copied
+    copied_args.mkdir()
+    (copied_args / "args.json").write_text(json.dumps({"ntl": 5, "mode": "skd-map", "seed": 3}))
+    foreign_marker = tmp_path / "foreign-marker"           # a marker naming no script of ours
+    foreign_marker.mkdir()
+    (foreign_marker / rundir.MARKER).write_text(json.dumps({"kind": "their-tool"}))
+    (foreign_marker / "args.json").write_text(json.dumps({"ntl": 5, "mode": "skd-map", "seed": 3}))
+    (foreign_marker / "train_log.jsonl").write_text("")   # a marker decides, not the files
+    assert [rundir.output_kind(str(p)) for p in (own, phase1, user, evaluation, downloaded,
+                                                 copied_args, foreign_marker)] == \
+        ["distill", "train_qa", None, "evaluate", None, None, None]
 
     def refused(path, kind, *words, **kw):
         with pytest.raises(InputError) as e:
@@ -279,6 +293,13 @@ def test_rundir_whose_output_and_what_is_refused(tmp_path):
             assert word in str(e.value), (word, str(e.value))
 
     refused(user, "distill", "not an output of this project", overwrite=True)
+    for theirs in (downloaded, copied_args, foreign_marker):
+        refused(theirs, "train_qa", "not an output of this project", overwrite=True)
+        refused(theirs, "distill", "not an output of this project", overwrite=True)
+    before = _tree(downloaded)                  # and start_fresh, called past that check, too
+    with pytest.raises(InputError, match="not replaced"):
+        rundir.start_fresh(str(downloaded), "train_qa")
+    assert _tree(downloaded) == before and not os.path.exists(rundir.aside_path(str(downloaded)))
     refused(phase1, "distill", "an output of train_qa.py", overwrite=True)
     refused(evaluation, "train_qa", "an output of evaluate_mlqa.py", overwrite=True)
     refused(own, "distill", "--overwrite", "no checkpoint to --resume")     # killed before one
@@ -2266,15 +2287,18 @@ def _attention_inputs(batch=2, heads=3, length=7, dim=8, seed=0):
     q, k, v = (torch.randn(batch, heads, length, dim, generator=g) for _ in range(3))
     keep = torch.ones(batch, 1, length, length, dtype=torch.bool)
     keep[0, :, :, 5:] = False                                     # padding keys of row 0
-    additive = torch.zeros(batch, 1, 1, length)
+    additive = torch.zeros(batch, 1, length, length)
     additive[1, ..., 3:] = torch.finfo(torch.float32).min         # transformers 4.x's float mask
+    additive[1, :, 0] = torch.finfo(torch.float32).min            # a query that sees no key: SDPA
+    # gives the mean of the values; in bf16, fp32's lowest rounds to -inf, and -inf rows give NaN
     return q, k, v, {"none": None, "bool": keep, "float": additive}
 
 
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_cpu_attention_equals_sdpa_and_its_dropout_is_unbiased(mask):
     """Without dropout attention() is F.scaled_dot_product_attention (fp32 to rounding, an explicit
-    scale too; under bf16 autocast within bf16's precision); with dropout the mean output over
+    scale too; under bf16 autocast within bf16's precision, a query whose keys are all masked
+    too); with dropout the mean output over
     many draws is the dropout-free output (the 1 / (1 - p) scaling)."""
     F = torch.nn.functional
     q, k, v, masks = _attention_inputs()
