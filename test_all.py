@@ -3659,6 +3659,10 @@ def test_score_normalize_examples():
     assert evaluate_mlqa.normalize_answer("北京是首都，Hello World。", "zh") == "北 京 是 首 都 hello world"
     assert evaluate_mlqa.normalize_answer("Ein Haus, das Haus.", "de") == "haus haus"
     assert evaluate_mlqa.normalize_answer("A, B; C!", "squad") == "b c"
+    # an article becomes a space ("€" is a symbol, not punctuation: it stays)
+    assert evaluate_mlqa.normalize_answer("1€the€2", "en") == "1€ €2"
+    assert evaluate_mlqa.normalize_answer("x°die°y", "de") == "x° °y"
+    assert evaluate_mlqa.normalize_answer("1€The€2", "squad") == "1€ €2"   # lower-cased first
     with pytest.raises(InputError, match="xx"):
         evaluate_mlqa.normalize_answer("x", "xx")
 
@@ -5041,6 +5045,13 @@ def test_report_hidden_knowledge_counts_by_hand():
     assert f1["f1_threshold"] == 50.0
     strict = evaluate_mlqa.hidden_knowledge_counts(recs, k=10, criterion="f1", f1_threshold=90.0)
     assert strict["counts"]["zh"][:2] == [1, 1]
+    rank = evaluate_mlqa.first_correct_rank
+    assert rank(["x y"], ["y z"], "en", "f1", 50.0) == 1     # F1 exactly 50: at the threshold counts
+    assert rank(["x y"], ["y z"], "en", "f1", 50.1) is None
+    # the authors' "raw": unnormalised and against the first gold answer only
+    assert rank(["Paris", "paris", "in Paris"], ["paris", "in Paris"], "en", "raw") == 2
+    assert rank(["in Paris"], ["paris", "in Paris"], "en", "raw") is None
+    assert rank(["in Paris"], ["paris", "in Paris"], "en", "em") == 1
 
 
 def test_report_summary_markdown_mirrors_tables():
