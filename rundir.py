@@ -557,8 +557,8 @@ class ProgressLines:
         self.enabled = enabled and not sys.stderr.isatty()
         self.last = 0.0
 
-    def maybe(self, text_fn, final=False):
-        if self.enabled and (final or time.time() - self.last >= PROGRESS_EVERY_S):
+    def maybe(self, text_fn):
+        if self.enabled and time.time() - self.last >= PROGRESS_EVERY_S:
             self.last = time.time()
             print(text_fn(), flush=True)
 

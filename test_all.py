@@ -424,7 +424,7 @@ def test_rundir_unwritable_output_is_one_line_before_any_work(uninterrupted, tmp
             assert os.listdir(full) == [] and os.listdir(ro) == []
     finally:
         for m in (ro, full):
-            subprocess.run(["umount", str(m)], capture_output=True)
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)   # -l: even if busy
 
 
 def test_rundir_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, capsys):
@@ -559,6 +559,54 @@ def test_rundir_phase1_without_a_terminal_prints_progress_and_writes_its_log(uni
     stdout = uninterrupted["train_qa_stdout"]
     assert "epoch 1/2: step 10" in stdout and "epoch 2/2: step 20" in stdout
     assert re.search(r"step 1/20: loss [0-9.]+, [0-9.]+ windows/s, ETA", stdout)  # the first step
+
+
+def test_rundir_the_rules_a_run_alone_does_not_show(tmp_path, monkeypatch):
+    """Rules of run management that a test run passes whether they hold or not: --resume refuses
+    changed options, the resume command drops --overwrite, a checkpoint leaves no temporary file,
+    a model's config.json lands last, and a second signal during a step's end stops at once."""
+    with pytest.raises(InputError) as e:
+        rundir.check_same_options({"ntl": 5, "t": 2.0, "mode": "skd"}, {"ntl": 5, "t": 3.0,
+                                                                         "mode": "skd-map"})
+    assert str(e.value) == ("--resume with options that differ from the checkpoint's run: "
+                            "--t 2.0 (now 3.0), --mode skd (now skd-map)")
+    rundir.check_same_options({"ntl": 5, "t": 2.0}, {"ntl": 5, "t": 2.0})
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["distill.py", "--overwrite", "--ntl", "5", "--output-dir",
+                                      "runs/my run"])     # --overwrite again would start over
+    assert rundir.resume_command() == "python distill.py --ntl 5 --output-dir 'runs/my run' --resume"
+
+    (tmp_path / "checkpoint").mkdir()
+    state = str(tmp_path / "checkpoint" / "state.pt")
+    for value in (1.0, 2.0):                                    # written, then replaced
+        rundir.save_state(state, {"x": torch.full((2,), value)})
+    assert os.listdir(tmp_path / "checkpoint") == ["state.pt"]
+    assert torch.equal(torch.load(state)["x"], torch.full((2,), 2.0))
+
+    run, source = tmp_path / "run", tmp_path / "run" / ".tmp-model"
+    source.mkdir(parents=True)
+    names = ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"]
+    for name in names:
+        (source / name).write_text(name)
+    moved, real_replace = [], os.replace
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "replace", lambda a, b: (moved.append(os.path.basename(a)), real_replace(a, b)))
+        rundir.install_model_files(str(source), str(run))
+    assert moved[-1] == "config.json" and sorted(moved) == names
+    assert sorted(os.listdir(run)) == names
+
+    before = [signal.getsignal(s) for s in rundir.STOP_SIGNALS]
+    with rundir.StopSignals() as stop, stop.deferred():
+        signal.raise_signal(signal.SIGTERM)           # noted: the step ends, saves, then exits
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(common.Stopped) as e:      # an impatient Ctrl-C: at once
+            signal.raise_signal(signal.SIGINT)
+    assert e.value.signum == signal.SIGINT
+    with pytest.raises(common.Stopped):               # not deferred: at once as well
+        with rundir.StopSignals():
+            signal.raise_signal(signal.SIGUSR1)
+    assert [signal.getsignal(s) for s in rundir.STOP_SIGNALS] == before   # the handlers put back
 
 
 def test_rundir_ctrl_c_before_a_checkpoint_then_the_messages_agree(tmp_path, capsys):
