@@ -27,6 +27,7 @@ need a GPU are skipped with the reason elsewhere (`pytest -rs` shows it).
 import ast
 import contextlib
 import copy
+import errno
 import glob
 import http.server
 import importlib.util
@@ -102,6 +103,8 @@ def test_common_squad_round_trip(tmp_path):
     ('{"version": "1.1"}', "'data'"),
     ('{"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "1", "question": "q"}]}]}]}',
      "'answers'"),
+    ('{"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "7", "question": "q", "answers": '
+     '[]}, {"id": "7", "question": "r", "answers": []}]}]}]}', "duplicate question id '7'"),
 ])
 def test_common_malformed_squad_names_the_problem(tmp_path, content, needle):
     path = tmp_path / "bad.json"
@@ -127,6 +130,36 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     with common.atomic_output_dir(str(target), overwrite=True) as tmp:
         open(os.path.join(tmp, "new.txt"), "w").write("y")
     assert os.listdir(target) == ["new.txt"]
+
+
+def test_common_outputs_have_the_usual_permissions_and_failed_writes_say_what_is_intact(
+        tmp_path, monkeypatch):
+    """Files and directories written atomically get the permissions of any file the user makes
+    (mkstemp's 0600 would hide a shared run from the group); a failed write names the file, and
+    for a full, read-only or forbidden disk says that what was there is intact."""
+    monkeypatch.setattr(common, "_UMASK", 0o022)        # the process's umask, read at import
+    common.atomic_write_text(str(tmp_path / "a.txt"), "x")
+    with common.atomic_output_dir(str(tmp_path / "d")):
+        pass
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        line = common.write_error(OSError(code, os.strerror(code), "runs/x/metrics.json"))
+        assert line == f"runs/x/metrics.json: {os.strerror(code)}; what was there before is intact"
+    line = common.write_error(OSError(errno.EISDIR, os.strerror(errno.EISDIR), "runs/x"))
+    assert line == f"runs/x: {os.strerror(errno.EISDIR)}"
+
+
+def test_common_output_piped_to_head_stops_quietly():
+    """`python evaluate_mlqa.py ... | head`: stdout closes early; the script stops with status 1
+    and no traceback (Python would otherwise print two, one at exit)."""
+    code = "import common\ndef main():\n    for i in range(10 ** 6):\n        print(i)\ncommon.run_main(main)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "0\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1 and err == "", err
 
 
 def test_common_sets_a_short_openmp_spin_before_torch_loads():
