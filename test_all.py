@@ -1651,6 +1651,43 @@ def test_qa_optimizer_groups_and_linear_schedule():
         sched.step()
     assert np.allclose(lrs, [1e-3 * (10 - i) / 10 for i in range(10)])
     assert opt.param_groups[0]["lr"] == 0.0
+    # --warmup-steps 4 as Hugging Face's get_linear_schedule_with_warmup: step / 4, then decay
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = qa.make_scheduler(opt, total_steps=10, warmup_steps=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert np.allclose(lrs, [0, 0.25, 0.5, 0.75, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+
+
+def test_qa_eq2_loss_and_the_optimiser_step_by_hand():
+    """Eq. 2: the mean over the batch of (-log p_start(gold) - log p_end(gold)) / 2; an optimiser
+    step clips the whole gradient to norm MAX_GRAD_NORM (1.0, the authors' max_grad_norm), then
+    steps the optimiser and the schedule and clears the gradients."""
+    gen = torch.Generator().manual_seed(0)
+    start, end = torch.randn(3, 7, generator=gen), torch.randn(3, 7, generator=gen)
+    sp, ep = torch.tensor([0, 2, 6]), torch.tensor([1, 2, 6])
+    by_hand = sum(-math.log(math.exp(start[b, sp[b]]) / sum(math.exp(x) for x in start[b])) -
+                  math.log(math.exp(end[b, ep[b]]) / sum(math.exp(x) for x in end[b]))
+                  for b in range(3)) / 2 / 3
+    assert float(qa.ce_loss(start, end, sp, ep)) == pytest.approx(by_hand, rel=1e-6)
+
+    model = torch.nn.Linear(3, 2)
+    for scale, kept in ((10.0, 0.1), (0.5, 1.0)):       # a norm of 10 is cut to 1; 0.5 stays
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
+        norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads))
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g * scale / norm
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = qa.make_scheduler(opt, total_steps=4)
+        qa.optimizer_step(model, opt, sched)
+        for p, b, g in zip(model.parameters(), before, grads):
+            torch.testing.assert_close(b - p.detach(), g * scale / norm * kept, rtol=1e-5, atol=1e-6)
+            assert p.grad is None
+        assert opt.param_groups[0]["lr"] == 0.75
 
 
 def test_qa_grad_accumulation_matches_full_batch(qa_one_thread, monkeypatch):

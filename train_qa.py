@@ -647,10 +647,12 @@ def make_optimizer(model, lr, weight_decay=0.01):
 
 
 def make_scheduler(optimizer, total_steps, warmup_steps=0):
-    """Linear warm-up then linear decay to 0 at total_steps (the Hugging Face default schedule)."""
+    """Linear warm-up then linear decay to 0 at total_steps: Hugging Face's
+    get_linear_schedule_with_warmup (the authors' schedule, with their warm-up of 0), step 0 at
+    lr 0 when there is a warm-up."""
     def factor(step):
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return step / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
