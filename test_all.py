@@ -1000,6 +1000,50 @@ def test_download_structure_and_counts_verified(server, tmp_path, monkeypatch):
         download.download(["squad"], str(tmp_path / "s2"), base_url=server.url)
 
 
+def _mlqa_zip(files, extra=None, stored=False):
+    """The fixture's MLQA archive, with `extra` {member: bytes} added."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(files["MLQA_V1.zip"])) as src, \
+            zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as dst:
+        for item in src.namelist():
+            dst.writestr(item, src.read(item))
+        for item, data in (extra or {}).items():
+            dst.writestr(item, data)
+    return buf.getvalue()
+
+
+def test_download_mlqa_counts_unsafe_and_corrupt_archives_and_file_modes(server, tmp_path,
+                                                                         monkeypatch):
+    """An MLQA archive is rejected, leaving nothing, when a same-language file holds the wrong
+    number of questions, when a member's path would leave the data directory, or when a member
+    fails its CRC; what lands is readable by all (not mkstemp's 0600)."""
+    original = server.files["MLQA_V1.zip"]
+    monkeypatch.setattr(download, "MLQA_COUNTS", {s: {lang: 2 for lang in LANGS7}
+                                                  for s in ("dev", "test")})
+    monkeypatch.setitem(download.MLQA_COUNTS["test"], "vi", 3)
+    with pytest.raises(InputError, match="test-context-vi-question-vi.json: 2 questions, expected 3"):
+        download.download(["mlqa"], str(tmp_path / "counts"), base_url=server.url, check_counts=True)
+    assert files_under(tmp_path / "counts") == []
+    escape = "MLQA_V1/dev/../../../escaped.json"
+    server.files["MLQA_V1.zip"] = _mlqa_zip(server.files, {escape: b"{}"})
+    with pytest.raises(InputError, match="unsafe path in archive"):
+        download.download(["mlqa"], str(tmp_path / "slip" / "data"), base_url=server.url)
+    assert files_under(tmp_path / "slip") == []
+    marker = b"CORRUPT-ME-" * 4
+    corrupt = _mlqa_zip({"MLQA_V1.zip": original}, {"MLQA_V1/readme.txt": marker}, stored=True)
+    at = corrupt.index(marker)
+    server.files["MLQA_V1.zip"] = corrupt[:at] + b"X" + corrupt[at + 1:]      # CRC now wrong
+    with pytest.raises(InputError, match="corrupt archive member MLQA_V1/readme.txt"):
+        download.download(["mlqa"], str(tmp_path / "crc"), base_url=server.url)
+    assert files_under(tmp_path / "crc") == []
+    server.files["MLQA_V1.zip"] = original
+    monkeypatch.setitem(download.SQUAD_FILES, "train-v1.1.json", ("unused", 3))
+    monkeypatch.setitem(download.SQUAD_FILES, "dev-v1.1.json", ("unused", 2))
+    download.download(["squad"], str(tmp_path / "ok"), base_url=server.url, check_counts=True)
+    for name in ("train-v1.1.json", "dev-v1.1.json"):
+        assert os.stat(tmp_path / "ok" / "squad" / name).st_mode & 0o777 == 0o644
+
+
 def test_download_cli(server, tmp_path):
     data = tmp_path / "data"
     ok = run_script("data/download.py", "squad", "--base-url", server.url, "--data-dir", str(data))
