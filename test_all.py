@@ -2215,6 +2215,31 @@ def test_enc_slow_tokenizer_or_no_qa_head_exit_2_one_line(tmp_path, capsys):
 
 # ---- issue 18: switches for the authors' computation (--windows, --answers, --batches, --precision)
 
+def test_qa_max_context_window_is_the_legacy_rule_by_brute_force():
+    """Each token's max-context window equals a plain loop over the legacy rule (score =
+    min(left, right) + 0.01 x window length, the first window on a tie) for window sets of both
+    parities and a short last window, where the length term decides some tokens."""
+    def by_hand(spans, n, bonus=0.01):
+        owner = []
+        for pos in range(n):
+            best, best_score = None, None
+            for w, (lo, hi) in enumerate(spans):
+                if lo <= pos < hi:
+                    score = min(pos - lo, hi - 1 - pos) + bonus * (hi - lo)
+                    if best_score is None or score > best_score:
+                        best, best_score = w, score
+            owner.append(best)
+        return owner
+    decided_by_length = 0
+    for n, room, stride in ((700, 379, 128), (389, 380, 128), (515, 380, 128), (260, 250, 10),
+                            (1000, 300, 300), (5, 10, 3)):
+        spans = qa.context_windows(n, room, stride, "legacy")
+        want = by_hand(spans, n)
+        assert qa.max_context_window(spans, n).tolist() == want, (n, room, stride)
+        decided_by_length += sum(a != b for a, b in zip(want, by_hand(spans, n, bonus=0)))
+    assert decided_by_length > 0            # the length term matters in these cases
+
+
 def test_qa_legacy_windows_start_every_stride_with_max_context_flags():
     """--windows legacy: a window starts every --stride tokens (0, 128, 256, 384 for 700 context
     tokens and 379 per window); each token's max-context window by hand: min(left, right) + 0.01 x
