@@ -974,13 +974,8 @@ def test_download_structure_and_counts_verified(server, tmp_path, monkeypatch):
     monkeypatch.setattr(download, "MLQA_COUNTS", {s: {lang: 2 for lang in LANGS7}
                                                   for s in ("dev", "test")})
     download.download(["mlqa"], str(tmp_path / "ok"), base_url=server.url, check_counts=True)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(server.files["MLQA_V1.zip"])) as src, \
-            zipfile.ZipFile(buf, "w") as dst:
-        for item in src.namelist():
-            if not item.endswith("test-context-hi-question-vi.json"):
-                dst.writestr(item, src.read(item))
-    server.files["MLQA_V1.zip"] = buf.getvalue()
+    server.files["MLQA_V1.zip"] = _mlqa_zip(server.files["MLQA_V1.zip"],
+                                            drop="test-context-hi-question-vi.json")
     with pytest.raises(InputError, match="test-context-hi-question-vi.json"):
         download.download(["mlqa"], str(tmp_path / "bad"), base_url=server.url)
     assert files_under(tmp_path / "bad") == []
@@ -1000,13 +995,15 @@ def test_download_structure_and_counts_verified(server, tmp_path, monkeypatch):
         download.download(["squad"], str(tmp_path / "s2"), base_url=server.url)
 
 
-def _mlqa_zip(files, extra=None, stored=False):
-    """The fixture's MLQA archive, with `extra` {member: bytes} added."""
+def _mlqa_zip(archive, extra=None, drop=None, stored=False):
+    """The zip `archive` again, without the members whose names end with `drop` and with `extra`
+    {member: bytes} added; stored: uncompressed (its members' bytes appear as they are)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(files["MLQA_V1.zip"])) as src, \
+    with zipfile.ZipFile(io.BytesIO(archive)) as src, \
             zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as dst:
         for item in src.namelist():
-            dst.writestr(item, src.read(item))
+            if drop is None or not item.endswith(drop):
+                dst.writestr(item, src.read(item))
         for item, data in (extra or {}).items():
             dst.writestr(item, data)
     return buf.getvalue()
@@ -1025,12 +1022,12 @@ def test_download_mlqa_counts_unsafe_and_corrupt_archives_and_file_modes(server,
         download.download(["mlqa"], str(tmp_path / "counts"), base_url=server.url, check_counts=True)
     assert files_under(tmp_path / "counts") == []
     escape = "MLQA_V1/dev/../../../escaped.json"
-    server.files["MLQA_V1.zip"] = _mlqa_zip(server.files, {escape: b"{}"})
+    server.files["MLQA_V1.zip"] = _mlqa_zip(original, {escape: b"{}"})
     with pytest.raises(InputError, match="unsafe path in archive"):
         download.download(["mlqa"], str(tmp_path / "slip" / "data"), base_url=server.url)
     assert files_under(tmp_path / "slip") == []
     marker = b"CORRUPT-ME-" * 4
-    corrupt = _mlqa_zip({"MLQA_V1.zip": original}, {"MLQA_V1/readme.txt": marker}, stored=True)
+    corrupt = _mlqa_zip(original, {"MLQA_V1/readme.txt": marker}, stored=True)
     at = corrupt.index(marker)
     server.files["MLQA_V1.zip"] = corrupt[:at] + b"X" + corrupt[at + 1:]      # CRC now wrong
     with pytest.raises(InputError, match="corrupt archive member MLQA_V1/readme.txt"):
@@ -1695,6 +1692,16 @@ def test_qa_check_offsets_command(tmp_path):
     assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1
 
 
+def _learning_rates(opt, total_steps, warmup_steps):
+    """The lr of each of total_steps optimiser steps under make_scheduler."""
+    sched, lrs = qa.make_scheduler(opt, total_steps, warmup_steps), []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_qa_optimizer_groups_and_linear_schedule():
     ex = load_squad_examples(XQUAD_EN)[:4]
     model, _ = qa.load_model_and_tokenizer("tiny", texts=qa_texts(ex), seed=0)
@@ -1705,23 +1712,13 @@ def test_qa_optimizer_groups_and_linear_schedule():
     assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in no_decay["params"])
     assert not any("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    sched = qa.make_scheduler(opt, total_steps=10, warmup_steps=0)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert np.allclose(lrs, [1e-3 * (10 - i) / 10 for i in range(10)])
+    assert np.allclose(_learning_rates(opt, total_steps=10, warmup_steps=0),
+                       [1e-3 * (10 - i) / 10 for i in range(10)])
     assert opt.param_groups[0]["lr"] == 0.0
     # --warmup-steps 4 as Hugging Face's get_linear_schedule_with_warmup: step / 4, then decay
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = qa.make_scheduler(opt, total_steps=10, warmup_steps=4)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert np.allclose(lrs, [0, 0.25, 0.5, 0.75, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert np.allclose(_learning_rates(opt, total_steps=10, warmup_steps=4),
+                       [0, 0.25, 0.5, 0.75, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
 
 
 def test_qa_eq2_loss_and_the_optimiser_step_by_hand():
