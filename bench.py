@@ -676,6 +676,9 @@ def main(argv=None):
                    help="instead: save the --shape model (default small; random weights) and the "
                         "bench's 30k-piece tokenizer to a new DIR, to time distill.py --model DIR")
     args = p.parse_args(argv)
+    for name in ("steps", "reps", "batch_size", "eval_examples"):    # None: the shape's default
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.save_model:
         save_stand_in(args.save_model, args.shape or "small", args.xquad_dir)
         return

@@ -54,9 +54,11 @@ os.umask(_UMASK)
 
 # Ctrl-C while a script still imports torch and transformers (its first 2-3 s, before run_main):
 # a KeyboardInterrupt raised inside a C++ extension's import aborts the process ("terminate called
-# after throwing ... pybind11::error_already_set", SIGABRT). So in this project's scripts (not
-# in pytest or a user's program importing this module) SIGINT is only noted until run_main starts,
-# which then ends the run with one line and status 130.
+# after throwing ... pybind11::error_already_set", SIGABRT), and SIGTERM would end it without a
+# word. So in this project's scripts (not in pytest or a user's program importing this module)
+# a stop signal is only noted until run_main starts, which then ends the run with one line and
+# status 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _signals_while_starting = []
 
 
@@ -70,12 +72,18 @@ def _is_our_script():
     return os.path.dirname(script) in (here, os.path.join(here, "data"))
 
 
-if _is_our_script() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _note_signal)
+if _is_our_script():
+    for _signum in STOP_SIGNALS:
+        if signal.getsignal(_signum) in (signal.default_int_handler, signal.SIG_DFL):
+            signal.signal(_signum, _note_signal)
 
 
 class InputError(Exception):
     """An error the user caused and can fix; the message names the file, field or option."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN/inf: the run stops (exit status 3), the last checkpoint as it was."""
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
@@ -144,16 +152,37 @@ def run_main(main, resume_hint=None):
     """Run a script's main(). A user error is one stderr line and exit status 2, and so is a
     failed write (read-only or full disk); Ctrl-C and SIGTERM are one line and exit 128 + the
     signal's number (130, 143), with `resume_hint()`'s command where a run can be continued."""
-    if signal.getsignal(signal.SIGINT) is _note_signal:      # the imports are done
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if _signals_while_starting:
-        print("\ninterrupted (SIGINT) while starting; nothing was written", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)
+        signum = _signals_while_starting[0]
+        print(f"\ninterrupted ({signal.Signals(signum).name}) while starting; nothing was "
+              "written", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # the imports are done: from here a stop signal raises where the run is (KeyboardInterrupt,
+        # Stopped), so every cleanup runs; training defers it to a checkpoint (rundir.StopSignals)
+        previous = {s: signal.signal(s, signal.default_int_handler if s == signal.SIGINT
+                                     else _raise_stopped) for s in STOP_SIGNALS}
+    try:
+        _run(main, resume_hint)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def _run(main, resume_hint):
     try:
         main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     except BrokenPipeError:          # stdout closed early (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
@@ -168,6 +197,13 @@ def run_main(main, resume_hint=None):
         print(f"\ninterrupted ({signal.Signals(signum).name}); nothing is half-written" +
               (f"; to continue: {hint}" if hint else ""), file=sys.stderr, flush=True)
         sys.exit(128 + signum)
+
+
+def check_seed(seed, option="--seed"):
+    """A seed every generator of a run takes (numpy's legacy one, in a checkpoint's RNG state:
+    below 2^32)."""
+    if not 0 <= seed < 2**32:
+        raise InputError(f"{option} must be an integer in 0..{2**32 - 1}, got {seed}")
 
 
 def read_json(path):
@@ -237,9 +273,10 @@ def atomic_output_dir(path, overwrite=False):
     """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
 
     Refuses an existing `path` unless overwrite. On failure the temporary directory is removed
-    and `path` is left as it was.
+    and `path` is left as it was. A link to a directory stays a link: what it points to is
+    replaced.
     """
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{path}: is a file, not a directory; choose another output directory")
     if os.path.exists(path) and not overwrite:
@@ -251,8 +288,10 @@ def atomic_output_dir(path, overwrite=False):
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)   # mkdtemp makes 0700; give the usual permissions
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise OSError(e.errno, e.strerror, path) from None    # name what was being written
         raise
     with signals_held():                 # the swap is never left half done
         if os.path.exists(path):
@@ -273,8 +312,8 @@ def signals_held():
         yield                            # handlers can only be set from the main thread
         return
     arrived = []
-    held = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum))
+                for s in STOP_SIGNALS}
     try:
         yield
     finally:

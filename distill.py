@@ -56,11 +56,9 @@ Output directory (default runs/distill-ntl{ntl}-t{t}-{mode}; -ntl{ntl}-ce for --
 import argparse
 import contextlib
 import glob
-import json
 import math
 import os
 import shutil
-import sys
 import time
 from typing import NamedTuple
 
@@ -75,11 +73,11 @@ import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
-                    load_squad_examples, parse_with_preset, read_json, run_main)
+                    check_seed, load_squad_examples, parse_with_preset, read_json, run_main)
 from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
-                    aside_path, check_same_options, check_space, claim_output_dir,
+                    append_row, aside_path, check_same_options, check_space, claim_output_dir,
                     finish_replacing, install_model_files, parse_save_steps, read_log,
                     remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
@@ -111,10 +109,6 @@ AS_AUTHORS = dict(windows="legacy", softmax_support="all", batches="random", ans
                   alpha_rows=ALPHA_ROWS)
 
 
-class NonFiniteLoss(Exception):
-    """The loss became NaN/inf: the run stops, the last checkpoint stays as it was."""
-
-
 # -------------------------------------------------------------------- the run, as the paper reads
 def main(argv=None):
     args = parse_args(argv)
@@ -142,6 +136,7 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     # Sec. 4.2, Eq. 3: every (question, context) language pair of 1 + ntl languages per XQuAD id
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed)[:args.max_examples]
     student, tokenizer = load_student(args, examples, out)
+    train_qa.check_max_length(args.max_length, student, tokenizer)
     check_space(args.output_dir, student, 3 if args.ce_only else 4, is_master, world_size)
     features = build_features(examples, tokenizer, args.max_length, args.stride,  # windows
                               max_query_length=args.max_query_length, windows=args.windows)
@@ -149,6 +144,10 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     epoch_batches = lambda epoch: train_qa.batch_order(  # noqa: E731 (same order on resume)
         lengths, micro, args.seed, epoch, args.batches, rank=rank, world_size=world_size)
     steps_per_epoch = count_steps(epoch_batches(0), args.grad_accum, len(lengths))
+    dev = DevSet(args.mlqa_dir or MLQA_DIR, args, rank, world_size)    # Sec. 5.2; read before
+    if args.keep_best_epoch and not dev and is_master:                   # anything is written
+        print(f"note: no MLQA dev data ({args.mlqa_dir or MLQA_DIR}): --keep-best-epoch has no "
+              "scores to choose by; the final model is the last epoch's", flush=True)
     start_output_dir(out, student, tokenizer, args, is_master, world_size)
     student.to(device).train()
     model = ddp(student, device) if world_size > 1 else student
@@ -159,12 +158,14 @@ def distill(args, out, rank, world_size, device, is_master, stop):
     scheduler = make_scheduler(optimizer, steps_per_epoch * args.epochs)
     checkpoint = Checkpoint(out, {"student": student, "teacher": teacher}, optimizer, scheduler)
     torch.manual_seed(args.seed + rank)                          # dropout stream, as train_qa
-    epoch0, step, skip, best = restore(checkpoint, args, out, rank, world_size, is_master)
-    dev = DevSet(args.mlqa_dir or MLQA_DIR, args, rank, world_size)            # Sec. 5.2
+    epoch0, step, skip, best, scored = restore(checkpoint, args, out, rank, world_size, is_master)
     log = RunLog(out, is_master, len(examples), len(lengths), steps_per_epoch, args, device,
                  world_size, dev)
     opts, clock = step_options(args), SaveClock(args.save_steps)
     with stop.deferred():                    # a signal ends the step, saves, exits (rundir)
+        if not scored:                       # stopped while scoring the last epoch: again
+            best = score_epoch(epoch0 - 1, step, dev, student, tokenizer, device, out, args, best,
+                               checkpoint, log, stop, world_size, is_master)
         for epoch in range(epoch0, args.epochs):
             if teacher is not None and epoch > 0 and not skip:
                 teacher.load_state_dict(student.state_dict())    # Sec. 4.3: a new generation
@@ -180,7 +181,7 @@ def distill(args, out, rank, world_size, device, is_master, stop):
                             for j, (idx, share) in enumerate(passes))
                 loss, ce, kl, alpha = mean_over_ranks(stats, world_size)
                 step += 1
-                check_finite(loss, step, epoch, checkpoint.state_path)
+                train_qa.check_finite(loss, step, epoch, checkpoint.state_path)
                 log.step(bar, step, epoch, scheduler.get_last_lr()[0], loss, ce, kl, alpha,
                          step_batches)
                 optimizer_step(student, optimizer, scheduler)    # clip, AdamW, schedule
@@ -195,16 +196,12 @@ def distill(args, out, rank, world_size, device, is_master, stop):
                     stop_after_save(signum, checkpoint, is_master)
             skip = 0
             bar.close()
-            # end of epoch: MLQA-dev scores (every rank predicts a share, rank 0 scores), then the
-            # checkpoint every rank contributes to
-            metrics = dev.score(student, tokenizer, device) if dev else None
-            best = keep_best(out, args, epoch, metrics, best, student, tokenizer) if is_master \
-                else best
-            checkpoint.save(epoch + 1, step, 0, run_args(args), world_size, is_master, best=best)
+            # end of epoch: the checkpoint every rank contributes to, then the MLQA-dev scores
+            checkpoint.save(epoch + 1, step, 0, run_args(args), world_size, is_master, best=best,
+                            scored=not dev)
             clock.saved()
-            if is_master:
-                remove_stale_best(out, best)
-            log.epoch_done(epoch, step, metrics)
+            best = score_epoch(epoch, step, dev, student, tokenizer, device, out, args, best,
+                               checkpoint, log, stop, world_size, is_master)
             if stop_early(args, epoch, is_master):
                 break
         else:
@@ -374,15 +371,6 @@ def mean_over_ranks(stats, world_size):
     return stats.tolist()
 
 
-def check_finite(loss, step, epoch, state_path):
-    if not math.isfinite(loss):
-        where = (f"the last good checkpoint ({state_path}, after epoch {epoch}) is intact: "
-                 "--resume continues from it, or restart with a lower --lr") if epoch > 0 \
-            else "no checkpoint yet (first epoch): restart with --overwrite and a lower --lr"
-        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}, epoch {epoch + 1}; "
-                            f"stopped; {where}")
-
-
 def barrier(world_size):
     if world_size > 1:
         torch.distributed.barrier()
@@ -422,7 +410,8 @@ def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precisi
              for key, examples in mine.items()]
     predict_tasks(model, tokenizer, tasks, device=device, desc="MLQA dev",
                   feature_cache=feature_cache, precision=precision,
-                  max_query_length=max_query_length, windows=windows, answers=answers)
+                  max_query_length=max_query_length, windows=windows, answers=answers,
+                  progress_lines=rank == 0)
     predictions = {task["key"]: task["predictions"] for task in tasks}
     if world_size > 1:
         parts = [None] * world_size if rank == 0 else None
@@ -501,16 +490,17 @@ def start_output_dir(out, student, tokenizer, args, is_master, world_size):
 
 def restore(checkpoint, args, out, rank, world_size, is_master):
     """--resume: the checkpoint's weights, optimiser, schedule and RNG -> (epochs done, step,
-    steps done in the unfinished epoch, best dev score); the log rows written after it are
-    dropped. A new run: (0, 0, 0, None)."""
+    steps done in the unfinished epoch, best dev score, whether the last epoch's dev scores are
+    in); the log rows written after it are dropped. A new run: (0, 0, 0, None, True)."""
     if not args.resume:
-        return 0, 0, 0, None
+        return 0, 0, 0, None, True
     state = checkpoint.restore(rank, world_size, is_master)
+    scored = state.get("scored", True)       # False: stopped while scoring its epoch
     if is_master:  # forget what the interrupted run wrote after the checkpoint
         truncate_log(os.path.join(out, "train_log.jsonl"), "step", state["step"])
-        truncate_log(os.path.join(out, "dev_metrics.jsonl"), "epoch", state["epoch"])
+        truncate_log(os.path.join(out, "dev_metrics.jsonl"), "epoch", state["epoch"] - (not scored))
         remove_stale_best(out, state["best"])
-    return state["epoch"], state["step"], state["in_epoch"], state["best"]
+    return state["epoch"], state["step"], state["in_epoch"], state["best"], scored
 
 
 class RunLog:
@@ -524,6 +514,7 @@ class RunLog:
         self.file = open(os.path.join(out, "train_log.jsonl"), "a", encoding="utf-8") \
             if is_master else None
         self.lines = ProgressLines(is_master)       # the bar's content when stderr is no terminal
+        self.t0 = time.time()                        # (an epoch's bar starts it again)
         rows = read_log(os.path.join(out, "train_log.jsonl")) if is_master else []
         self.loss = rows[-1]["loss"] if rows else None   # the last step's (--resume: from the log)
         if is_master:
@@ -542,9 +533,8 @@ class RunLog:
         self.loss = loss
         kl, alpha = (kl, alpha) if self.teacher else (None, None)      # "w/ ce": no teacher
         if self.is_master:
-            self.file.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss,
-                                        "ce": ce, "kl": kl, "alpha": alpha}) + "\n")
-            self.file.flush()
+            append_row(self.file, {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss,
+                                   "ce": ce, "kl": kl, "alpha": alpha})
         bar.update(1)
         self.n += 1                                  # bar.n stays 0 when the bar is off
         elapsed = time.time() - self.t0
@@ -563,8 +553,8 @@ class RunLog:
             return
         if metrics is not None:
             with open(os.path.join(self.out, "dev_metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "xlt": metrics["xlt"],
-                                    "gxlt": metrics["gxlt"], "pairs": metrics["pairs"]}) + "\n")
+                append_row(f, {"epoch": epoch + 1, "xlt": metrics["xlt"], "gxlt": metrics["gxlt"],
+                               "pairs": metrics["pairs"]})
         msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {self.loss:.4f}, " \
               f"{time.time() - self.t0:.0f}s"
         if metrics is not None:
@@ -575,6 +565,24 @@ class RunLog:
     def close(self):
         if self.file and not self.file.closed:
             self.file.close()
+
+
+def score_epoch(epoch, step, dev, student, tokenizer, device, out, args, best, checkpoint, log,
+                stop, world_size, is_master):
+    """An epoch's end, its checkpoint written: the MLQA-dev scores (Sec. 5.2; every rank predicts
+    a share, rank 0 scores), --keep-best-epoch (a second checkpoint names the best) and the
+    epoch's line. A stop signal while they run ends the run at once: --resume scores the epoch
+    again from the checkpoint, the same weights. Returns the best so far."""
+    with stop.immediate():
+        metrics = dev.score(student, tokenizer, device) if dev else None
+        if args.keep_best_epoch and dev:
+            best = keep_best(out, args, epoch, metrics, best, student, tokenizer) if is_master \
+                else best
+            checkpoint.save(epoch + 1, step, 0, run_args(args), world_size, is_master, best=best)
+            if is_master:
+                remove_stale_best(out, best)
+    log.epoch_done(epoch, step, metrics)
+    return best
 
 
 def keep_best(out, args, epoch, metrics, best, student, tokenizer):
@@ -735,6 +743,7 @@ def parse_args(argv=None):
         raise InputError("--stride must be between 0 and --max-length")
     if args.max_examples is not None and args.max_examples < 1:
         raise InputError("--max-examples must be at least 1")
+    check_seed(args.seed)
     if args.ce_only and (args.map_k or args.no_ce):
         raise InputError("--ce-only cannot be combined with --map-k or --no-ce")
     if args.resume and args.overwrite:
@@ -756,11 +765,7 @@ stopped by SIGINT/SIGTERM/SIGUSR1 (during training: the checkpoint is saved firs
 
 
 def cli():
-    try:
-        run_main(main, resume_hint)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    run_main(main, resume_hint)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import os
 import re
 import string
 import sys
+import time
 import unicodedata
 from collections import Counter
 
@@ -58,9 +59,9 @@ import significance
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, TYDIQA_FILE, TYDIQA_ID_PREFIXES, TYDIQA_ZERO_SHOT,
                     XQUAD_DIR, XQUAD_ZERO_SHOT, ArgumentParser, InputError, atomic_output_dir,
-                    atomic_write_json, atomic_write_text, check_writable, load_squad_examples,
-                    parse_with_preset, read_json, run_main)
-from rundir import check_output_dir, write_marker
+                    atomic_write_json, atomic_write_text, check_seed, check_writable,
+                    load_squad_examples, parse_with_preset, read_json, run_main)
+from rundir import ProgressLines, check_output_dir, lock_output_dir, write_marker
 
 SQUAD = "squad"  # pseudo-language selecting the SQuAD v1.1 rules
 
@@ -313,6 +314,7 @@ EVAL_BATCH_SIZE = None                 # None: train_qa.eval_batch_size (128 on 
 AS_AUTHORS = dict(windows="legacy", answers="legacy", max_query_length=train_qa.MAX_QUERY_LENGTH,
                   precision="fp32")
 PREDICT_CHUNK = 2048                           # examples per train_qa.predict call
+ANSWER_BYTES = 40                              # an answer in a predictions file, about (JSON)
 
 
 def _note(notes, text):
@@ -390,12 +392,13 @@ def _tydiqa_tasks(path, explicit, languages, notes):
 
 def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=None, desc="eval",
                   feature_cache=None, precision="auto", max_query_length=train_qa.MAX_QUERY_LENGTH,
-                  windows="fast", answers="offsets"):
+                  windows="fast", answers="offsets", progress_lines=True):
     """Answers for every task's examples: sets task["predictions"] {id: text} and, for tasks
     with "nbest", task["nbest"] {id: [up to HIDDEN_K distinct texts, best first]}.
     windows / answers: train_qa.build_features's / train_qa.predict's (legacy: the authors').
     feature_cache: a dict kept by the caller to tokenise the same tasks only once (distill.py
-    evaluates MLQA dev after every epoch)."""
+    evaluates MLQA dev after every epoch). progress_lines: when stderr is no terminal (a batch
+    job), a line every few minutes in place of the bar (off on DDP ranks other than 0)."""
     index, items, want_nbest = {}, [], []
     for task in tasks:                     # dedupe by (question, context) over all tasks
         task["_rows"] = []
@@ -409,6 +412,7 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
             want_nbest[index[key]] |= bool(task["nbest"])
             task["_rows"].append(index[key])
     found = [None] * len(items)
+    lines, t0, done = ProgressLines(progress_lines), time.time(), 0
     with tqdm(total=len(items), desc=desc, unit="ex", disable=None) as bar:
         for n_best in (HIDDEN_K, 1):
             rows = [i for i in range(len(items)) if want_nbest[i] == (n_best > 1)]
@@ -432,6 +436,10 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
                     got = out[ex["id"]]
                     found[int(ex["id"])] = got if n_best > 1 else ([got] if got else [])
                 bar.update(len(chunk))
+                done += len(chunk)
+                rate = done / (time.time() - t0)
+                lines.maybe(lambda: f"{desc}: {done}/{len(items)} examples, {rate:.0f}/s, "
+                                    f"ETA {(len(items) - done) / rate / 60:.1f} min")
     for task in tasks:
         rows = task.pop("_rows")
         task["predictions"] = {ex["id"]: found[r][0] if found[r] else ""
@@ -497,6 +505,13 @@ def evaluate_model(model_dir, out_dir, tasks, batch_size=EVAL_BATCH_SIZE, device
     return metrics
 
 
+def _predictions_bytes(tasks):
+    """About the size of the predictions (and n-best lists) of `tasks`, to check before hours of
+    predicting that the disk has room: an id and ANSWER_BYTES per answer."""
+    return sum(len(ex["id"]) + ANSWER_BYTES * (1 + HIDDEN_K * bool(task["nbest"]))
+               for task in tasks for ex in task["examples"])
+
+
 def _load_baseline(path, option="--baseline"):
     """--baseline (or --compare, named by `option` in errors): a metrics.json, an evaluation
     directory holding one, or a model directory (then None: it is evaluated like the model)."""
@@ -527,6 +542,11 @@ def _check_model_args(args):
         _check_lang(args.lang)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    if args.max_query_length < 1:
+        raise InputError(f"--max-query-length must be at least 1, got {args.max_query_length}")
+    if not 0 <= args.hidden_knowledge_f1 <= 100:                      # also NaN
+        raise InputError(f"--hidden-knowledge-f1 must be a percentage, 0..100, got "
+                         f"{args.hidden_knowledge_f1}")
     check_output(args, [("--model", args.model), ("--baseline", args.baseline),
                         ("--mlqa-dir", args.mlqa_dir), ("--xquad-dir", args.xquad_dir),
                         ("--tydiqa-file", args.tydiqa_file), ("--dataset", args.dataset)])
@@ -592,6 +612,8 @@ def model_mode(args):
     baseline = _load_baseline(args.baseline) if args.baseline else None
     tasks = _collect_tasks(args, notes)
     name = _model_name(args.model)
+    models = 1 + (args.baseline is not None and baseline is None)     # a baseline model: twice
+    check_writable(args.output_dir, models * _predictions_bytes(tasks), "the predictions")
     with output_dir(args) as tmp:
         kw = dict(batch_size=args.batch_size, device=args.device, precision=args.precision,
                   max_query_length=args.max_query_length, windows=args.windows, answers=args.answers,
@@ -717,6 +739,14 @@ def compare_two(a, b, gold, n_resamples, seed):
     with the XLT selection made before the test)."""
     out = {"a": a["name"], "b": b["name"]}
     for group, pairs in gold.items():
+        for run in (a, b):                     # an evaluation answers every question it scored
+            for key, (examples, _) in pairs.items():
+                missing = sum(ex["id"] not in run["predictions"][group][key] for ex in examples)
+                if missing:
+                    raise InputError(
+                        f"{os.path.join(run.get('dir') or run['name'], 'predictions', group, key)}"
+                        f".json: no answer for {missing} of its {len(examples)} questions (an "
+                        "edited or damaged file): its evaluation would score them 0")
         scores = {side: {key: example_scores(examples, run["predictions"][group][key], lang)
                          for key, (examples, lang) in pairs.items()}
                   for side, run in (("a", a), ("b", b))}
@@ -898,7 +928,8 @@ def ask_mode(args):
     """--model DIR --question Q --context C (or --context-file F): the answer and its score, by
     train_qa.predict as in every evaluation (transformers 5 has no question-answering pipeline)."""
     if (args.context is None) == (args.context_file is None):
-        raise InputError("--question needs --context TEXT or --context-file FILE")
+        raise InputError("--question needs one of --context TEXT or --context-file FILE" +
+                         (", not both" if args.context is not None else ""))
     context = args.context
     if args.context_file is not None:
         try:
@@ -928,10 +959,15 @@ def main(argv=None):
             parser.error(" and ".join(f"--{m}" for m in modes) + " are separate modes")
         if not args.output_dir:
             parser.error(f"--{modes[0]} needs --output-dir")
-        if args.bootstrap < 0:
-            parser.error("--bootstrap must be 0 (no significance) or a number of resamples")
+        if not 0 <= args.bootstrap <= significance.MAX_RESAMPLES:
+            parser.error(f"--bootstrap must be 0 (no significance) or a number of resamples up "
+                         f"to {significance.MAX_RESAMPLES:,}")
+        check_seed(args.bootstrap_seed, "--bootstrap-seed")
+        train_qa.default_device(args.device)             # a device this machine has, or one line
         args.split = list(dict.fromkeys(args.split))
-        return {"model": model_mode, "sweep": sweep_mode, "compare": compare_mode}[modes[0]](args)
+        check_writable(args.output_dir)
+        with lock_output_dir(os.path.realpath(args.output_dir), args.output_dir):  # one at a time
+            return {"model": model_mode, "sweep": sweep_mode, "compare": compare_mode}[modes[0]](args)
     if args.question is not None:
         parser.error("--question needs --model DIR")
 

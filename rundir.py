@@ -20,7 +20,9 @@ import datetime
 import fcntl
 import json
 import os
+import pickle
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -32,12 +34,11 @@ import time
 import numpy as np
 import torch
 
-from common import (InputError, Stopped, atomic_write_json, atomic_write_text, check_writable,
-                    not_a_script)
+from common import (STOP_SIGNALS, InputError, Stopped, atomic_write_json, atomic_write_text,
+                    check_writable, not_a_script)
 
 MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
 WRITERS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 SAVE_MINUTES = 30                           # --save-steps auto: a checkpoint every 30 minutes
 PROGRESS_EVERY_S = 120                      # a progress line this often when stderr is no terminal
 ACTIVE = {"resume_with": None}              # this process's run, once it has a checkpoint: how
@@ -82,6 +83,59 @@ def write_marker(directory, kind):
         "created": datetime.datetime.now().isoformat(" ", "seconds")})
 
 
+def _marker(directory):
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(directory, MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+        return marker if isinstance(marker, dict) else {}
+    return {}
+
+
+# What --overwrite may delete: the names each script writes at the top of its output directory.
+# Anything else there (a user's notes or analysis, another tool's files) makes --overwrite refuse,
+# naming it. The model's files are recorded in the marker as they are installed
+# (install_model_files); runs from before that record are recognised by save_pretrained's names.
+OWN_NAMES = {
+    "train_qa": r"train_args\.json|train_log\.jsonl|checkpoint",
+    "distill": r"args\.json|train_log\.jsonl|dev_metrics\.jsonl|checkpoint|alpha\.png|best-epoch\d+",
+    "evaluate": r"metrics\.json|summary\.md|significance\.json|sweep\.md|predictions|nbest|"
+                r"baseline|fig\d+_[\w.-]+\.png"}
+ANY_OWN = re.escape(MARKER) + r"|\.tmp-.*"         # and the temporaries of a run that was killed
+MODEL_FILES = (r"(generation_)?config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)|"
+               r"(model\.safetensors|pytorch_model\.bin)\.index\.json|tokenizer(_config)?\.json|"
+               r"special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)|merges\.txt|"
+               r"(sentencepiece\.bpe|spiece|tokenizer)\.model|chat_template\.(jinja|json)")
+
+
+def foreign_entries(path, kind):
+    """The entries of `path` (an output of `kind`) that this project did not write, sorted; a
+    directory's name ends in "/". An evaluation kept inside a run (RUN/eval), itself all ours,
+    belongs to the run."""
+    ours = re.compile(f"{ANY_OWN}|{OWN_NAMES[kind]}" +
+                      ("" if kind == "evaluate" else f"|{MODEL_FILES}"))
+    recorded = set(_marker(path).get("files", ()))
+    foreign = []
+    for name in sorted(os.listdir(path)):
+        entry = os.path.join(path, name)
+        is_dir = os.path.isdir(entry) and not os.path.islink(entry)
+        if ours.fullmatch(name) or name in recorded:
+            continue
+        if kind != "evaluate" and is_dir and output_kind(entry) == "evaluate" and \
+                not foreign_entries(entry, "evaluate"):
+            continue
+        foreign.append(name + ("/" if is_dir else ""))
+    return foreign
+
+
+def record_files(directory, names):
+    """Add `names` (the model's files, as they are installed) to the marker's record of what
+    this run wrote: --overwrite knows them as ours whatever a library version calls them."""
+    marker = _marker(directory)
+    if marker:
+        marker["files"] = sorted(set(marker.get("files", ())) | set(names))
+        atomic_write_json(os.path.join(directory, MARKER), marker)
+
+
 def _inside(path, directory):
     """path is `directory` or lies below it (both absolute, links resolved)."""
     return os.path.commonpath([path, directory]) == directory
@@ -109,6 +163,12 @@ def check_output_dir(path, kind, overwrite=False, resume=False, inputs=(), optio
         whose = f"an output of {WRITERS[found]}" if found else "not an output of this project"
         raise InputError(f"{path}: {option} exists and is {whose}; {script} replaces only its "
                          f"own outputs (--overwrite): choose another {option}")
+    foreign = foreign_entries(out, kind)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise InputError(f"{path}: {option} is a {script} output but also holds what this project "
+                         f"did not write ({shown}); --overwrite would delete it: move it out "
+                         f"first, or choose another {option}")
     if not overwrite:
         hint = "--overwrite to replace it"
         if kind != "evaluate":
@@ -139,8 +199,10 @@ def on_rank0(check, is_master, world_size):
 def check_space(output_dir, model, state_copies, is_master, world_size):
     """Room for what a run writes, known from the model's size: the checkpoint (`state_copies`
     copies of the weights: student, teacher, Adam's two moments) twice while it is replaced, and
-    the final model."""
-    on_rank0(lambda: check_writable(output_dir, state_bytes(model, 2 * state_copies + 1),
+    the final model. A checkpoint already there (--resume) holds its share of that already."""
+    state = os.path.join(output_dir, "checkpoint", "state.pt")
+    there = os.path.getsize(state) if os.path.isfile(state) else 0
+    on_rank0(lambda: check_writable(output_dir, state_bytes(model, 2 * state_copies + 1) - there,
                                     "the checkpoint and final model"), is_master, world_size)
 
 
@@ -155,7 +217,7 @@ def add_output_options(group, script, state_copies):
                             f"{SAVE_MINUTES} minutes; 0: at epoch ends only")
     group.add_argument("--keep-checkpoint", default="last", choices=("last", "none"),
                        help=f"after the run: keep checkpoint/ (about {state_copies}x the model: "
-                            "--resume, or more epochs) or remove it")
+                            "--resume) or remove it")
 
 
 def has_checkpoint(out):
@@ -173,8 +235,8 @@ def start_fresh(out, kind):
     aside = aside_path(out)
     moved = None
     if os.path.isdir(out) and os.listdir(out):
-        if output_kind(out) != kind:     # check_output_dir refused it already; never delete it
-            raise InputError(f"{out}: not an output of {WRITERS[kind]}; not replaced")
+        if output_kind(out) != kind or foreign_entries(out, kind):  # check_output_dir refused
+            raise InputError(f"{out}: not an output of {WRITERS[kind]} alone; not replaced")
         if os.path.isdir(aside):
             # an earlier --overwrite never finished: the run aside is the last complete one and
             # stays; the unfinished one here (ours, as just checked) goes
@@ -208,11 +270,14 @@ class Lock:
     held = {}                                   # path -> Lock, in this process
 
     def __init__(self, path):
+        # links resolved: one lock file whatever name reaches it (runs/ a link to scratch space)
+        path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))),
+                            os.path.basename(path))
         self.path, self.fd, self.holder, self.waited, self.made_dir = path, None, "", False, False
         self.reentered = False
 
     def try_acquire(self):
-        key = os.path.abspath(self.path)
+        key = self.path
         if key in Lock.held:
             self.reentered = True
             return True
@@ -259,7 +324,7 @@ class Lock:
             return
         if self.fd is None:
             return
-        Lock.held.pop(os.path.abspath(self.path), None)
+        Lock.held.pop(self.path, None)
         with contextlib.suppress(OSError):
             os.unlink(self.path)          # before unlocking: see the class docstring
         os.close(self.fd)
@@ -292,8 +357,11 @@ def claim_output_dir(args, kind, inputs, is_master, world_size, check=None):
     """Rank 0 checks that args.output_dir can be written, takes its lock (one run per directory),
     then checks it (check_output_dir: not an input, not someone else's) and, for --resume, that
     it holds a checkpoint; then `check(out)` (the script's own: same options, ...). One decision
-    for every rank. -> (absolute path, the lock; other ranks: one with nothing to release)."""
-    out, lock = os.path.abspath(args.output_dir), Lock(lock_path(os.path.abspath(args.output_dir)))
+    for every rank. -> (absolute path, links resolved: a link to a directory elsewhere stays a
+    link, and its run is locked once whatever name it is given; the lock; other ranks: one with
+    nothing to release)."""
+    out = os.path.realpath(args.output_dir)
+    lock = Lock(lock_path(out))
 
     def claim():
         nonlocal lock
@@ -385,7 +453,12 @@ class Checkpoint:
     def restore(self, rank, world_size, is_master):
         """Weights, optimiser, schedule and RNG of the last checkpoint -> its state dict (epoch,
         step, in_epoch and the extras)."""
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise InputError(f"{self.state_path}: cannot be read, it is damaged "
+                             f"({str(e).splitlines()[0][:120]}); --overwrite starts the run "
+                             "again") from None
         for name, model in self.models.items():
             if model is not None:
                 model.load_state_dict(state[name])
@@ -413,9 +486,20 @@ def save_state(path, state):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+            e = e.__context__            # torch.save's writer reports a full disk as RuntimeError
         if isinstance(e, OSError) and e.errno is not None and not e.filename:
             raise OSError(e.errno, e.strerror, path) from None     # name the file
         raise
+
+
+def append_row(file, row):
+    """One row of a .jsonl log (an open file), flushed; a failed write (full disk) names the file."""
+    try:
+        file.write(json.dumps(row) + "\n")
+        file.flush()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, file.name) from None
 
 
 def read_log(path):
@@ -508,6 +592,18 @@ class StopSignals:
         finally:
             self.deferring = False
 
+    @contextlib.contextmanager
+    def immediate(self):
+        """Within deferred(): a stop signal ends the run at once (work a checkpoint already
+        covers, such as scoring a saved epoch); one noted before arrives now."""
+        if self.signum is not None:
+            raise Stopped(self.signum)
+        was, self.deferring = self.deferring, False
+        try:
+            yield self
+        finally:
+            self.deferring = was
+
     def agree(self, save_due, world_size, device):
         """(signal number or 0, save now?) agreed by every rank: a signal reaching one rank stops
         them all at the same step."""
@@ -544,6 +640,7 @@ def install_model_files(source, out):
     """Move a saved model's files from `source` into the run directory `out`, config.json last:
     until it lands the directory is not a loadable model, so a crash never leaves a half-written
     one. `source` (ours, inside `out`) is removed."""
+    record_files(out, os.listdir(source))
     for name in sorted(os.listdir(source), key=lambda n: n == "config.json"):
         os.replace(os.path.join(source, name), os.path.join(out, name))
     shutil.rmtree(source)

@@ -13,17 +13,21 @@ The context and the answers come from language c, the question from language q; 
 
 The output is a SQuAD v1.1-format file (one paragraph per distinct context).
 """
+import contextlib
 import os
+import re
 from collections import Counter
 
 import common  # noqa: F401 (first: a Ctrl-C while numpy imports is noted, not a traceback)
 import numpy as np
 
 from common import (LANGUAGES, SEED_LANGUAGE, XQUAD_DIR, ArgumentParser, InputError,
-                    atomic_write_json, examples_to_squad, load_squad_examples, run_main)
+                    atomic_write_json, check_seed, examples_to_squad, load_squad_examples,
+                    run_main)
 
 NTL = 5
 SEED = 3
+SAMPLE_ID = re.compile(r".+_[a-z]{2,3}-[a-z]{2,3}")   # {xquad_id}_{q}-{c}: every id of a sample
 
 
 def load_xquad(xquad_dir, languages):
@@ -54,8 +58,9 @@ def sample_cross_lingual(xquad_dir=XQUAD_DIR, ntl=NTL, seed=SEED, languages=LANG
     if not isinstance(ntl, (int, np.integer)) or not 0 <= ntl <= len(targets):
         raise InputError(f"--ntl must be an integer in 0..{len(targets)} for {len(languages)} "
                          f"languages, got {ntl}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, got {seed}")
+    if not isinstance(seed, (int, np.integer)):
+        raise InputError(f"--seed must be an integer, got {seed}")
+    check_seed(seed)
     if not os.path.isdir(xquad_dir):
         raise InputError(f"{xquad_dir}: XQuAD directory not found (--xquad-dir)")
     by_lang = load_xquad(xquad_dir, languages)
@@ -75,18 +80,33 @@ def sample_cross_lingual(xquad_dir=XQUAD_DIR, ntl=NTL, seed=SEED, languages=LANG
     return examples
 
 
+def is_sample(path):
+    """Whether `path` is a file this script wrote: SQuAD format, every id `{xquad_id}_{q}-{c}`
+    (--overwrite replaces nothing else, such as an XQuAD file given by mistake)."""
+    with contextlib.suppress(InputError):
+        ids = [ex["id"] for ex in load_squad_examples(path)]
+        return bool(ids) and all(SAMPLE_ID.fullmatch(i) for i in ids)
+    return False
+
+
 def main(argv=None):
     parser = ArgumentParser(description="Cross-lingual sampling of XQuAD (paper Sec. 4.2, Eq. 3)")
     parser.add_argument("--ntl", type=int, default=NTL,
                         help="number of target languages drawn per question (0..6)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--output", required=True, help="SQuAD-format output file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier sample in --output; never any other file")
     parser.add_argument("--xquad-dir", default=XQUAD_DIR)
     parser.add_argument("--languages", nargs="+", default=LANGUAGES,
                         help="training languages, in this fixed order; must include en")
     args = parser.parse_args(argv)
     if os.path.isdir(args.output):
         raise InputError(f"{args.output}: is a directory (--output must be a file)")
+    if os.path.exists(args.output) and not (args.overwrite and is_sample(args.output)):
+        raise InputError(f"{args.output}: exists" + (" and is not a sample written by sample.py; "
+                         "not replaced: choose another --output" if args.overwrite else
+                         " (--overwrite replaces an earlier sample)"))
     examples = sample_cross_lingual(args.xquad_dir, args.ntl, args.seed, args.languages)
     atomic_write_json(args.output, examples_to_squad(examples))
     print(f"wrote {len(examples)} examples ({len({ex['id'].rsplit('_', 1)[0] for ex in examples})}"

@@ -67,6 +67,7 @@ import numpy as np
 from common import InputError, not_a_script
 
 N_RESAMPLES = 10_000        # bootstrap resamples; the p-value's resolution is 1 / N
+MAX_RESAMPLES = 1_000_000   # --bootstrap's limit: the resamples are drawn as one array
 CONFIDENCE = 0.95           # two-sided percentile interval
 SEED = 0                    # np.random.default_rng seed; results are reproducible for a seed
 CHUNK_ELEMENTS = 8_000_000  # resamples x units per chunk: 64 MB per [chunk, units] int64 or

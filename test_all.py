@@ -469,7 +469,10 @@ def test_rundir_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, capsy
         calls.append(1)
         if len(calls) == 2:
             f.write(b"half a checkpoint")
-            raise OSError(28, "No space left on device")
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:                # as torch.save's writer reports it (torch 2.13)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
         return real_save(obj, f, *args, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -664,7 +667,8 @@ def test_rundir_ctrl_c_before_a_checkpoint_then_the_messages_agree(tmp_path, cap
                          capsys)[0] == 0
 
 
-def test_rundir_ctrl_c_in_evaluate_is_one_line_and_leaves_nothing(uninterrupted, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_rundir_ctrl_c_in_evaluate_is_one_line_and_leaves_nothing(uninterrupted, tmp_path, signum):
     out = tmp_path / "eval"
     proc = _script("evaluate_mlqa.py", ["--model", uninterrupted["distill"], "--output-dir", out,
                                         "--skip", "mlqa", "tydiqa", "--xquad-langs",
@@ -673,30 +677,289 @@ def test_rundir_ctrl_c_in_evaluate_is_one_line_and_leaves_nothing(uninterrupted,
     while not any(n.startswith(".tmp-eval") for n in os.listdir(tmp_path)):
         assert proc.poll() is None and time.time() - t0 < 120, _finish(proc).stderr[-2000:]
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     r = _finish(proc)
-    assert r.returncode == 130
+    assert r.returncode == 128 + signum, r.stderr[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in r.stderr
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("script", ["distill.py", "train_qa.py"])
-def test_rundir_ctrl_c_while_a_script_starts_is_one_line(tmp_path, script):
-    """Ctrl-C while a script still imports torch and transformers (2-3 s here, before run_main
-    runs): one line, no traceback, nothing written, status 130. (A KeyboardInterrupt inside
-    torch's import could abort the process: SIGABRT, "terminate called ...", CI 2026-12-02.)"""
+@pytest.mark.parametrize("script,signum", [("distill.py", signal.SIGINT),
+                                           ("train_qa.py", signal.SIGINT),
+                                           ("train_qa.py", signal.SIGTERM)])
+def test_rundir_ctrl_c_while_a_script_starts_is_one_line(tmp_path, script, signum):
+    """Ctrl-C or SIGTERM while a script still imports torch and transformers (2-3 s here, before
+    run_main runs): one line, no traceback, nothing written, status 128 + the signal. (A
+    KeyboardInterrupt inside torch's import could abort the process: SIGABRT, "terminate called
+    ...", CI 2026-12-02; SIGTERM ended it without a word.)"""
     out = tmp_path / "run"
     proc = _script(script, (RUN_TINY if script == "distill.py" else PHASE1_TINY) +
                    ["--output-dir", out])
     time.sleep(0.5)                              # past `import common`, inside torch's import
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     r = _finish(proc)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 128 + signum and "Traceback" not in r.stderr, r.stderr[-2000:]
     # "... while starting; ..." here; a machine done importing in 0.5 s gives run_main's own line
-    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGINT)")
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted ({signal.Signals(signum).name})")
     assert os.listdir(tmp_path) == []
+
+
+def test_rundir_overwrite_refuses_a_run_that_also_holds_files_of_yours(uninterrupted, tmp_path,
+                                                                       capsys):
+    """--overwrite deletes a run only when everything in it is the run's: a user's notes beside
+    the run's files, or inside the evaluation kept in it, make it refuse, naming them."""
+    for kind in ("distill", "train_qa"):                   # every file a run writes is known
+        assert rundir.foreign_entries(uninterrupted[kind], kind) == [], kind
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted["distill"], run)
+    marker = json.loads((run / rundir.MARKER).read_text())
+    assert "model.safetensors" in marker["files"]          # recorded as the model was installed
+    del marker["files"]                                    # a run from before that record
+    (run / rundir.MARKER).write_text(json.dumps(marker))
+    assert rundir.foreign_entries(str(run), "distill") == []
+    evaluation = run / "eval"                              # README: RUN/eval, the run's own
+    evaluation.mkdir()
+    rundir.write_marker(str(evaluation), "evaluate")
+    (evaluation / "metrics.json").write_text(json.dumps({"model": str(run)}))
+    (evaluation / "predictions").mkdir()
+    (evaluation / "fig1_mlqa_f1.png").write_bytes(b"png")
+    assert rundir.foreign_entries(str(run), "distill") == []
+    (evaluation / "my_analysis").mkdir()
+    (evaluation / "my_analysis" / "notes.md").write_text("a week of work")
+    (run / "thesis.tex").write_text("mine")
+    assert rundir.foreign_entries(str(run), "distill") == ["eval/", "thesis.tex"]
+    assert rundir.foreign_entries(str(evaluation), "evaluate") == ["my_analysis/"]
+    before = _tree(run)
+    code, err = _distill_main(RUN_TINY + ["--output-dir", run, "--overwrite"], capsys)
+    assert code == 2
+    _one_error_line(err, "eval/, thesis.tex", "did not write")
+    code, err = _in_process(evaluate_mlqa.main, ["--model", uninterrupted["distill"], "--output-dir",
+                                                 evaluation, "--overwrite", "--skip", "mlqa",
+                                                 "tydiqa"], capsys)
+    assert code == 2
+    _one_error_line(err, "my_analysis/")
+    with pytest.raises(InputError, match="not replaced"):  # start_fresh's own guard
+        rundir.start_fresh(str(run), "distill")
+    assert _tree(run) == before
+    _no_temporaries(tmp_path)
+
+
+def test_rundir_a_linked_output_dir_stays_a_link_and_is_locked_under_either_name(uninterrupted,
+                                                                                 tmp_path, capsys):
+    """runs/X a link to scratch space: --overwrite replaces what it points to (the link stays),
+    and a run reaching the directory by its other name finds it locked."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    shutil.copytree(uninterrupted["train_qa"], scratch / "run")
+    shutil.copytree(uninterrupted["distill"], scratch / "model")
+    (tmp_path / "run").symlink_to(scratch / "run")
+    (tmp_path / "eval").symlink_to(scratch / "eval")
+    held = rundir.Lock(rundir.lock_path(str(scratch / "run")))      # a run there, by its real name
+    held_eval = rundir.Lock(rundir.lock_path(str(scratch / "eval")))
+    assert held.try_acquire() and held_eval.try_acquire()
+    try:
+        r = _run("train_qa.py", PHASE1_TINY + ["--output-dir", tmp_path / "run", "--resume"])
+        _one_error_line(r, "in use by another run")
+        r = _run("evaluate_mlqa.py", ["--model", scratch / "model", "--output-dir",
+                                      tmp_path / "eval", "--skip", "mlqa", "tydiqa"])
+        _one_error_line(r, "in use by another run")
+        assert r.returncode == 2 and not os.path.exists(scratch / "eval")
+    finally:
+        held.release()
+        held_eval.release()
+    common.run_main(lambda: train_qa.main([str(a) for a in PHASE1_TINY] + [
+        "--epochs", "1", "--max-examples", "8", "--output-dir", str(tmp_path / "run"),
+        "--overwrite"]))
+    for argv in ([], ["--overwrite"]):                     # a new evaluation, then its replacement
+        _eval_main(["--model", str(scratch / "model"), "--output-dir", str(tmp_path / "eval"),
+                    "--skip", "mlqa", "tydiqa", "--xquad-langs", "el"] + argv)
+    assert (tmp_path / "run").is_symlink() and (tmp_path / "eval").is_symlink()
+    assert json.loads((scratch / "run" / "train_args.json").read_text())["epochs"] == 1
+    assert (scratch / "eval" / "metrics.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["eval", "run", "scratch"]
+    assert sorted(os.listdir(scratch)) == ["eval", "model", "run"]  # nothing aside, no lock left
+
+
+def test_rundir_save_state_on_a_full_disk_names_the_file_and_keeps_the_previous(tmp_path):
+    """torch.save reports a full disk as a RuntimeError ("unexpected pos"); save_state makes it
+    the OSError it is, naming the checkpoint, with the previous one intact."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount refused (not root, or no tmpfs): no small file system to fill")
+    try:
+        path = str(disk / "state.pt")
+        rundir.save_state(path, {"w": torch.ones(1000)})
+        with pytest.raises(OSError) as e:
+            rundir.save_state(path, {"w": torch.zeros(100_000)})   # 400 kB on a 300 kB disk
+        assert e.value.errno == errno.ENOSPC and e.value.filename == path
+        assert torch.equal(torch.load(path)["w"], torch.ones(1000))
+        assert os.listdir(disk) == ["state.pt"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_rundir_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted["distill"], run)
+    state = run / "checkpoint" / "state.pt"
+    os.truncate(state, state.stat().st_size // 2)          # not one we wrote: a copy cut short
+    code, err = _distill_main(RUN_TINY + ["--output-dir", run, "--resume"], capsys)
+    assert code == 2
+    _one_error_line(err, "state.pt", "damaged", "--overwrite")
+
+
+def test_rundir_space_for_a_resume_counts_the_checkpoint_already_there(tmp_path, monkeypatch):
+    model = torch.nn.Linear(100, 100)
+    need = rundir.state_bytes(model, 2 * 4 + 1)            # two checkpoints and the final model
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=need - 1000))
+    with pytest.raises(InputError, match="need about"):
+        rundir.check_space(str(tmp_path), model, 4, True, 1)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.pt").write_bytes(b"x" * 2000)   # --resume: its room is used
+    rundir.check_space(str(tmp_path), model, 4, True, 1)
+
+
+def test_eval_checks_room_for_its_predictions_before_predicting(uninterrupted, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=10_000))
+    monkeypatch.setattr(evaluate_mlqa, "evaluate_model", None)     # never reached
+    code, err = _in_process(evaluate_mlqa.main, ["--model", uninterrupted["distill"], "--output-dir",
+                                                 tmp_path / "eval", "--skip", "mlqa", "tydiqa",
+                                                 "--xquad-langs", "el"], capsys)
+    assert code == 2
+    _one_error_line(err, "the predictions need about")
+    assert os.listdir(tmp_path) == []
+
+
+def test_eval_without_a_terminal_prints_progress_lines(uninterrupted, tmp_path, capsys):
+    """In a batch job (stderr no terminal: the bar is off) evaluation says how far it is."""
+    _eval_main(["--model", uninterrupted["distill"], "--output-dir", str(tmp_path / "eval"),
+                "--skip", "mlqa", "tydiqa", "--xquad-langs", "el"])
+    assert re.search(r"^distill: (\d+)/\1 examples, \d+/s, ETA", capsys.readouterr().out, re.M)
+
+
+def test_distill_a_signal_while_scoring_an_epoch_stops_at_once_and_resume_scores_it(
+        enc_distill_runs, tmp_path, capsys):
+    """The epoch's checkpoint is written before its MLQA-dev scores: a SIGTERM while they run
+    ends the run at once (a cluster's grace period is short), and --resume scores the epoch
+    again, to the uninterrupted run's weights and dev scores."""
+    root = enc_distill_runs["root"]
+    argv = ["--model", "tiny-xlmr", "--ntl", "1", "--t", "2", "--map-k", "--max-examples", "60",
+            "--epochs", "2", "--mlqa-dir", str(root / "mlqa"), "--output-dir", tmp_path / "run"]
+    real, calls = distill.DevSet.score, []
+
+    def stopped(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)                                  # the handler raises before this ends
+            calls.append("not stopped")
+        return real(self, *args)
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(distill.DevSet, "score", stopped)
+            code, err = _distill_main(argv, capsys)
+        assert code == 143 and calls == [1], err[-2000:]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "SIGTERM" in lines[0] and "--resume" in lines[0], err
+        assert not (tmp_path / "run" / "dev_metrics.jsonl").exists()
+        code, err = _distill_main(argv + ["--resume"], capsys)
+        assert code == 0, err[-2000:]
+    finally:
+        torch.set_num_threads(n)
+    full = enc_distill_runs["full"]
+    assert _distill_same(_distill_weights(full), _distill_weights(str(tmp_path / "run")))
+    assert rundir.read_log(os.path.join(full, "dev_metrics.jsonl")) == \
+        rundir.read_log(str(tmp_path / "run" / "dev_metrics.jsonl"))
+
+
+def test_rundir_what_a_new_user_tried_is_one_line_before_any_work(uninterrupted, tmp_path,
+                                                                  capsys):
+    """Options and inputs a user tried on a fresh clone that once ended in a traceback, in a
+    half-made output directory, or in a run that trained on nothing useful."""
+    out = tmp_path / "out"
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(uninterrupted["train_qa"], no_tokenizer,
+                    ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special_tokens*"))
+    empty_mlqa = tmp_path / "mlqa"
+    empty_mlqa.mkdir()
+    model = uninterrupted["distill"]
+    ask = ["--model", model, "--question", "Who?", "--context", "Bob went to Paris."]
+    cases = [
+        (train_qa.main, PHASE1_TINY + ["--seed", "-1"], "--seed"),
+        (train_qa.main, PHASE1_TINY + ["--seed", str(2**70)], "--seed"),
+        (distill.main, RUN_TINY + ["--seed", str(2**70)], "--seed"),
+        (train_qa.main, PHASE1_TINY + ["--max-length", "600"], "--max-length 600"),  # 512 positions
+        (distill.main, RUN_TINY + ["--max-length", "600"], "--max-length 600"),
+        (distill.main, RUN_TINY + ["--mlqa-dir", empty_mlqa], "no MLQA dev files"),
+        (evaluate_mlqa.main, ["--model", no_tokenizer, "--question", "Who?", "--context", "Bob"],
+         "tokenizer files missing"),
+        (evaluate_mlqa.main, ask + ["--device", "foo"], "--device foo"),
+        (evaluate_mlqa.main, ask + ["--context-file", tmp_path / "none.txt"], "not both"),
+        (evaluate_mlqa.main, ["--model", model, "--output-dir", out, "--device", "foo"], "--device"),
+        (evaluate_mlqa.main, ["--model", model, "--output-dir", out, "--max-query-length", "0"],
+         "--max-query-length"),
+        (evaluate_mlqa.main, ["--model", model, "--output-dir", out, "--hidden-knowledge-f1",
+                              "nan"], "--hidden-knowledge-f1"),
+        (evaluate_mlqa.main, ["--compare", model, model, "--output-dir", out, "--bootstrap-seed",
+                              "-1"], "--bootstrap-seed"),
+        (evaluate_mlqa.main, ["--compare", model, model, "--output-dir", out, "--bootstrap",
+                              str(10**14)], "--bootstrap"),
+        (bench.main, ["--steps", "-1"], "--steps"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((evaluate_mlqa.main, ask + ["--device", "cuda"], "0 CUDA device"))
+    for main, argv, words in cases:
+        code, err = _in_process(main, argv, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]     # "error: ..." or, from
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (argv, err[-2000:])
+        assert "error: " in lines[0] and words in lines[0], (words, lines[0])  # argparse, "X.py: error: ..."
+    assert sorted(os.listdir(tmp_path)) == ["mlqa", "no-tokenizer"]   # nothing made, no lock left
+
+
+def test_qa_training_answers_not_at_their_offset_are_noted(capsys):
+    examples = load_squad_examples(os.path.join(XQUAD_DIR, "xquad.en.json"))[:20]
+    examples[3]["answers"][0]["answer_start"] += 1                   # another span
+    examples[7]["answers"][0]["answer_start"] = len(examples[7]["context"]) + 5   # outside
+    examples[9]["answers"][0]["answer_start"] = -3
+    train_qa.note_misplaced_answers(examples)
+    assert capsys.readouterr().out.startswith(f"note: 3 of 20 training answers are not at their "
+                                              f"answer_start in the context (first: id "
+                                              f"{examples[3]['id']})")
+    train_qa.note_misplaced_answers(load_squad_examples(os.path.join(XQUAD_DIR, "xquad.zh.json")))
+    assert capsys.readouterr().out == ""                               # XQuAD's all are in place
+
+
+def test_qa_phase1_nonfinite_loss_stops_with_status_3(tmp_path, capsys, monkeypatch):
+    real = train_qa.ce_loss
+    monkeypatch.setattr(train_qa, "ce_loss", lambda *a: real(*a) * float("nan"))
+    code, err = _in_process(train_qa.main, PHASE1_TINY + ["--output-dir", tmp_path / "run"], capsys)
+    assert code == 3
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "non-finite loss" in lines[0] and "step 1" in lines[0]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_eval_compare_refuses_predictions_with_questions_missing(uninterrupted, tmp_path, capsys):
+    first = tmp_path / "a"
+    _eval_main(["--model", uninterrupted["distill"], "--output-dir", str(first), "--skip", "mlqa",
+                "tydiqa", "--xquad-langs", "el"])
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    path = second / "predictions" / "xquad" / "el-el.json"
+    predictions = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(list(predictions.items())[:-5])))   # five answers dropped
+    code, err = _in_process(evaluate_mlqa.main, ["--compare", first, second, "--output-dir",
+                                                 tmp_path / "c"], capsys)
+    assert code == 2
+    _one_error_line(err, "el-el.json", "no answer for 5 of its")
 
 
 DDP_TINY = ["--model", "tiny", "--ntl", "1", "--max-examples", "16", "--batch-size", "4",
@@ -1202,6 +1465,25 @@ def test_sample_cli_bad_input(tmp_path):
         assert not out.exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     assert_user_error(run_script("sample.py", "--ntl", "1"), "--output")
+
+
+def test_sample_replaces_only_an_earlier_sample(tmp_path):
+    """--output naming an XQuAD file (an input) or a file of the user's is never replaced; an
+    earlier sample is, with --overwrite."""
+    mine, xquad = tmp_path / "mine.json", tmp_path / "xquad.en.json"
+    mine.write_text("a week of work")
+    shutil.copy(os.path.join(XQUAD_DIR, "xquad.en.json"), xquad)
+    before = xquad.read_bytes()
+    for path in (mine, xquad):
+        assert_user_error(run_script("sample.py", "--ntl", "1", "--output", str(path)), "exists",
+                          "--overwrite")
+        assert_user_error(run_script("sample.py", "--ntl", "1", "--output", str(path),
+                                     "--overwrite"), "not a sample", "not replaced")
+    assert mine.read_text() == "a week of work" and xquad.read_bytes() == before
+    out = str(tmp_path / "sample.json")
+    assert run_script("sample.py", "--ntl", "1", "--output", out).returncode == 0
+    assert run_script("sample.py", "--ntl", "2", "--output", out, "--overwrite").returncode == 0
+    assert len(load_squad_examples(out)) == 1190 * 9
 
 
 # ==================================================================================================

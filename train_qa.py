@@ -31,7 +31,6 @@ import contextlib
 import datetime
 import functools
 import glob
-import json
 import math
 import os
 import re
@@ -48,11 +47,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cpu_dropout
-from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
-                    atomic_write_json, load_squad_examples, parse_with_preset, read_json,
-                    run_main)
+from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, NonFiniteLoss,
+                    atomic_output_dir, atomic_write_json, check_seed, load_squad_examples,
+                    parse_with_preset, read_json, run_main)
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
-                    aside_path, check_same_options, check_space, claim_output_dir,
+                    append_row, aside_path, check_same_options, check_space, claim_output_dir,
                     finish_replacing, install_model_files, parse_save_steps, remove_checkpoint,
                     resume_hint, start_fresh, stop_after_save, truncate_log)
 
@@ -282,12 +281,24 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"{name_or_path}: its tokenizer ({type(tokenizer).__name__}) is not a fast "
                          "tokenizer; answers need a fast tokenizer's character offsets")
+    if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:   # transformers 5 makes one up
+        raise InputError(f"{name_or_path}: its tokenizer has {len(tokenizer)} tokens for a model "
+                         f"of {config.vocab_size}: are its tokenizer files missing?")
     if any("qa_outputs" in k for k in info.get("missing_keys", ())):
         if require_qa_head:
             raise InputError(f"{name_or_path}: not a fine-tuned QA model (its QA head is missing)")
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {name_or_path} has no QA head; it starts newly initialised (Sec. 4.1)")
     return model, tokenizer
+
+
+def check_max_length(max_length, model, tokenizer):
+    """--max-length within the positions the model has (512 for mBERT and XLM-R): found before
+    any work, not at the first long window."""
+    limit = min(tokenizer.model_max_length,
+                getattr(getattr(model, "config", None), "max_position_embeddings", max_length))
+    if max_length > limit:
+        raise InputError(f"--max-length {max_length}: the model takes at most {limit} tokens")
 
 
 def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
@@ -324,6 +335,21 @@ def pair_template(tokenizer):
     return template
 
 
+def note_misplaced_answers(examples):
+    """A training answer whose answer_start does not point at its text (outside the context, or
+    at another span) would label the wrong tokens or [CLS]: one note with their count and the
+    first id (rank 0), so a malformed data set is not trained on unseen."""
+    def in_place(answer, context):
+        return answer["answer_start"] >= 0 and context.startswith(answer["text"],
+                                                                  answer["answer_start"])
+    bad = [ex["id"] for ex in examples if ex["answers"] and not in_place(ex["answers"][0],
+                                                                          ex["context"])]
+    if bad and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {len(bad)} of {len(examples)} training answers are not at their "
+              f"answer_start in the context (first: id {bad[0]}); they train on the wrong span "
+              "or as no answer", flush=True)
+
+
 def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, train=True,
                    max_query_length=MAX_QUERY_LENGTH, windows="fast"):
     """Tokenise question + context into overlapping windows (Sec. 3 input) with the tokenizer's own
@@ -349,6 +375,8 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
     which this window is the "max context" one, the legacy rule: the window where the token has
     the most tokens on its shorter side, + 0.01 x window length, the first on a tie).
     """
+    if train:
+        note_misplaced_answers(examples)
     if windows not in WINDOWS:
         raise InputError(f"--windows must be one of {' '.join(WINDOWS)}, got {windows!r}")
     def encode(texts):
@@ -565,8 +593,19 @@ def set_matmul_precision(precision, device=None):
 
 
 def default_device(device=None):
-    """`device`, or where a run goes without one: the GPU when there is one."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device` (--device), or where a run goes without one: the GPU when there is one. A device
+    this machine lacks is one line, not a traceback when the first tensor moves there."""
+    try:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a device name (cpu, cuda, cuda:N, ...)") from None
+    if chosen.type == "cuda" and not (torch.cuda.is_available() and
+                                      (chosen.index or 0) < torch.cuda.device_count()):
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s) (torch {torch.__version__})")
+    if chosen.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: this project runs on cpu and cuda devices")
+    return chosen
 
 
 def cpu_has_bf16():
@@ -732,7 +771,9 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
                         (loss / len(step_batches)).backward()     # the last step may be short
                     total += loss.detach() / len(step_batches)
                 step += 1
-                log.step(step, epoch, scheduler.get_last_lr()[0], mean_loss(total, world_size),
+                loss = mean_loss(total, world_size)
+                check_finite(loss, step, epoch, run.checkpoint and run.checkpoint.state_path)
+                log.step(step, epoch, scheduler.get_last_lr()[0], loss,
                          sum(len(idx) for idx in step_batches) * world_size)
                 optimizer_step(raw, optimizer, scheduler)
                 run.after_step(epoch, step, i + 1, len(steps), world_size, device, log)
@@ -741,6 +782,18 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
             log.epoch_done(epoch, step)
     log.close()
     return raw
+
+
+def check_finite(loss, step, epoch, state_path):
+    """A NaN or infinite loss stops the run (NonFiniteLoss: exit status 3) before the optimiser
+    step spreads it into the weights; the last checkpoint stays as it was."""
+    if not math.isfinite(loss):
+        where = (f"the last good checkpoint ({state_path}, after epoch {epoch}) is intact: "
+                 "--resume continues from it, or restart with a lower --lr") \
+            if epoch > 0 and state_path else \
+            "no checkpoint yet (first epoch): restart with --overwrite and a lower --lr"
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}, epoch {epoch + 1}; "
+                            f"stopped; {where}")
 
 
 def micro_batch(batch_size, world_size, grad_accum):
@@ -822,9 +875,7 @@ class Phase1Log:
         if not self.enabled:
             return
         if self.file:
-            self.file.write(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss})
-                            + "\n")
-            self.file.flush()
+            append_row(self.file, {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss})
         elapsed = time.time() - self.t0
         self.bar.update(1)
         if self.done % LOG_EVERY == 0:
@@ -1170,6 +1221,7 @@ def run(args, resume_with=None):
         set_matmul_precision(args.precision, device)    # this stage's own, never inherited
         texts = [x for ex in examples for x in (ex["question"], ex["context"])]
         model, tokenizer = load_phase1_model(args, out, texts)
+        check_max_length(args.max_length, model, tokenizer)
         check_space(args.output_dir, model, 3, is_master, world_size)    # weights, Adam x 2
         features = build_features(examples, tokenizer, args.max_length, args.stride,
                                   max_query_length=args.max_query_length, windows=args.windows)
@@ -1202,6 +1254,7 @@ def check_args(args):
         raise InputError(f"--weight-decay must be 0 or a positive number, got {args.weight_decay}")
     if args.warmup_steps < 0:
         raise InputError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    check_seed(args.seed)
     if not 0 < args.stride < args.max_length:
         raise InputError("--stride must be between 0 and --max-length")
     if args.resume and args.overwrite:
