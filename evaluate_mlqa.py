@@ -398,7 +398,7 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
     windows / answers: train_qa.build_features's / train_qa.predict's (legacy: the authors').
     feature_cache: a dict kept by the caller to tokenise the same tasks only once (distill.py
     evaluates MLQA dev after every epoch). progress_lines: when stderr is no terminal (a batch
-    job), a line every few minutes in place of the bar (off on DDP ranks other than 0)."""
+    job), a line on stderr every few minutes in place of the bar (off on DDP ranks other than 0)."""
     index, items, want_nbest = {}, [], []
     for task in tasks:                     # dedupe by (question, context) over all tasks
         task["_rows"] = []
@@ -412,7 +412,7 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
             want_nbest[index[key]] |= bool(task["nbest"])
             task["_rows"].append(index[key])
     found = [None] * len(items)
-    lines, t0, done = ProgressLines(progress_lines), time.time(), 0
+    lines, t0, done = ProgressLines(progress_lines, sys.stderr), time.time(), 0
     with tqdm(total=len(items), desc=desc, unit="ex", disable=None) as bar:
         for n_best in (HIDDEN_K, 1):
             rows = [i for i in range(len(items)) if want_nbest[i] == (n_best > 1)]
@@ -939,6 +939,7 @@ def ask_mode(args):
             raise InputError(f"{args.context_file}: cannot read ({e})") from None
     if not args.question.strip() or not context.strip():
         raise InputError("--question and the context must not be empty")
+    train_qa.default_device(args.device)             # a device this machine has, or one line
     train_qa.set_matmul_precision(args.precision, args.device)
     model, tokenizer = train_qa.load_model_and_tokenizer(args.model, require_qa_head=True)
     example = {"id": "question", "question": args.question, "context": context}

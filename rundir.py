@@ -648,16 +648,17 @@ def install_model_files(source, out):
 
 class ProgressLines:
     """A line every PROGRESS_EVERY_S seconds when stderr is not a terminal (nohup, sbatch), where
-    tqdm's bar is off: step, loss, windows/s, ETA."""
+    tqdm's bar is off: step, loss, windows/s, ETA. `file`: stdout (training's log) or stderr
+    (evaluation, whose stdout is its summary)."""
 
-    def __init__(self, enabled):
+    def __init__(self, enabled, file=None):
         self.enabled = enabled and not sys.stderr.isatty()
-        self.last = 0.0
+        self.last, self.file = 0.0, file
 
     def maybe(self, text_fn):
         if self.enabled and time.time() - self.last >= PROGRESS_EVERY_S:
             self.last = time.time()
-            print(text_fn(), flush=True)
+            print(text_fn(), file=self.file or sys.stdout, flush=True)
 
 
 if __name__ == "__main__":

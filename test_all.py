@@ -839,7 +839,9 @@ def test_eval_without_a_terminal_prints_progress_lines(uninterrupted, tmp_path, 
     """In a batch job (stderr no terminal: the bar is off) evaluation says how far it is."""
     _eval_main(["--model", uninterrupted["distill"], "--output-dir", str(tmp_path / "eval"),
                 "--skip", "mlqa", "tydiqa", "--xquad-langs", "el"])
-    assert re.search(r"^distill: (\d+)/\1 examples, \d+/s, ETA", capsys.readouterr().out, re.M)
+    printed = capsys.readouterr()                          # stdout: the summary alone
+    assert re.search(r"^distill: (\d+)/\1 examples, \d+/s, ETA", printed.err, re.M)
+    assert printed.out == (tmp_path / "eval" / "summary.md").read_text()
 
 
 def test_distill_a_signal_while_scoring_an_epoch_stops_at_once_and_resume_scores_it(

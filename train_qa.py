@@ -589,7 +589,7 @@ def set_matmul_precision(precision, device=None):
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {' '.join(PRECISIONS)}, got {precision!r}")
     torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
-    note_slow_bf16(precision, default_device(device).type)
+    note_slow_bf16(precision, torch.device(device).type if device else default_device().type)
 
 
 def default_device(device=None):
