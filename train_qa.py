@@ -282,8 +282,8 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
         raise InputError(f"{name_or_path}: its tokenizer ({type(tokenizer).__name__}) is not a fast "
                          "tokenizer; answers need a fast tokenizer's character offsets")
     if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:   # transformers 5 makes one up
-        raise InputError(f"{name_or_path}: its tokenizer has {len(tokenizer)} tokens for a model "
-                         f"of {config.vocab_size}: are its tokenizer files missing?")
+        raise InputError(f"{name_or_path}: cannot use its tokenizer, files missing or malformed "
+                         f"({len(tokenizer)} tokens for a model of {config.vocab_size})")
     if any("qa_outputs" in k for k in info.get("missing_keys", ())):
         if require_qa_head:
             raise InputError(f"{name_or_path}: not a fine-tuned QA model (its QA head is missing)")
