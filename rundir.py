@@ -49,13 +49,9 @@ ACTIVE = {"resume_with": None}              # this process's run, once it has a 
 def output_kind(path):
     """'train_qa', 'distill' or 'evaluate' for an output this project wrote; None otherwise.
     Runs made before the marker existed are recognised by the files only that script writes."""
-    marker = os.path.join(path, MARKER)
-    if os.path.isfile(marker):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            with open(marker, encoding="utf-8") as f:
-                kind = json.load(f).get("kind")
-            return kind if kind in WRITERS else None
-        return None
+    if os.path.isfile(os.path.join(path, MARKER)):
+        kind = _marker(path).get("kind")
+        return kind if kind in WRITERS else None
 
     def has(*names):
         return all(os.path.exists(os.path.join(path, n)) for n in names)
