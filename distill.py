@@ -58,6 +58,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import shutil
 import time
 from typing import NamedTuple
@@ -606,7 +607,7 @@ def remove_stale_best(out, best):
     best and the checkpoint that records it leaves one behind)."""
     keep = best_dir(out, best) if best else None
     for path in glob.glob(os.path.join(out, "best-epoch*")):
-        if path != keep:
+        if path != keep and re.fullmatch(r"best-epoch\d+", os.path.basename(path)):  # ours only
             shutil.rmtree(path, ignore_errors=True)
 
 

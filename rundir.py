@@ -248,7 +248,7 @@ def start_fresh(out, kind):
 def finish_replacing(out, display):
     """The new output is complete: the run it replaced, set aside at the start, goes."""
     aside = aside_path(out)
-    if os.path.isdir(aside):
+    if os.path.isdir(aside) and output_kind(aside):   # what start_fresh set aside, ours
         shutil.rmtree(aside)
         print(f"replaced the previous run in {display} (kept aside until now)")
 

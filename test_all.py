@@ -742,7 +742,18 @@ def test_rundir_overwrite_refuses_a_run_that_also_holds_files_of_yours(uninterru
     _one_error_line(err, "my_analysis/")
     with pytest.raises(InputError, match="not replaced"):  # start_fresh's own guard
         rundir.start_fresh(str(run), "distill")
+    (run / "best-epoch-notes").mkdir()                    # resume's clean-up of best-epoch<N>
+    (run / "best-epoch2").mkdir()                         # dirs spares a name only like them
+    distill.remove_stale_best(str(run), None)
+    assert (run / "best-epoch-notes").is_dir() and not (run / "best-epoch2").exists()
+    (run / "best-epoch-notes").rmdir()
     assert _tree(run) == before
+    mine = tmp_path / ".mine.replaced"                    # named like an aside, not one of ours
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    rundir.finish_replacing(str(tmp_path / "mine"), "mine")
+    assert (mine / "notes.md").read_text() == "mine"
+    shutil.rmtree(mine)
     _no_temporaries(tmp_path)
 
 
