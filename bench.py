@@ -11,6 +11,8 @@
     python bench.py --quick --json --compile      # + rows of ours under torch.compile (--compile)
     python bench.py --save-model runs/small       # the small stand-in as a model directory, to time
                                                   # distill.py itself: --model runs/small
+    python bench.py --end-to-end 10               # distill.py itself, fp32 against bf16: 10 rounds of
+                                                  # fresh runs on the small stand-in (issue 20)
 
 Both sides run on the same cross-lingual XQuAD sample (sample.py, ntl=5, seed=3), the same model
 shape and the same random weights, in one process:
@@ -45,8 +47,12 @@ import functools
 import json
 import math
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import common  # noqa: F401 (first: OpenMP's wait policy before torch loads it)
@@ -635,7 +641,7 @@ def bench_significance(n_resamples, reps, n_ids=11_600):
 
 
 # -------------------------------------------------------------------- main
-def save_stand_in(out, shape, xquad_dir):
+def save_stand_in(out, shape, xquad_dir, say=True):
     """The bench's stand-in model (random weights) and tokenizer (BENCH_VOCAB pieces learnt from
     the texts of the main command's sample) as a model directory: distill.py end to end on it."""
     if os.path.exists(out):                      # never written over: it may be a user's model
@@ -648,8 +654,56 @@ def save_stand_in(out, shape, xquad_dir):
     with atomic_output_dir(out) as tmp:         # whole or not at all
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    print(f"saved the {shape} stand-in ({len(tokenizer)} pieces, random weights) to {out}; time "
-          f"e.g.: python distill.py --model {out} --max-examples 480 --epochs 1 --precision bf16")
+    if say:
+        print(f"saved the {shape} stand-in ({len(tokenizer)} pieces, random weights) to {out}; "
+              f"time e.g.: python distill.py --model {out} --max-examples 480 --epochs 1 "
+              f"--precision bf16")
+
+
+END_TO_END_EXAMPLES = 480   # the first 480 of the main command's sample: 23 steps of 24 rows
+EPOCH_LINE = re.compile(r"^epoch 1/1: step \d+, loss \S+, ([0-9.]+)s", re.MULTILINE)
+
+
+def bench_end_to_end(rounds, model_dir, precisions, max_examples, xquad_dir):
+    """distill.py itself, in fresh processes: `rounds` rounds of one run per precision (their order
+    alternating between rounds, against the machine's drift), one epoch on the first
+    `max_examples` examples of the main command's sample. Each runs in an empty working directory,
+    so that no MLQA dev data is found and the epoch's seconds (from its line) are training only."""
+    times = []
+    with tempfile.TemporaryDirectory(prefix="bench-end-to-end-") as work:
+        for i in range(rounds):
+            row = {}
+            for precision in precisions if i % 2 == 0 else precisions[::-1]:
+                out = os.path.join(work, f"run-{i}-{precision}")
+                cmd = [sys.executable, os.path.abspath(distill.__file__), "--model", model_dir,
+                       "--max-examples", str(max_examples), "--epochs", "1",
+                       "--precision", precision, "--xquad-dir", os.path.abspath(xquad_dir),
+                       "--output-dir", out, "--keep-checkpoint", "none"]
+                proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+                shutil.rmtree(out, ignore_errors=True)              # a temporary run of ours
+                found = EPOCH_LINE.search(proc.stdout)
+                if proc.returncode != 0 or not found:
+                    last = (proc.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+                    raise InputError(f"--end-to-end: distill.py --precision {precision} ended with "
+                                     f"status {proc.returncode}: {last}")
+                row[precision] = float(found.group(1))
+            if len(precisions) == 2:     # the second's speed over the first's (bf16 over fp32)
+                row["speedup"] = round(row[precisions[0]] / row[precisions[1]], 3)
+            print(f"round {i + 1}/{rounds}: " + ", ".join(f"{p} {row[p]:.1f} s" for p in precisions)
+                  + (f"; {precisions[1]} {row['speedup']:.2f}x as fast as {precisions[0]}"
+                     if "speedup" in row else ""), flush=True)
+            times.append(row)
+    result = {"rounds": times, "examples": max_examples, "model": model_dir,
+              "median_s": {p: round(statistics.median(r[p] for r in times), 2) for p in precisions}}
+    summary = ", ".join(f"{p} {result['median_s'][p]:.1f} s" for p in precisions)
+    if len(precisions) == 2:
+        speedups = [r["speedup"] for r in times]
+        result.update(median_speedup=statistics.median(speedups), min_speedup=min(speedups),
+                      max_speedup=max(speedups))
+        summary += (f"; {precisions[1]} {result['median_speedup']:.2f}x as fast as "
+                    f"{precisions[0]} ({result['min_speedup']:.2f}-{result['max_speedup']:.2f}x)")
+    print(f"median of {rounds} round(s): {summary}", flush=True)
+    return result
 
 
 def main(argv=None):
@@ -675,12 +729,40 @@ def main(argv=None):
     p.add_argument("--save-model", metavar="DIR", default=None,
                    help="instead: save the --shape model (default small; random weights) and the "
                         "bench's 30k-piece tokenizer to a new DIR, to time distill.py --model DIR")
+    p.add_argument("--end-to-end", metavar="ROUNDS", type=int, default=None,
+                   help="instead: time distill.py itself, one epoch in fresh processes, in fp32 "
+                        "and bf16 (or the --precision named) per round; the epoch's seconds, "
+                        "the ratio per round and the median")
+    p.add_argument("--model", default=None,
+                   help="--end-to-end: a model directory (default: the --shape stand-in, default "
+                        "small, saved to a temporary directory first, about a minute)")
+    p.add_argument("--max-examples", type=int, default=END_TO_END_EXAMPLES,
+                   help="--end-to-end: distill.py --max-examples")
     args = p.parse_args(argv)
-    for name in ("steps", "reps", "batch_size", "eval_examples"):    # None: the shape's default
+    for name in ("steps", "reps", "batch_size", "eval_examples", "end_to_end", "max_examples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.save_model:
         save_stand_in(args.save_model, args.shape or "small", args.xquad_dir)
+        return
+    if args.end_to_end:
+        if args.device is not None:
+            p.error("--device: --end-to-end times distill.py on the device it picks itself")
+        if args.model is not None and not os.path.isdir(args.model):
+            raise InputError(f"--model {args.model}: not a model directory")
+        precisions = ["fp32", "bf16"] if args.precision == "auto" else [args.precision]
+        device = train_qa.default_device(None)
+        if "bf16" in precisions:
+            train_qa.note_slow_bf16("bf16", device.type)
+        with tempfile.TemporaryDirectory(prefix="bench-stand-in-") as tmp:
+            model_dir = os.path.abspath(args.model) if args.model else os.path.join(tmp, "model")
+            if not args.model:
+                save_stand_in(model_dir, args.shape or "small", args.xquad_dir, say=False)
+            result = bench_end_to_end(args.end_to_end, model_dir, precisions, args.max_examples,
+                                      args.xquad_dir)
+        result["device"] = _device_name(device)
+        if args.json:
+            print(json.dumps({"end_to_end": result}))
         return
     if args.significance:
         result = {"significance": bench_significance(10_000, args.reps or 3)}

@@ -557,7 +557,7 @@ class RunLog:
                 append_row(f, {"epoch": epoch + 1, "xlt": metrics["xlt"], "gxlt": metrics["gxlt"],
                                "pairs": metrics["pairs"]})
         msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {self.loss:.4f}, " \
-              f"{time.time() - self.t0:.0f}s"
+              f"{time.time() - self.t0:.1f}s"
         if metrics is not None:
             msg += f"; MLQA dev G-XLT F1 {metrics['gxlt']['f1']:.2f}, XLT F1 " \
                    f"{metrics['xlt']['f1']:.2f}"

@@ -5839,6 +5839,48 @@ def test_bench_save_model_writes_a_new_stand_in_and_never_over_a_directory(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "stand-in"]   # no temporary left
 
 
+def test_bench_end_to_end_times_fresh_distill_runs_and_leaves_only_the_model(tmp_path, capsys,
+                                                                            monkeypatch):
+    """--end-to-end (issue 20's measure): per round one distill.py per precision, the order
+    alternating between rounds, each in an empty working directory (no MLQA dev found), its
+    epoch's seconds read from its own line; the speed-up is the first's seconds over the second's;
+    the runs go, the model stays as it was; a run that fails is its last line, status 2. (The
+    processes are distill.py's command line in this one, to save their start-up.)"""
+    model_dir = qa_dropout0_model_dir(str(tmp_path / "model"), ["Who? Bob went home."] * 4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    seen = []
+
+    def distill_here(cmd, cwd, **kwargs):
+        assert cmd[1] == os.path.join(REPO, "distill.py") and os.listdir(cwd) == []
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code, _ = _distill_main(cmd[2:])
+        out, err = capsys.readouterr()
+        seen.append((cmd[cmd.index("--precision") + 1], sorted(os.listdir(cwd)), out))
+        monkeypatch.chdir(REPO)
+        return subprocess.CompletedProcess(cmd, code, out, err)
+    monkeypatch.setattr(bench.subprocess, "run", distill_here)
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    result = bench.bench_end_to_end(2, model_dir, ["fp32", "tf32"], 24, XQUAD_DIR)
+    assert [(precision, listed) for precision, listed, _ in seen] == [
+        ("fp32", ["run-0-fp32"]), ("tf32", ["run-0-tf32"]),     # each run alone, then removed
+        ("tf32", ["run-1-tf32"]), ("fp32", ["run-1-fp32"])]     # the second round the other way
+    seconds = [float(re.search(r"^epoch 1/1: step \d+, loss [0-9.]+, ([0-9.]+)s$", out,
+                               re.MULTILINE).group(1)) for _, _, out in seen]
+    assert result["rounds"] == [
+        {"fp32": seconds[0], "tf32": seconds[1], "speedup": round(seconds[0] / seconds[1], 3)},
+        {"tf32": seconds[2], "fp32": seconds[3], "speedup": round(seconds[3] / seconds[2], 3)}]
+    assert result["median_s"]["fp32"] == pytest.approx((seconds[0] + seconds[3]) / 2, abs=0.01)
+    assert "median of 2 round(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]      # the runs are gone
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    with pytest.raises(SystemExit) as stop:        # a run that fails: its last line, status 2
+        common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(tmp_path),
+                                            "--precision", "fp32"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "distill.py --precision fp32" in err[0], err
+
+
 def test_bench_profile_groups_ops_by_name_and_region():
     g = bench.profile_group
     assert g("aten::mm", set()) == g("aten::addmm", set()) == "matmul"
