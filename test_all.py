@@ -1011,18 +1011,22 @@ def _rank_pid(out, rank):
 
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory, eval_env):
-    """An uninterrupted 2-process run (one node) with MLQA-dev scores (49 pairs) after each epoch."""
+    """An uninterrupted 2-process run (one node) with MLQA-dev scores (49 pairs) after each epoch,
+    from a tiny model without dropout (so that one process can train the same weights)."""
     root = tmp_path_factory.mktemp("ddp")
-    mlqa = eval_env["mlqa"]
+    init = qa_dropout0_model_dir(str(root / "init"), qa_texts(
+        sample.sample_cross_lingual(XQUAD_DIR, 1, 3)[:16]), seed=3)
+    argv = [init if a == "tiny" else a for a in DDP_TINY] + ["--mlqa-dir", eval_env["mlqa"]]
     out = root / "one-node"
-    r = _finish(_torchrun(DDP_TINY + ["--mlqa-dir", mlqa, "--output-dir", out]))
+    r = _finish(_torchrun(argv + ["--output-dir", out]))
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"root": root, "mlqa": mlqa, "out": str(out)}
+    return {"root": root, "mlqa": eval_env["mlqa"], "out": str(out), "init": init, "argv": argv,
+            "stdout": r.stdout}
 
 
 def test_rundir_ddp_signal_to_one_rank_stops_all_at_one_step(ddp_reference, tmp_path):
     out = tmp_path / "run"
-    argv = DDP_TINY + ["--mlqa-dir", ddp_reference["mlqa"], "--output-dir", out]
+    argv = ddp_reference["argv"] + ["--output-dir", out]
     proc = _torchrun(argv)
     _wait_for_rows(str(out / "train_log.jsonl"), 2, proc)          # epoch 1, mid-epoch
     pid = _rank_pid(out, 1)
@@ -1046,13 +1050,34 @@ def test_rundir_ddp_two_nodes_equal_one_node(ddp_reference, tmp_path):
     port = _free_port()
     launcher = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes")
-    argv = DDP_TINY + ["--mlqa-dir", ddp_reference["mlqa"], "--output-dir", out]
+    argv = ddp_reference["argv"] + ["--output-dir", out]
     nodes = [_torchrun(argv, *launcher) for _ in range(2)]
     results = [_finish(node) for node in nodes]
     assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
     assert _same_weights(out, ddp_reference["out"])
     assert open(out / "train_log.jsonl").read() == \
         open(os.path.join(ddp_reference["out"], "train_log.jsonl")).read()
+
+
+def test_rundir_ddp_equals_one_process_accumulating_the_same_micro_batches(ddp_reference, tmp_path):
+    """distill.py on 2 processes (2 rows each, one alpha group each) equals 1 process
+    accumulating the same two micro-batches per step: weights (dropout 0: to float rounding),
+    the teacher's generations and every log row (loss, CE, KL and alpha averaged over ranks)."""
+    two, one = ddp_reference["out"], str(tmp_path / "one")
+    assert "x 2" in ddp_reference["stdout"]                   # "device cpu x 2"
+    state = _distill_state(two)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    qa_torchrun("distill.py", ddp_reference["argv"] + ["--output-dir", one, "--grad-accum", "2"], 1)
+    rows_two = distill.read_log(os.path.join(two, "train_log.jsonl"))
+    rows_one = distill.read_log(os.path.join(one, "train_log.jsonl"))
+    assert len(rows_two) == state["step"] > 2
+    for a, b in zip(rows_two, rows_one, strict=True):
+        assert (a["step"], a["epoch"]) == (b["step"], b["epoch"])
+        for key in ("lr", "loss", "ce", "kl", "alpha"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    start = _distill_weights(ddp_reference["init"])
+    assert qa_relative_distance(_distill_weights(two), _distill_weights(one), start) < 1e-3
+    assert qa_relative_distance(state["teacher"], _distill_state(one)["teacher"], start) < 1e-3
 
 
 def test_rundir_ddp_dev_scores_shared_by_ranks_equal_one_process(ddp_reference):
@@ -3792,34 +3817,6 @@ def test_distill_plain_skd_writes_no_alpha_figure(tmp_path):
     assert rows and all(r["alpha"] == 1.0 for r in rows)    # what the figure would have shown
     assert os.path.isfile(os.path.join(out, "config.json"))
     assert not os.path.exists(os.path.join(out, "alpha.png"))
-
-
-def test_distill_two_process_gloo(tmp_path):
-    """distill.py on 2 processes (2 rows each, one alpha group each) equals 1 process
-    accumulating the same two micro-batches per step: weights (dropout 0: to float rounding),
-    the teacher's generations and every log row (loss, CE, KL and alpha averaged over ranks)."""
-    init = qa_dropout0_model_dir(str(tmp_path / "init"), qa_texts(
-        sample.sample_cross_lingual(XQUAD_DIR, 1, 3)[:6]), seed=3)
-    argv = [a if a != "tiny" else init for a in DISTILL_TINY] + [
-        "--epochs", "2", "--max-examples", "6", "--lr", "1e-3"]    # 24 windows: 12 micro-batches
-    two, one = str(tmp_path / "ddp"), str(tmp_path / "one")
-    r = qa_torchrun("distill.py", argv + ["--output-dir", two], 2)
-    assert "x 2" in r.stdout                                  # "device cpu x 2"
-    state = _distill_state(two)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
-    assert os.path.isfile(os.path.join(two, "config.json"))
-    qa_torchrun("distill.py", argv + ["--output-dir", one, "--grad-accum", "2"], 1)
-    rows_two = distill.read_log(os.path.join(two, "train_log.jsonl"))
-    rows_one = distill.read_log(os.path.join(one, "train_log.jsonl"))
-    assert len(rows_two) == state["step"] == 12
-    for a, b in zip(rows_two, rows_one, strict=True):
-        assert (a["step"], a["epoch"]) == (b["step"], b["epoch"])
-        for key in ("lr", "loss", "ce", "kl", "alpha"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
-    start = _distill_weights(init)
-    assert qa_relative_distance(_distill_weights(two), _distill_weights(one), start) < 1e-3
-    state_one = _distill_state(one)
-    assert qa_relative_distance(state["teacher"], state_one["teacher"], start) < 1e-3
 
 
 @pytest.mark.parametrize("extra", [["--ntl", "9"], ["--t", "0"], ["--k", "0"], ["--t", "nan"],
