@@ -760,7 +760,8 @@ def main(argv=None):
                 save_stand_in(model_dir, args.shape or "small", args.xquad_dir, say=False)
             result = bench_end_to_end(args.end_to_end, model_dir, precisions, args.max_examples,
                                       args.xquad_dir)
-        result["device"] = _device_name(device)
+        result.update(model=args.model or f"the {args.shape or 'small'} stand-in",
+                      device=_device_name(device))
         if args.json:
             print(json.dumps({"end_to_end": result}))
         return
