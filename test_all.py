@@ -214,6 +214,40 @@ def test_common_signals_held_delays_a_ctrl_c_to_the_end_of_the_block():
     assert done == ["the block went on"]
 
 
+def test_common_run_main_gives_the_callers_signal_handlers_back():
+    """run_main (scripts run in-process, e.g. by a test or a notebook) puts back the SIGINT,
+    SIGTERM and SIGUSR1 handlers it found."""
+    def mine(signum, frame):
+        pass
+    before = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
+    try:
+        for s in common.STOP_SIGNALS:
+            signal.signal(s, mine)
+        common.run_main(lambda: None)
+        assert all(signal.getsignal(s) is mine for s in common.STOP_SIGNALS)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_common_run_main_lets_an_oserror_without_errno_through():
+    """An OSError with no errno is a bug, not a disk the user can fix: its traceback shows, not
+    "error: output: ..." and status 2."""
+    def main():
+        raise OSError("no errno")
+    with pytest.raises(OSError, match="no errno"):
+        common.run_main(main)
+
+
+def test_common_check_seed_takes_exactly_0_to_2_32_minus_1():
+    """numpy's legacy generator (in a checkpoint's RNG state) takes seeds below 2^32."""
+    for seed in (0, 2**32 - 1):
+        common.check_seed(seed)
+    for seed in (-1, 2**32):
+        with pytest.raises(InputError, match="--seed"):
+            common.check_seed(seed)
+
+
 # ==================================================================================================
 # ==== rundir
 # rundir.py and its use in train_qa, distill, evaluate_mlqa: whose an output is (--overwrite),
@@ -1091,6 +1125,138 @@ def test_rundir_ddp_dev_scores_shared_by_ranks_equal_one_process(ddp_reference):
     assert rows[-1]["gxlt"] == alone["gxlt"] and rows[-1]["xlt"] == alone["xlt"]
 
 
+def test_rundir_a_bare_metrics_json_or_a_marker_that_is_no_object_is_not_ours(tmp_path):
+    """A user's directory holding only another tool's metrics.json (no "model") is no evaluation
+    of ours, so --overwrite never replaces it; a marker that is valid JSON but not an object is no
+    marker (not a traceback)."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
+    assert rundir.output_kind(str(theirs)) is None
+    with pytest.raises(InputError, match="not an output of this project"):
+        rundir.check_output_dir(str(theirs), "evaluate", overwrite=True)
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / rundir.MARKER).write_text("[]")
+    (listed / "metrics.json").write_text(json.dumps({"model": "m"}))
+    assert rundir.output_kind(str(listed)) is None
+
+
+def test_rundir_foreign_entries_names_near_misses_of_our_names_and_a_users_subdirectories(
+        tmp_path):
+    """--overwrite deletes only names a script writes, matched whole: a user's args.json.bak or
+    checkpoint-old/, an empty or figure-holding directory without an evaluation's marker, and a
+    model's config.json inside an evaluation are theirs; a model file the marker recorded (a name
+    a future library may use) is ours."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_marker(str(run), "distill")
+    (run / "args.json").write_text("{}")
+    (run / "args.json.bak").write_text("mine")
+    (run / "checkpoint-old").mkdir()
+    (run / "notes").mkdir()
+    (run / "plots").mkdir()
+    (run / "plots" / "fig1_mine.png").write_bytes(b"png")       # named like an evaluation's
+    (run / "weights.custom").write_bytes(b"w")
+    rundir.record_files(str(run), ["weights.custom"])
+    assert rundir.foreign_entries(str(run), "distill") == ["args.json.bak", "checkpoint-old/",
+                                                          "notes/", "plots/"]
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    rundir.write_marker(str(evaluation), "evaluate")
+    (evaluation / "metrics.json").write_text(json.dumps({"model": "m"}))
+    (evaluation / "config.json").write_text("{}")
+    assert rundir.foreign_entries(str(evaluation), "evaluate") == ["config.json"]
+
+
+def test_rundir_overwrite_refuses_an_input_reached_through_a_link(tmp_path):
+    """--output-dir a link to the --model run, or --model given by a link to --output-dir: the
+    same directory, refused before --overwrite could replace the model."""
+    model = tmp_path / "model"
+    model.mkdir()
+    rundir.write_marker(str(model), "distill")
+    (model / "args.json").write_text("{}")
+    (tmp_path / "out-link").symlink_to(model)
+    (tmp_path / "model-link").symlink_to(model)
+    for out, given in ((tmp_path / "out-link", model), (model, tmp_path / "model-link")):
+        with pytest.raises(InputError, match="is --model"):
+            rundir.check_output_dir(str(out), "distill", overwrite=True,
+                                    inputs=[("--model", str(given))])
+    assert sorted(os.listdir(model)) == [rundir.MARKER, "args.json"]
+
+
+def test_rundir_overwrite_after_an_unfinished_overwrite_keeps_the_complete_run_aside(tmp_path):
+    """An --overwrite that never finished left the complete run aside (.NAME.replaced) and an
+    unfinished one in NAME: the next --overwrite keeps the complete one and starts NAME afresh."""
+    out, aside = tmp_path / "run", tmp_path / ".run.replaced"
+    for d, which in ((aside, "complete"), (out, "unfinished")):
+        d.mkdir()
+        rundir.write_marker(str(d), "distill")
+        (d / "args.json").write_text(json.dumps({"which": which}))
+    assert rundir.start_fresh(str(out), "distill") is None
+    assert json.loads((aside / "args.json").read_text()) == {"which": "complete"}
+    assert os.listdir(out) == [rundir.MARKER]
+
+
+def test_rundir_read_log_drops_a_last_line_cut_short(tmp_path):
+    """A kill or a full disk in the middle of a log row: --resume reads the rows before it."""
+    path = tmp_path / "train_log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert rundir.read_log(str(path)) == [{"step": 1}, {"step": 2}]
+    rundir.truncate_log(str(path), "step", 1)
+    assert rundir.read_log(str(path)) == [{"step": 1}]
+
+
+def test_rundir_a_refused_output_dir_leaves_no_lock_behind(tmp_path):
+    """claim_output_dir takes the lock, then refuses the directory: the lock goes with the error
+    (no NAME.lock left beside it, none held by this process)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.write_marker(str(out), "distill")
+    (out / "args.json").write_text("{}")
+    args = types.SimpleNamespace(output_dir=str(out), overwrite=False, resume=False)
+    with pytest.raises(InputError, match="exists"):
+        rundir.claim_output_dir(args, "distill", [], True, 1)
+    assert os.listdir(tmp_path) == ["run"]
+    lock = rundir.Lock(rundir.lock_path(str(out)))
+    assert lock.try_acquire() and not lock.reentered
+    lock.release()
+
+
+def _adamw_at_a_constant_lr(model):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_rundir_a_checkpoint_from_before_mid_epoch_saves_resumes_at_its_epoch_end(tmp_path,
+                                                                                 monkeypatch):
+    """A checkpoint written before mid-epoch checkpoints existed has no "in_epoch": it was an
+    epoch's end (0 steps done in the next), not a KeyError."""
+    monkeypatch.setitem(rundir.ACTIVE, "resume_with", None)
+    model = torch.nn.Linear(3, 2)
+    (tmp_path / "checkpoint").mkdir()
+    checkpoint = rundir.Checkpoint(str(tmp_path), {"model": model}, *_adamw_at_a_constant_lr(model), "x")
+    checkpoint.save(2, 10, 0, {}, 1, True)
+    state = torch.load(checkpoint.state_path, weights_only=False)
+    del state["in_epoch"]
+    torch.save(state, checkpoint.state_path)
+    restored = checkpoint.restore(0, 1, True)
+    assert (restored["epoch"], restored["step"], restored["in_epoch"]) == (2, 10, 0)
+
+
+def test_rundir_a_signal_noted_during_a_step_ends_the_next_immediate_block_at_once():
+    """A stop signal noted while training defers it (e.g. during the epoch's checkpoint) ends the
+    run when the epoch's scoring starts, not after it (a cluster's grace period is short)."""
+    ran = []
+    with rundir.StopSignals() as stop, stop.deferred():
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(common.Stopped) as e:
+            with stop.immediate():
+                ran.append("scored")
+    assert e.value.signum == signal.SIGTERM and ran == []
+
+
 # ==================================================================================================
 # ==== download
 # data/download.py: verified downloads, against a server on 127.0.0.1
@@ -1522,6 +1688,18 @@ def test_sample_replaces_only_an_earlier_sample(tmp_path):
     assert run_script("sample.py", "--ntl", "1", "--output", out).returncode == 0
     assert run_script("sample.py", "--ntl", "2", "--output", out, "--overwrite").returncode == 0
     assert len(load_squad_examples(out)) == 1190 * 9
+
+
+def test_sample_overwrite_never_replaces_a_squad_file_without_questions(tmp_path):
+    """is_sample: a SQuAD-format file with no question (a user's, or a template) is no sample,
+    so --overwrite leaves it; a sample sample.py wrote is one."""
+    empty = tmp_path / "mine.json"
+    empty.write_text(json.dumps({"version": "1.1", "data": []}))
+    assert not sample.is_sample(str(empty))
+    written = tmp_path / "sample.json"
+    examples = sample.sample_cross_lingual(XQUAD_DIR, ntl=0, seed=3, languages=["en"])[:3]
+    common.atomic_write_json(str(written), common.examples_to_squad(examples))
+    assert sample.is_sample(str(written))
 
 
 # ==================================================================================================
@@ -2734,6 +2912,72 @@ def test_qa_as_authors_is_their_phase1_and_explicit_options_win(tmp_path):
     plain = qa.parse_args([])
     assert (plain.epochs, plain.batch_size, plain.max_query_length, plain.softmax_support,
             plain.batches, plain.windows) == (3, 24, 64, "context", "grouped", "fast")
+
+
+def test_qa_phase1_resume_forgets_the_log_rows_after_its_checkpoint(tmp_path, monkeypatch):
+    """train_qa.py killed after step 5 with a checkpoint at step 3: --resume drops rows 4 and 5
+    of train_log.jsonl, which it is about to write again."""
+    monkeypatch.setitem(rundir.ACTIVE, "resume_with", None)
+    model = torch.nn.Linear(3, 2)
+    (tmp_path / "checkpoint").mkdir()
+    rundir.Checkpoint(str(tmp_path), {"model": model}, *_adamw_at_a_constant_lr(model), "x").save(
+        0, 3, 3, {}, 1, True)
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "epoch": 1, "lr": 0.1, "loss": 1.0}) + "\n"
+                           for s in range(1, 6)))
+    run = train_qa.Phase1Run(str(tmp_path), resume=True, resume_with="x")
+    assert run.start(model, *_adamw_at_a_constant_lr(model), 0, 1) == (0, 3, 3)
+    assert [r["step"] for r in rundir.read_log(str(log))] == [1, 2, 3]
+
+
+def test_qa_check_finite_stops_on_infinity_and_names_the_checkpoint_only_when_there_is_one(
+        tmp_path):
+    """+-inf stops a run like NaN (before the optimiser step spreads it); the line names the
+    checkpoint exactly when its file exists (a mid-epoch --save-steps save in the first epoch
+    too), and always advises a new run with a lower --lr (--resume refuses a changed --lr)."""
+    state = tmp_path / "run" / "checkpoint" / "state.pt"
+    for loss in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(common.NonFiniteLoss):
+            train_qa.check_finite(loss, 9, 1, str(state))
+    for epoch in (0, 1):
+        with pytest.raises(common.NonFiniteLoss) as e:
+            train_qa.check_finite(float("nan"), 9, epoch, str(state))
+        assert "no checkpoint was saved yet" in str(e.value) and str(state) not in str(e.value)
+        assert "--overwrite and a lower --lr" in str(e.value)
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"saved")
+    for epoch in (0, 1):                       # epoch 0: a --save-steps checkpoint mid-epoch
+        with pytest.raises(common.NonFiniteLoss) as e:
+            train_qa.check_finite(float("nan"), 9, epoch, str(state))
+        assert f"the last checkpoint ({state}) is as it was" in str(e.value)
+    with pytest.raises(common.NonFiniteLoss) as e:
+        train_qa.check_finite(float("nan"), 9, 1, None)         # a bare loop (no run directory)
+    assert "no checkpoint was saved yet" in str(e.value)
+    train_qa.check_finite(1.5, 1, 0, str(state))
+
+
+def test_qa_max_length_may_reach_the_smaller_of_the_models_and_the_tokenizers_limit():
+    """--max-length up to min(the model's positions, the tokenizer's model_max_length), that
+    limit included (512 for mBERT; XLM-R's config says 514, its tokenizer 512)."""
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=514))
+    tokenizer = types.SimpleNamespace(model_max_length=512)
+    train_qa.check_max_length(512, model, tokenizer)
+    with pytest.raises(InputError, match="at most 512"):
+        train_qa.check_max_length(513, model, tokenizer)
+
+
+def test_qa_default_device_refuses_a_gpu_index_the_machine_lacks_and_other_device_types(
+        monkeypatch):
+    """On a one-GPU machine cuda:0 is taken and cuda:1 is one line; a device type this project
+    does not run on (meta, mps) is one line too, not a failure at the first tensor."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert train_qa.default_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError, match="1 CUDA device"):
+        train_qa.default_device("cuda:1")
+    for name in ("meta", "mps"):
+        with pytest.raises(InputError, match="cpu and cuda"):
+            train_qa.default_device(name)
 
 
 # ==================================================================================================
@@ -4029,6 +4273,43 @@ def test_distill_compile_matches_eager():
             assert torch.allclose(q.grad, p.grad, rtol=1e-3, atol=1e-5), name
 
 
+def test_distill_resume_of_an_unscored_epoch_drops_its_dev_row_before_scoring_it_again(
+        tmp_path, monkeypatch):
+    """An epoch's checkpoint is written before its MLQA-dev scores (scored=False): --resume scores
+    that epoch again, so it first drops the epoch's dev_metrics.jsonl row a killed run may have
+    written (else the epoch has two rows); a scored epoch's row stays."""
+    monkeypatch.setitem(rundir.ACTIVE, "resume_with", None)
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    (tmp_path / "checkpoint").mkdir()
+    checkpoint = rundir.Checkpoint(str(tmp_path), {"student": student, "teacher": teacher},
+                                   *_adamw_at_a_constant_lr(student), "x")
+    dev = tmp_path / "dev_metrics.jsonl"
+    args = types.SimpleNamespace(resume=True)
+    for scored, rows in ((False, []), (True, [1])):
+        checkpoint.save(1, 6, 0, {}, 1, True, best=None, scored=scored)
+        dev.write_text(json.dumps({"epoch": 1, "gxlt": {"f1": 30.0}}) + "\n")
+        assert distill.restore(checkpoint, args, str(tmp_path), 0, 1, True) == \
+            (1, 6, 0, None, scored)
+        assert [r["epoch"] for r in rundir.read_log(str(dev))] == rows
+
+
+def test_distill_and_qa_resume_refuses_a_change_of_any_option_that_shapes_the_weights():
+    """--resume continues to the same final weights only with the same training options: every
+    option is in RESUME_KEYS but those listed here, which may change between a run and its
+    resume (where outputs go, how often it saves, data for dev scores, the mode's flags, which
+    "mode" holds). A new option must be placed on one side."""
+    may_change = {
+        distill: {"alpha_rows_given", "ce_only", "compile", "data_base_url", "keep_checkpoint",
+                  "map_k", "mlqa_dir", "no_ce", "no_prepare", "output_dir", "overwrite",
+                  "phase1_model", "resume", "save_steps", "stop_after_epoch"},
+        train_qa: {"check_offsets", "compile", "keep_checkpoint", "output_dir", "overwrite",
+                   "resume", "save_steps", "xquad_dir"}}
+    for module, argv in ((distill, ["--output-dir", "x"]), (train_qa, ["--output-dir", "x"])):
+        options = set(vars(module.parse_args(argv)))
+        assert options - set(module.RESUME_KEYS) <= may_change[module], module.__name__
+        assert set(module.RESUME_KEYS) <= options
+
+
 # ==================================================================================================
 # ==== evaluate_mlqa
 # evaluate_mlqa.py: official-equivalent scoring, Table 1's counts, model mode, comparisons with
@@ -5033,6 +5314,75 @@ def test_eval_feature_cache_gives_the_same_predictions(eval_env, monkeypatch):
     assert predictions(cache) == plain and not built
 
 
+def test_eval_hidden_knowledge_f1_outside_0_to_100_is_refused(tmp_path):
+    """A negative --hidden-knowledge-f1 would count every top-10 answer as correct (F1 0 >= it):
+    one line before any work, like one above 100."""
+    for value in ("-5", "101"):
+        args, _ = evaluate_mlqa.parse_args(["--model", str(tmp_path / "m"), "--output-dir",
+                                            str(tmp_path / "o"), "--hidden-knowledge", "f1",
+                                            "--hidden-knowledge-f1", value])
+        with pytest.raises(InputError, match="--hidden-knowledge-f1"):
+            evaluate_mlqa._check_model_args(args)
+
+
+def test_eval_n_best_lists_kept_when_another_data_set_holds_the_same_example(monkeypatch):
+    """Examples are predicted once per (question, context) over all data sets: an MLQA-dev
+    example (n-best list for Table 1) also in a --dataset file keeps its n-best list."""
+    ex = {"id": "q1", "question": "Who?", "context": "Bob went.",
+          "answers": [{"text": "Bob", "answer_start": 0}]}
+    dev = evaluate_mlqa.mlqa_task("dev", "en", "en", "dev.json", [ex], nbest=True)
+    extra = {"group": "mine", "key": None, "lang": "en", "path": "mine.json", "nbest": False,
+             "examples": [dict(ex)]}
+    monkeypatch.setattr(train_qa, "build_features", lambda *args, **kw: None)
+    monkeypatch.setattr(train_qa, "predict", lambda model, tokenizer, chunk, n_best_size=1, **kw: {
+        e["id"]: ["Bob", "went"] if n_best_size > 1 else "Bob" for e in chunk})
+    evaluate_mlqa.predict_tasks(None, None, [dev, extra], progress_lines=False)
+    assert dev["nbest"] == {"q1": ["Bob", "went"]} and dev["predictions"] == {"q1": "Bob"}
+    assert extra["predictions"] == {"q1": "Bob"}
+
+
+def test_eval_an_evaluation_read_as_baseline_compare_or_sweep_is_never_the_output_replaced(
+        tmp_path):
+    """--output-dir naming the evaluation given to --baseline, --compare or --sweep, with
+    --overwrite: refused before any work (the new output would replace what it reads)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "args.json").write_text(json.dumps({"ntl": 5, "t": 2.0, "mode": "skd-map", "seed": 3}))
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    rundir.write_marker(str(ev), "evaluate")
+    (ev / "metrics.json").write_text(json.dumps({"model": str(model),
+                                                 "mlqa-dev": {"pairs": _eval_fake_pairs()}}))
+    before = _tree(ev)
+    for argv, option, mode in (
+            (["--model", str(model), "--baseline", str(ev)], "--baseline",
+             evaluate_mlqa._check_model_args),
+            (["--compare", str(ev), "--bootstrap", "0"], "--compare", evaluate_mlqa.compare_mode),
+            (["--sweep", str(ev)], "--sweep", evaluate_mlqa.sweep_mode)):
+        args, _ = evaluate_mlqa.parse_args(argv + ["--output-dir", str(ev), "--overwrite"])
+        with pytest.raises(InputError, match=f"is {option}"):
+            mode(args)
+        assert _tree(ev) == before
+    assert sorted(os.listdir(tmp_path)) == ["eval", "model"]
+
+
+def test_eval_compare_xquad_reports_its_xlt_and_no_g_xlt():
+    """XQuAD (and TyDiQA) hold same-language pairs only: a comparison reports their XLT, not a
+    G-XLT or G-XLT q!=c of MLQA's."""
+    gold, a, b = {"xquad": {}}, {"name": "A", "predictions": {"xquad": {}}}, \
+        {"name": "B", "predictions": {"xquad": {}}}
+    for lang in ("el", "ru"):
+        examples = load_squad_examples(os.path.join(XQUAD_DIR, f"xquad.{lang}.json"))[:20]
+        gold["xquad"][f"{lang}-{lang}"] = (examples, evaluate_mlqa.SQUAD)
+        a["predictions"]["xquad"][f"{lang}-{lang}"] = {ex["id"]: "" for ex in examples}
+        b["predictions"]["xquad"][f"{lang}-{lang}"] = {ex["id"]: ex["answers"][0]["text"]
+                                                       for ex in examples}
+    out = evaluate_mlqa.compare_two(a, b, gold, 200, 0)
+    for metric in ("f1", "exact_match"):
+        assert set(out["xquad"][metric]) == {"pairs", "xlt"}
+        assert out["xquad"][metric]["xlt"]["diff"] == pytest.approx(100.0)
+
+
 # ==================================================================================================
 # ==== significance
 # significance.py: paired bootstrap over instances, Wilcoxon, seed statistics
@@ -5380,6 +5730,18 @@ def test_significance_bad_input_raises_one_line_input_error(kwargs, message):
     if "confidence" not in kwargs:  # the lower-level function checks the same
         with pytest.raises(InputError, match=message):
             sig.resample_differences(**kwargs)
+
+
+def test_significance_units_are_distinct_ids_and_the_order_of_cells_changes_nothing():
+    """A cell's "units" counts distinct resampling units (an id met twice is one); the resamples,
+    and so intervals and p, do not depend on the order in which the cells are given."""
+    cells = {"en-en": (["q1", "q1", "q2", "q4"], [0, 0, 0, 100], [100, 0, 100, 100]),
+             "de-de": (["q3", "q2", "q5"], [0, 0, 100], [100, 0, 0])}
+    r = sig.bootstrap_differences(cells, {"all": ["en-en", "de-de"]}, n_resamples=300)
+    assert (r["en-en"]["n"], r["en-en"]["units"]) == (4, 3)
+    swapped = sig.bootstrap_differences(dict(reversed(list(cells.items()))),
+                                        {"all": ["de-de", "en-en"]}, n_resamples=300)
+    assert swapped == r
 
 
 # ==================================================================================================
@@ -5744,6 +6106,44 @@ def test_report_difference_heatmap_marks_significant_cells_with_a_legend(monkeyp
     assert report.significant_pairs({"mlqa-dev": {m: {"pairs": {
         "en-en": {"ci": [0.5, 2.0]}, "en-de": {"ci": [-1.0, 2.0]}}} for m in ("f1", "exact_match")},
         "a": "A", "b": "B"})["mlqa-dev"]["f1"] == {"en-en"}
+
+
+def test_report_and_distill_break_a_tie_of_the_best_dev_score_alike_the_first_epoch(
+        tmp_path, monkeypatch):
+    """--keep-best-epoch: distill.py keeps the first epoch of the highest MLQA-dev G-XLT F1 (a
+    later equal score does not replace it), and the sweep table reads that same epoch's row."""
+    offsets = (0.0, 3.0, 3.0)                                     # epochs 2 and 3 tie
+    path = tmp_path / "dev_metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e + 1, "pairs": _eval_fake_pairs(off)}) + "\n"
+                            for e, off in enumerate(offsets)))
+    assert report._final_dev_row(str(path), keep_best_epoch=True)["epoch"] == 2
+    saved = []
+    monkeypatch.setattr(distill, "save_model", lambda model, tokenizer, path, **kw: saved.append(path))
+    args, best = types.SimpleNamespace(keep_best_epoch=True), None
+    for epoch, off in enumerate(offsets):
+        metrics = report.summarize_pairs(_eval_fake_pairs(off))
+        best = distill.keep_best(str(tmp_path), args, epoch, metrics, best, None, None)
+    assert best["epoch"] == 2 and saved == [os.path.join(str(tmp_path), f"best-epoch{e}")
+                                            for e in (1, 2)]
+
+
+def test_report_sweep_says_how_many_seeds_were_evaluated_on_a_split(tmp_path):
+    """Three seeds of one configuration, one of them evaluated on MLQA-test: the sweep's
+    per-configuration test cell says (n=1); the dev cell, all three there, says no n."""
+    runs = []
+    for seed in (1, 2, 3):
+        d = _eval_fake_run(tmp_path, f"s{seed}", {"map_k": True, "seed": seed}, 5, 2.0,
+                           40.0 + seed, 60.0)
+        if seed == 1:
+            metrics = json.loads(open(os.path.join(d, "metrics.json")).read())
+            metrics["mlqa-test"] = metrics["mlqa-dev"]
+            common.atomic_write_json(os.path.join(d, "metrics.json"), metrics)
+        runs.append(report.load_run(d))
+    seeds = report.sweep_markdown(runs).split("Per configuration")[1].split("Best on")[0]
+    row = [line for line in seeds.splitlines() if line.startswith("| s1 (+2)")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    dev_gxlt, test_gxlt = cells[6], cells[8]
+    assert "(n=" not in dev_gxlt and test_gxlt.endswith("(n=1)"), row
 
 
 # ==================================================================================================

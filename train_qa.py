@@ -786,14 +786,15 @@ def train(model, features, pad_token_id, epochs=EPOCHS, lr=LR, batch_size=BATCH_
 
 def check_finite(loss, step, epoch, state_path):
     """A NaN or infinite loss stops the run (NonFiniteLoss: exit status 3) before the optimiser
-    step spreads it into the weights; the last checkpoint stays as it was."""
+    step spreads it into the weights; the last checkpoint (if any: an epoch's end or a
+    --save-steps save) stays as it was. --resume would most likely meet the same loss again (on a
+    CPU it repeats the steps exactly), and a lower --lr is a new run: hence --overwrite."""
     if not math.isfinite(loss):
-        where = (f"the last good checkpoint ({state_path}, after epoch {epoch}) is intact: "
-                 "--resume continues from it, or restart with a lower --lr") \
-            if epoch > 0 and state_path else \
-            "no checkpoint yet (first epoch): restart with --overwrite and a lower --lr"
-        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}, epoch {epoch + 1}; "
-                            f"stopped; {where}")
+        kept = f"the last checkpoint ({state_path}) is as it was; " \
+            if state_path and os.path.isfile(state_path) else "no checkpoint was saved yet; "
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}, epoch {epoch + 1}; stopped "
+                            f"before the weights took it; {kept}a --resume would most likely "
+                            f"meet it again: start again with --overwrite and a lower --lr")
 
 
 def micro_batch(batch_size, world_size, grad_accum):
