@@ -269,7 +269,7 @@ class Lock:
         # links resolved: one lock file whatever name reaches it (runs/ a link to scratch space)
         path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))),
                             os.path.basename(path))
-        self.path, self.fd, self.holder, self.waited, self.made_dir = path, None, "", False, False
+        self.path, self.fd, self.holder, self.waited, self.made_dirs = path, None, "", False, []
         self.reentered = False
 
     def try_acquire(self):
@@ -279,9 +279,13 @@ class Lock:
             return True
         directory = os.path.dirname(self.path) or "."
         while True:
-            if not os.path.isdir(directory):
+            if not os.path.isdir(directory):  # made here: removed again at release when empty
+                missing = directory           # (a failed run), the deepest first
+                while not os.path.exists(missing):
+                    if missing not in self.made_dirs:     # (again after a race: see below)
+                        self.made_dirs.append(missing)
+                    missing = os.path.dirname(missing)
                 os.makedirs(directory, exist_ok=True)
-                self.made_dir = True      # removed again at release when empty (a failed run)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:     # another run removed the empty directory just now
@@ -325,9 +329,12 @@ class Lock:
             os.unlink(self.path)          # before unlocking: see the class docstring
         os.close(self.fd)
         self.fd = None
-        if self.made_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(self.path) or ".")   # only when empty
+        for made in self.made_dirs:
+            try:
+                os.rmdir(made)            # only when empty: a run's output in it stays
+            except OSError:
+                break
+        self.made_dirs = []
 
     def __enter__(self):
         return self

@@ -1221,6 +1221,14 @@ def test_rundir_a_refused_output_dir_leaves_no_lock_behind(tmp_path):
     lock = rundir.Lock(rundir.lock_path(str(out)))
     assert lock.try_acquire() and not lock.reentered
     lock.release()
+    deep = tmp_path / "new" / "a" / "run"        # the directories made for a lock go with it
+    with rundir.Lock(rundir.lock_path(str(deep))) as lock:
+        assert lock.try_acquire() and (tmp_path / "new" / "a" / "run.lock").is_file()
+    assert os.listdir(tmp_path) == ["run"]
+    with rundir.Lock(rundir.lock_path(str(deep))) as lock:   # ... but not one a run wrote into
+        assert lock.try_acquire()
+        deep.mkdir()
+    assert os.listdir(tmp_path / "new" / "a") == ["run"]
 
 
 def _adamw_at_a_constant_lr(model):
