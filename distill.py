@@ -425,6 +425,12 @@ def evaluate_dev(model, tokenizer, dev_sets, device, feature_cache=None, precisi
     return score_tasks(tasks)["mlqa-dev"]
 
 
+def pairs_present(n):
+    """How many MLQA-dev pairs the scores average: fewer than 49 is not Table 2's G-XLT."""
+    return f"{n} pairs" if n == len(LANGUAGES) ** 2 else \
+        f"{n} of the {len(LANGUAGES) ** 2} pairs (means over those)"
+
+
 class DevSet:
     """The per-epoch MLQA-dev evaluation: the pairs present under mlqa_dir (none: skipped),
     tokenised once at the first evaluation, shared by the DDP ranks (evaluate_dev)."""
@@ -521,8 +527,9 @@ class RunLog:
         if is_master:
             print(f"{n_examples} examples (ntl={args.ntl}) -> {n_windows} windows; mode "
                   f"{args.mode}; {steps_per_epoch} steps/epoch x {args.epochs}; device {device} x "
-                  f"{world_size}; MLQA dev: {len(dev.sets) if dev else 'none'}" +
-                  (" pairs" if dev else "") + ("; resuming" if args.resume else ""), flush=True)
+                  f"{world_size}; MLQA dev: " +
+                  (pairs_present(len(dev.sets)) if dev else "none") +
+                  ("; resuming" if args.resume else ""), flush=True)
 
     def epoch_bar(self, epoch, steps, done=0):
         self.t0, self.windows, self.done, self.n = time.time(), 0, done, done
@@ -647,7 +654,8 @@ def install_final_model(out, args, student, tokenizer, best, log):
     if dev:
         g, x = dev[-1]["gxlt"], dev[-1]["xlt"]
         print(f"MLQA dev, final model (epoch {final_epoch}): G-XLT F1 {g['f1']:.2f} / EM "
-              f"{g['exact_match']:.2f}, XLT F1 {x['f1']:.2f} / EM {x['exact_match']:.2f}")
+              f"{g['exact_match']:.2f}, XLT F1 {x['f1']:.2f} / EM {x['exact_match']:.2f}"
+              f"; {pairs_present(len(dev[-1]['pairs']))}")
     baseline = f" --baseline {args.model}" if os.path.isdir(args.model) else ""
     print(f"every table and figure for it: python evaluate_mlqa.py --model {args.output_dir} "
           f"--output-dir {os.path.join(args.output_dir, 'eval')}{baseline}")

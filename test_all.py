@@ -1098,7 +1098,7 @@ def test_rundir_ddp_equals_one_process_accumulating_the_same_micro_batches(ddp_r
     accumulating the same two micro-batches per step: weights (dropout 0: to float rounding),
     the teacher's generations and every log row (loss, CE, KL and alpha averaged over ranks)."""
     two, one = ddp_reference["out"], str(tmp_path / "one")
-    assert "x 2" in ddp_reference["stdout"]                   # "device cpu x 2"
+    assert "x 2; MLQA dev: 49 pairs" in ddp_reference["stdout"]     # "device cpu x 2"
     state = _distill_state(two)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     qa_torchrun("distill.py", ddp_reference["argv"] + ["--output-dir", one, "--grad-accum", "2"], 1)
@@ -3979,6 +3979,19 @@ def test_distill_final_model_is_the_last_epoch_even_when_an_earlier_scored_highe
     assert [r["epoch"] for r in rows] == [1, 2]
     assert [r["gxlt"]["f1"] for r in rows] == [30.0, 20.0]
     assert not [p for p in os.listdir(full) if p.startswith("best-epoch")]
+
+
+def test_distill_says_when_its_dev_scores_average_fewer_than_49_pairs(tmp_path, capsys):
+    """MLQA dev with pairs missing: the start line and the final model's dev line say over how
+    many of the 49 pairs the G-XLT and XLT means go (not Table 2's G-XLT)."""
+    mlqa = _distill_mlqa_dir(str(tmp_path / "mlqa"))
+    code, err = _distill_main(DISTILL_TINY + ["--mlqa-dir", mlqa, "--epochs", "1",
+                                              "--output-dir", tmp_path / "run"])
+    out = capsys.readouterr().out
+    assert code == 0, err
+    assert "; MLQA dev: 2 of the 49 pairs (means over those)\n" in out
+    assert re.search(r"^MLQA dev, final model \(epoch 1\): G-XLT F1 .*; 2 of the 49 pairs "
+                     r"\(means over those\)$", out, re.MULTILINE), out
 
 
 def test_distill_keep_best_epoch_keeps_the_best_on_dev_model(distill_runs):
