@@ -641,7 +641,7 @@ def bench_significance(n_resamples, reps, n_ids=11_600):
 
 
 # -------------------------------------------------------------------- main
-def save_stand_in(out, shape, xquad_dir, say=True):
+def save_stand_in(out, shape, xquad_dir):
     """The bench's stand-in model (random weights) and tokenizer (BENCH_VOCAB pieces learnt from
     the texts of the main command's sample) as a model directory: distill.py end to end on it."""
     if os.path.exists(out):                      # never written over: it may be a user's model
@@ -654,10 +654,7 @@ def save_stand_in(out, shape, xquad_dir, say=True):
     with atomic_output_dir(out) as tmp:         # whole or not at all
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    if say:
-        print(f"saved the {shape} stand-in ({len(tokenizer)} pieces, random weights) to {out}; "
-              f"time e.g.: python distill.py --model {out} --max-examples 480 --epochs 1 "
-              f"--precision bf16")
+    return len(tokenizer)
 
 
 END_TO_END_EXAMPLES = 480   # the first 480 of the main command's sample: 23 steps of 24 rows
@@ -743,7 +740,10 @@ def main(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.save_model:
-        save_stand_in(args.save_model, args.shape or "small", args.xquad_dir)
+        pieces = save_stand_in(args.save_model, args.shape or "small", args.xquad_dir)
+        print(f"saved the {args.shape or 'small'} stand-in ({pieces} pieces, random weights) to "
+              f"{args.save_model}; time e.g.: python distill.py --model {args.save_model} "
+              f"--max-examples 480 --epochs 1 --precision bf16")
         return
     if args.end_to_end:
         if args.device is not None:
@@ -757,7 +757,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="bench-stand-in-") as tmp:
             model_dir = os.path.abspath(args.model) if args.model else os.path.join(tmp, "model")
             if not args.model:
-                save_stand_in(model_dir, args.shape or "small", args.xquad_dir, say=False)
+                save_stand_in(model_dir, args.shape or "small", args.xquad_dir)
             result = bench_end_to_end(args.end_to_end, model_dir, precisions, args.max_examples,
                                       args.xquad_dir)
         result.update(model=args.model or f"the {args.shape or 'small'} stand-in",
