@@ -42,7 +42,7 @@ TYDIQA_FILE = os.path.join(DATA_DIR, "tydiqa", "tydiqa-goldp-v1.1-dev.json")  # 
 # of a step waits for the scheduler: on 2 cores with one competing process a phase-2 step ran 5x
 # (fp32) and 8x (bf16: more, smaller regions) slower than idle. 10,000 spins cost 0-3% idle and
 # ran 2.2x (fp32) and 4.2x (bf16) as fast as the default with a competitor; 3,000 cost 8% idle,
-# OMP_WAIT_POLICY=PASSIVE (sleep at once) 12-19% (issue 20, README "Performance"). libgomp
+# OMP_WAIT_POLICY=PASSIVE (sleep at once) 12-19% (issue 20, PERFORMANCE.md). libgomp
 # reads it when it loads: the entry scripts import this module before torch. A user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ:

@@ -530,7 +530,7 @@ def pad_length(max_length, batches="grouped", softmax_support="context", map_k_r
 def pad_multiple(device, precision, max_length):
     """Batches are padded up to a multiple of this many tokens (collate's `multiple`):
     CPU_BF16_PAD_MULTIPLE for bf16 on a CPU, whose bf16 kernels (softmax, adds, matmul tails) run
-    slower on lengths that are not (bf16 phase-2 steps ~8% faster on AMD EPYC; README); 1
+    slower on lengths that are not (bf16 phase-2 steps ~8% faster on AMD EPYC; PERFORMANCE.md); 1
     otherwise, so fp32 and GPU runs are as before. Only when max_length is a multiple too, so that
     no batch grows past --max-length (the model's positions). The added positions are padding:
     masked in attention and in Eq. 1, the same results up to bf16 rounding."""
