@@ -12,6 +12,7 @@ import copy
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -290,6 +291,9 @@ def atomic_output_dir(path, overwrite=False):
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        reported = re.search(r"\(os error (\d+)\)", str(e))    # safetensors' own error type
+        if type(e).__name__ == "SafetensorError" and reported:   # for a full disk: "(os error 28)"
+            e = OSError(int(reported.group(1)), os.strerror(int(reported.group(1))))
         if isinstance(e, OSError) and e.errno is not None and not e.filename:
             raise OSError(e.errno, e.strerror, path) from None    # name what was being written
         raise

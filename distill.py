@@ -68,7 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoModelForQuestionAnswering
 
 import prepare
 import report
@@ -79,8 +79,9 @@ from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
-                    finish_replacing, install_model_files, parse_save_steps, read_log,
-                    remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
+                    finish_replacing, install_model_files, make_checkpoint_dir, parse_save_steps,
+                    read_log, remove_checkpoint, resume_hint, start_fresh, stop_after_save,
+                    truncate_log)
 from sample import sample_cross_lingual
 from train_qa import (build_features, collate, compile_forward, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
@@ -470,11 +471,7 @@ def load_student(args, examples, out):
     """The model phase 2 starts from (every rank loads it alike; DDP broadcasts rank 0's
     weights), or on --resume the run's own config and tokenizer (weights: Checkpoint.restore)."""
     if args.resume:
-        ckpt_dir = os.path.join(out, "checkpoint")
-        config = AutoConfig.from_pretrained(ckpt_dir)
-        # sdpa as the first run: a config saved by transformers 4.46-4.51 says "eager"
-        student = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
-        return student, AutoTokenizer.from_pretrained(ckpt_dir)
+        return train_qa.load_checkpoint_model(out)
     texts = [x for ex in examples for x in (ex["question"], ex["context"])]   # for --model tiny
     return load_model_and_tokenizer(args.model, texts=texts, seed=args.seed, require_qa_head=True)
 
@@ -487,10 +484,7 @@ def start_output_dir(out, student, tokenizer, args, is_master, world_size):
         if start_fresh(out, "distill"):
             print(f"--overwrite: the previous run in {args.output_dir} is kept aside as "
                   f"{os.path.basename(aside_path(out))} until this one completes", flush=True)
-        ckpt_dir = os.path.join(out, "checkpoint")
-        os.makedirs(ckpt_dir)
-        student.config.save_pretrained(ckpt_dir)
-        tokenizer.save_pretrained(ckpt_dir)
+        make_checkpoint_dir(out, student.config, tokenizer)
         atomic_write_json(os.path.join(out, "args.json"), run_args(args), indent=1)
     barrier(world_size)
 

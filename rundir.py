@@ -73,10 +73,10 @@ def output_kind(path):
     return None
 
 
-def write_marker(directory, kind):
-    atomic_write_json(os.path.join(directory, MARKER), {
+def write_marker(directory, kind, **extra):
+    atomic_write_json(os.path.join(directory, MARKER), dict({
         "script": WRITERS[kind], "kind": kind,
-        "created": datetime.datetime.now().isoformat(" ", "seconds")})
+        "created": datetime.datetime.now().isoformat(" ", "seconds")}, **extra))
 
 
 def _marker(directory):
@@ -103,10 +103,21 @@ MODEL_FILES = (r"(generation_)?config\.json|(model|pytorch_model)(-\d+-of-\d+)?\
                r"(sentencepiece\.bpe|spiece|tokenizer)\.model|chat_template\.(jinja|json)")
 
 
+# What the scripts write inside their own subdirectories (paths relative to it): a user's file
+# in there is as much theirs as one beside them. checkpoint/'s config and tokenizer files are
+# also recorded in the marker as they are written (make_checkpoint_dir).
+OWN_INSIDE = {
+    "checkpoint": rf"state\.pt(\.tmp)?|{MODEL_FILES}",
+    "best-epoch": MODEL_FILES,                                  # best-epoch<N>/
+    "predictions": r"[\w.-]+\.json|[\w.-]+/[\w.-]+\.json",       # GROUP.json, GROUP/KEY.json
+    "nbest": r"[\w.-]+/[\w.-]+\.json"}
+
+
 def foreign_entries(path, kind):
     """The entries of `path` (an output of `kind`) that this project did not write, sorted; a
-    directory's name ends in "/". An evaluation kept inside a run (RUN/eval), itself all ours,
-    belongs to the run."""
+    directory's name ends in "/", a file inside one of the run's own directories is named by its
+    path ("checkpoint/notes.txt"). An evaluation kept inside a run (RUN/eval), itself all ours,
+    belongs to the run; so does the baseline's evaluation inside an evaluation."""
     ours = re.compile(f"{ANY_OWN}|{OWN_NAMES[kind]}" +
                       ("" if kind == "evaluate" else f"|{MODEL_FILES}"))
     recorded = set(_marker(path).get("files", ()))
@@ -114,6 +125,9 @@ def foreign_entries(path, kind):
     for name in sorted(os.listdir(path)):
         entry = os.path.join(path, name)
         is_dir = os.path.isdir(entry) and not os.path.islink(entry)
+        if is_dir and ours.fullmatch(name) and not re.fullmatch(ANY_OWN, name):
+            foreign += _foreign_inside(entry, name, kind, recorded)
+            continue
         if ours.fullmatch(name) or name in recorded:
             continue
         if kind != "evaluate" and is_dir and output_kind(entry) == "evaluate" and \
@@ -121,6 +135,35 @@ def foreign_entries(path, kind):
             continue
         foreign.append(name + ("/" if is_dir else ""))
     return foreign
+
+
+def _foreign_inside(directory, name, kind, recorded):
+    """What in `directory`, the run's own subdirectory `name`, this project did not write."""
+    if kind == "evaluate" and name == "baseline":
+        return [f"{name}/{x}" for x in foreign_entries(directory, "evaluate")]
+    inside = OWN_INSIDE.get(re.sub(r"\d+$", "", name))
+    if inside is None:                     # a directory where the script writes a file
+        return [name + "/"]
+    inside = re.compile(inside)
+    foreign = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # not walked into
+        for f in sorted(files) + links:
+            rel = os.path.relpath(os.path.join(root, f), directory)
+            if not (inside.fullmatch(rel) or re.fullmatch(ANY_OWN, f) or f"{name}/{rel}" in recorded):
+                foreign.append(f"{name}/{rel}")
+    return foreign
+
+
+def make_checkpoint_dir(out, config, tokenizer):
+    """A new run's checkpoint/: the config and tokenizer that --resume rebuilds the model from,
+    recorded in the marker as ours (whatever a library version calls its tokenizer's files)."""
+    ckpt_dir = os.path.join(out, "checkpoint")
+    os.makedirs(ckpt_dir)
+    config.save_pretrained(ckpt_dir)
+    tokenizer.save_pretrained(ckpt_dir)
+    record_files(out, [f"checkpoint/{name}" for name in os.listdir(ckpt_dir)])
 
 
 def record_files(directory, names):
@@ -226,34 +269,49 @@ def aside_path(out):
 
 def start_fresh(out, kind):
     """A new run's directory: an --overwrite'n previous output of this script goes aside (kept
-    until the new run completes: finish_replacing), then the directory is made with its marker.
-    Returns the path of what was set aside, or None."""
+    until the new run completes: finish_replacing), then the directory is made with its marker,
+    which says whether this run replaces what is aside. Returns the path set aside, or None."""
     aside = aside_path(out)
-    moved = None
+    moved, replacing = None, False
     if os.path.isdir(out) and os.listdir(out):
         if output_kind(out) != kind or foreign_entries(out, kind):  # check_output_dir refused
             raise InputError(f"{out}: not an output of {WRITERS[kind]} alone; not replaced")
-        if os.path.isdir(aside):
-            # an earlier --overwrite never finished: the run aside is the last complete one and
-            # stays; the unfinished one here (ours, as just checked) goes
+        if os.path.lexists(aside):
+            # an earlier --overwrite never finished: what it set aside is the last complete run
+            # and stays; the unfinished one here (ours, as just checked) goes. A complete one
+            # here as well: which of the two to keep is the user's choice.
+            if os.path.isfile(os.path.join(out, "config.json")):
+                raise InputError(f"{out}: --overwrite would delete this complete run, as "
+                                 f"{aside} holds another kept aside by an earlier --overwrite "
+                                 "that never finished: remove one of the two first")
             shutil.rmtree(out)
+            replacing = output_kind(aside) == kind
         else:
             os.replace(out, aside)
-            moved = aside
+            moved, replacing = aside, True
     os.makedirs(out, exist_ok=True)
-    write_marker(out, kind)
+    write_marker(out, kind, replacing=replacing)
     return moved
 
 
 def finish_replacing(out, display):
-    """The new output is complete: the run it replaced, set aside at the start, goes."""
+    """The new output is complete: the run it replaced, set aside at the start, goes. Only a
+    run started with --overwrite (or its --resume) removes it; any other leaves it, saying so."""
     aside = aside_path(out)
-    if os.path.isdir(aside) and output_kind(aside):   # what start_fresh set aside, ours
+    if not os.path.isdir(aside) or not output_kind(aside):
+        return
+    if _marker(out).get("replacing"):                 # what start_fresh set aside, ours
         shutil.rmtree(aside)
         print(f"replaced the previous run in {display} (kept aside until now)")
+    else:
+        print(f"note: {aside} holds an earlier run set aside by an --overwrite that never "
+              "finished; left as it is")
 
 
 # -------------------------------------------------------------------- one run per directory
+LOCK_TEXT = re.compile(r"pid \d+ on \S+ since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d")   # what a Lock writes
+
+
 class Lock:
     """An exclusive flock(2) on `path`, which holds "pid N on HOST since TIME" of its holder.
 
@@ -305,6 +363,10 @@ class Lock:
                 break
             os.close(fd)                  # locked a file its holder had just removed: again
         previous = os.read(fd, 200).decode(errors="replace").strip()
+        if previous and not LOCK_TEXT.fullmatch(previous):    # a file of the user's: untouched
+            os.close(fd)
+            raise InputError(f"{self.path}: exists and is not a lock file of this project, "
+                             "which needs that name for the run's lock: move it")
         if previous:
             self.on_stale(previous, directory)
         since = datetime.datetime.now().isoformat(" ", "seconds")

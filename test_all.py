@@ -133,6 +133,25 @@ def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(target) == ["new.txt"]
 
 
+def test_common_atomic_output_dir_names_a_full_disk_that_safetensors_reports(tmp_path):
+    """safetensors reports a full disk as its own error type ("... (os error 28)"), not OSError:
+    the final model written on a full disk is the same one line as any other full disk."""
+    from safetensors.torch import save_file
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount refused (not root, or no tmpfs): no full file system to test on")
+    try:
+        with pytest.raises(OSError) as e:
+            with common.atomic_output_dir(str(full / "model")) as tmp:
+                save_file({"w": torch.zeros(1 << 20)}, os.path.join(tmp, "model.safetensors"))
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(full / "model")
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)
+
+
 def test_common_outputs_have_the_usual_permissions_and_failed_writes_say_what_is_intact(
         tmp_path, monkeypatch):
     """Files and directories written atomically get the permissions of any file the user makes
@@ -746,6 +765,8 @@ def test_rundir_overwrite_refuses_a_run_that_also_holds_files_of_yours(uninterru
     the run's files, or inside the evaluation kept in it, make it refuse, naming them."""
     for kind in ("distill", "train_qa"):                   # every file a run writes is known
         assert rundir.foreign_entries(uninterrupted[kind], kind) == [], kind
+        recorded = json.loads(open(os.path.join(uninterrupted[kind], rundir.MARKER)).read())
+        assert "checkpoint/config.json" in recorded["files"]    # as checkpoint/ was made
     run = tmp_path / "run"
     shutil.copytree(uninterrupted["distill"], run)
     marker = json.loads((run / rundir.MARKER).read_text())
@@ -765,15 +786,23 @@ def test_rundir_overwrite_refuses_a_run_that_also_holds_files_of_yours(uninterru
     (run / "thesis.tex").write_text("mine")
     assert rundir.foreign_entries(str(run), "distill") == ["eval/", "thesis.tex"]
     assert rundir.foreign_entries(str(evaluation), "evaluate") == ["my_analysis/"]
+    (run / "checkpoint" / "NOTES.txt").write_text("inside a directory of the run's")
+    (evaluation / "predictions" / "xquad").mkdir()
+    (evaluation / "predictions" / "xquad" / "el-el.json").write_text("{}")      # ours
+    (evaluation / "predictions" / "xquad" / "my-check.txt").write_text("mine")
+    assert rundir.foreign_entries(str(run), "distill") == ["checkpoint/NOTES.txt", "eval/",
+                                                          "thesis.tex"]
+    assert rundir.foreign_entries(str(evaluation), "evaluate") == ["my_analysis/",
+                                                                  "predictions/xquad/my-check.txt"]
     before = _tree(run)
     code, err = _distill_main(RUN_TINY + ["--output-dir", run, "--overwrite"], capsys)
     assert code == 2
-    _one_error_line(err, "eval/, thesis.tex", "did not write")
+    _one_error_line(err, "checkpoint/NOTES.txt, eval/, thesis.tex", "did not write")
     code, err = _in_process(evaluate_mlqa.main, ["--model", uninterrupted["distill"], "--output-dir",
                                                  evaluation, "--overwrite", "--skip", "mlqa",
                                                  "tydiqa"], capsys)
     assert code == 2
-    _one_error_line(err, "my_analysis/")
+    _one_error_line(err, "my_analysis/", "predictions/xquad/my-check.txt")
     with pytest.raises(InputError, match="not replaced"):  # start_fresh's own guard
         rundir.start_fresh(str(run), "distill")
     (run / "best-epoch-notes").mkdir()                    # resume's clean-up of best-epoch<N>
@@ -855,6 +884,21 @@ def test_rundir_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path, capsys
     code, err = _distill_main(RUN_TINY + ["--output-dir", run, "--resume"], capsys)
     assert code == 2
     _one_error_line(err, "state.pt", "damaged", "--overwrite")
+    for damage in ("config", "tokenizer"):             # what --resume rebuilds the model from
+        shutil.rmtree(run)
+        shutil.copytree(uninterrupted["distill"], run)
+        if damage == "config":
+            (run / "checkpoint" / "config.json").write_text("{}")
+        else:
+            for name in os.listdir(run / "checkpoint"):
+                if name.startswith("tokenizer"):
+                    os.remove(run / "checkpoint" / name)
+        before = _tree(run)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", run, "--resume"], capsys)
+        assert code == 2, damage
+        _one_error_line(err, os.path.join("run", "checkpoint"), "--overwrite" if damage == "config"
+                        else "tokenizer")
+        assert _tree(run) == before
 
 
 def test_rundir_space_for_a_resume_counts_the_checkpoint_already_there(tmp_path, monkeypatch):
@@ -1196,6 +1240,50 @@ def test_rundir_overwrite_after_an_unfinished_overwrite_keeps_the_complete_run_a
     assert rundir.start_fresh(str(out), "distill") is None
     assert json.loads((aside / "args.json").read_text()) == {"which": "complete"}
     assert os.listdir(out) == [rundir.MARKER]
+
+
+def test_rundir_only_an_overwrite_removes_the_run_it_set_aside(tmp_path, capsys):
+    """The user removed the unfinished run an --overwrite left (the complete one waits aside):
+    a new run there without --overwrite completes and leaves the one aside, saying so; with a
+    complete run in NAME and another aside, --overwrite deletes neither and says why."""
+    out, aside = tmp_path / "run", tmp_path / ".run.replaced"
+    aside.mkdir()
+    rundir.write_marker(str(aside), "distill")
+    (aside / "args.json").write_text(json.dumps({"which": "complete, aside"}))
+    (aside / "config.json").write_text("{}")
+    assert rundir.start_fresh(str(out), "distill") is None             # nothing there: a new run
+    (out / "args.json").write_text(json.dumps({"which": "new"}))
+    (out / "config.json").write_text("{}")                             # ... that completed
+    capsys.readouterr()
+    rundir.finish_replacing(str(out), "run")
+    assert json.loads((aside / "args.json").read_text()) == {"which": "complete, aside"}
+    assert "left as it is" in capsys.readouterr().out
+    before = _tree(tmp_path)
+    with pytest.raises(InputError, match="remove one of the two"):      # --overwrite of the new
+        rundir.start_fresh(str(out), "distill")
+    assert _tree(tmp_path) == before
+    shutil.rmtree(aside)                                                # the user's choice, then
+    assert rundir.start_fresh(str(out), "distill") == str(aside)        # --overwrite again:
+    assert json.loads((aside / "args.json").read_text()) == {"which": "new"}   # aside until
+    rundir.finish_replacing(str(out), "run")                            # the run completes
+    assert not aside.exists() and "replaced the previous run" in capsys.readouterr().out
+
+
+def test_rundir_a_users_file_named_like_the_lock_is_left_alone(tmp_path, capsys):
+    """NAME.lock holding what no Lock writes (a user's notes): one line, the file as it was; a
+    lock a killed run left is taken over."""
+    notes = tmp_path / "run.lock"
+    notes.write_text("my notes")
+    code, err = _distill_main(RUN_TINY + ["--output-dir", tmp_path / "run"], capsys)
+    assert code == 2
+    _one_error_line(err, "run.lock", "not a lock file of this project")
+    assert notes.read_text() == "my notes" and sorted(os.listdir(tmp_path)) == ["run.lock"]
+    notes.write_text("pid 123 on some-host since 2026-12-01 10:00:00\n")   # a killed run's
+    lock = rundir.Lock(str(notes))
+    assert lock.try_acquire()
+    assert "taking over" in capsys.readouterr().out
+    lock.release()
+    assert not notes.exists()
 
 
 def test_rundir_read_log_drops_a_last_line_cut_short(tmp_path):

@@ -52,8 +52,8 @@ from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, Non
                     parse_with_preset, read_json, run_main)
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
-                    finish_replacing, install_model_files, parse_save_steps, remove_checkpoint,
-                    resume_hint, start_fresh, stop_after_save, truncate_log)
+                    finish_replacing, install_model_files, make_checkpoint_dir, parse_save_steps,
+                    remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
 
 # -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
 MODEL = "bert-base-multilingual-cased"
@@ -278,17 +278,41 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
         except Exception as e:  # noqa: BLE001 - any failure here is about the user's files
             raise InputError(f"{name_or_path}: cannot load its tokenizer, files missing or "
                              f"malformed ({_first_line(e.__context__ or e)})") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise InputError(f"{name_or_path}: its tokenizer ({type(tokenizer).__name__}) is not a fast "
-                         "tokenizer; answers need a fast tokenizer's character offsets")
-    if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:   # transformers 5 makes one up
-        raise InputError(f"{name_or_path}: cannot use its tokenizer, files missing or malformed "
-                         f"({len(tokenizer)} tokens for a model of {config.vocab_size})")
+    check_tokenizer(name_or_path, tokenizer, config)
     if any("qa_outputs" in k for k in info.get("missing_keys", ())):
         if require_qa_head:
             raise InputError(f"{name_or_path}: not a fine-tuned QA model (its QA head is missing)")
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {name_or_path} has no QA head; it starts newly initialised (Sec. 4.1)")
+    return model, tokenizer
+
+
+def check_tokenizer(name, tokenizer, config):
+    """A fast tokenizer (answers need its character offsets) that is the model's own."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(f"{name}: its tokenizer ({type(tokenizer).__name__}) is not a fast "
+                         "tokenizer; answers need a fast tokenizer's character offsets")
+    if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:   # transformers 5 makes one up
+        raise InputError(f"{name}: cannot use its tokenizer, files missing or malformed "
+                         f"({len(tokenizer)} tokens for a model of {config.vocab_size})")
+
+
+def load_checkpoint_model(out):
+    """--resume: the run's model rebuilt from OUTPUT_DIR/checkpoint's config, and its tokenizer
+    (the weights: Checkpoint.restore). sdpa as the first run: a config saved by transformers
+    4.46-4.51 says "eager". A checkpoint whose config or tokenizer is damaged is one line."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
+    ckpt_dir = os.path.join(out, "checkpoint")
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(ckpt_dir)
+            model = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
+            tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    except Exception as e:  # noqa: BLE001 - any failure here is a missing or malformed file
+        raise InputError(f"{ckpt_dir}: damaged, its config or tokenizer does not load "
+                         f"({_first_line(e.__context__ or e)}); --overwrite starts the run "
+                         "again") from None
+    check_tokenizer(ckpt_dir, tokenizer, config)
     return model, tokenizer
 
 
@@ -1279,11 +1303,7 @@ def load_phase1_model(args, out, texts):
     """The model phase 1 starts from, or on --resume the run's own config and tokenizer (weights:
     the checkpoint)."""
     if args.resume:
-        from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
-        ckpt_dir = os.path.join(out, "checkpoint")
-        config = AutoConfig.from_pretrained(ckpt_dir)
-        model = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
-        return model, AutoTokenizer.from_pretrained(ckpt_dir)
+        return load_checkpoint_model(out)
     return load_model_and_tokenizer(args.model or MODEL, texts=texts, seed=args.seed)
 
 
@@ -1293,11 +1313,8 @@ def start_output_dir(out, args, model, tokenizer):
     if start_fresh(out, "train_qa"):
         print(f"--overwrite: the previous run in {args.output_dir} is kept aside as "
               f"{os.path.basename(aside_path(out))} until this one completes", flush=True)
-    ckpt_dir = os.path.join(out, "checkpoint")
-    os.makedirs(ckpt_dir)
     with quiet_transformers():
-        model.config.save_pretrained(ckpt_dir)
-        tokenizer.save_pretrained(ckpt_dir)
+        make_checkpoint_dir(out, model.config, tokenizer)
     atomic_write_json(os.path.join(out, "train_args.json"), vars(args), indent=1)
 
 
