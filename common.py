@@ -245,17 +245,19 @@ def _size(n_bytes):
 
 def atomic_write_text(path, text):
     """Write `text` to a temporary file beside `path`, then rename it into place. A failed write
-    (read-only or full disk) names `path`, leaves what was there and no temporary file."""
-    directory = os.path.dirname(os.path.abspath(path))
+    (read-only or full disk) names `path`, leaves what was there and no temporary file. A link
+    stays a link: what it points to is replaced."""
+    target = os.path.realpath(path)
+    directory = os.path.dirname(target)
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
         with signals_held():             # made and known together: a Ctrl-C cannot leave it
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(target))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):

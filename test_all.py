@@ -1784,6 +1784,12 @@ def test_sample_replaces_only_an_earlier_sample(tmp_path):
     assert run_script("sample.py", "--ntl", "1", "--output", out).returncode == 0
     assert run_script("sample.py", "--ntl", "2", "--output", out, "--overwrite").returncode == 0
     assert len(load_squad_examples(out)) == 1190 * 9
+    link = tmp_path / "latest.json"                   # a link to the sample stays a link
+    link.symlink_to(out)
+    assert run_script("sample.py", "--ntl", "1", "--output", link, "--overwrite").returncode == 0
+    assert link.is_symlink() and len(load_squad_examples(out)) == 1190 * 4
+    assert sorted(os.listdir(tmp_path)) == ["latest.json", "mine.json", "sample.json",
+                                            "xquad.en.json"]
 
 
 def test_sample_overwrite_never_replaces_a_squad_file_without_questions(tmp_path):
