@@ -74,8 +74,9 @@ import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
-                    check_seed, load_squad_examples, parse_with_preset, read_json, run_main)
-from evaluate_mlqa import mlqa_pair_path, mlqa_task, predict_tasks, score_tasks
+                    check_seed, parse_with_preset, read_json, run_main)
+from evaluate_mlqa import (load_gold_examples, mlqa_pair_path, mlqa_task, predict_tasks,
+                           score_tasks)
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
@@ -392,7 +393,7 @@ def load_mlqa_dev(mlqa_dir):
         for c in LANGUAGES:
             path = mlqa_pair_path(mlqa_dir, "dev", q, c)
             if os.path.isfile(path):
-                sets[f"{q}-{c}"] = load_squad_examples(path)
+                sets[f"{q}-{c}"] = load_gold_examples(path)
     if not sets:
         raise InputError(f"{mlqa_dir}: no MLQA dev files (dev/dev-context-C-question-Q.json)")
     return sets

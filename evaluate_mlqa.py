@@ -229,10 +229,20 @@ def read_predictions(path):
     return predictions
 
 
+def load_gold_examples(path):
+    """A SQuAD-format evaluation file's examples, every question with a gold answer: checked as it
+    is read, before hours of prediction, not when its score is due."""
+    examples = load_squad_examples(path)
+    for ex in examples:
+        if not ex["answers"]:
+            raise InputError(f"{path}: question '{ex['id']}' has no gold answers")
+    return examples
+
+
 def score_files(dataset_file, prediction_file, lang):
     """The drop-in form: score one predictions file against one SQuAD-format dataset file."""
     _check_lang(lang)
-    examples = load_squad_examples(dataset_file)
+    examples = load_gold_examples(dataset_file)
     predictions = read_predictions(prediction_file)
     return evaluate_predictions(examples, predictions, lang, name=dataset_file)
 
@@ -356,7 +366,7 @@ def _mlqa_tasks(mlqa_dir, explicit, splits, notes):
                 path = mlqa_pair_path(mlqa_dir, split, q, c)
                 if not os.path.isfile(path):
                     raise InputError(f"{path}: file not found; run `python data/download.py mlqa`")
-                tasks.append(mlqa_task(split, q, c, path, load_squad_examples(path),
+                tasks.append(mlqa_task(split, q, c, path, load_gold_examples(path),
                                        nbest=split == "dev"))
     return tasks
 
@@ -367,7 +377,7 @@ def _xquad_tasks(xquad_dir, explicit, languages, notes):
         return []
     paths = {l: os.path.join(xquad_dir, f"xquad.{l}.json") for l in languages}
     return [{"group": "xquad", "key": f"{l}-{l}", "lang": SQUAD, "nbest": False, "path": paths[l],
-             "examples": load_squad_examples(paths[l])} for l in languages]
+             "examples": load_gold_examples(paths[l])} for l in languages]
 
 
 def _tydiqa_tasks(path, explicit, languages, notes):
@@ -376,7 +386,7 @@ def _tydiqa_tasks(path, explicit, languages, notes):
                     "python data/download.py tydiqa", notes):
         return []
     by_lang = {}
-    for ex in load_squad_examples(path):
+    for ex in load_gold_examples(path):
         lang = TYDIQA_ID_PREFIXES.get(ex["id"].split("-", 1)[0])
         if lang is None:
             raise InputError(f"{path}: question id '{ex['id']}' names no known language")
@@ -516,9 +526,10 @@ def _load_baseline(path, option="--baseline"):
     """--baseline (or --compare, named by `option` in errors): a metrics.json, an evaluation
     directory holding one, or a model directory (then None: it is evaluated like the model)."""
     if os.path.isfile(path):
-        return read_json(path)
+        return report.checked_metrics(read_json(path), path)
     if os.path.isfile(os.path.join(path, "metrics.json")):
-        return read_json(os.path.join(path, "metrics.json"))
+        path = os.path.join(path, "metrics.json")
+        return report.checked_metrics(read_json(path), path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return None
     if not os.path.exists(path):
@@ -569,7 +580,7 @@ def _collect_tasks(args, notes):
         name = name[:-5] if name.endswith(".json") else name
         tasks.append({"group": name, "key": None, "lang": SQUAD if args.squad else args.lang,
                       "nbest": False, "path": args.dataset,
-                      "examples": load_squad_examples(args.dataset)})
+                      "examples": load_gold_examples(args.dataset)})
     if not tasks:
         raise InputError("nothing to evaluate: no data set found or requested")
     return tasks
@@ -609,6 +620,8 @@ def model_mode(args):
     _check_model_args(args)
     notes = []
     baseline = _load_baseline(args.baseline) if args.baseline else None
+    if args.baseline and baseline is None:     # a model directory: one that does not load is
+        train_qa.load_model_and_tokenizer(args.baseline, require_qa_head=True)   # found now
     tasks = _collect_tasks(args, notes)
     name = _model_name(args.model)
     models = 1 + (args.baseline is not None and baseline is None)     # a baseline model: twice

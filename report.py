@@ -594,8 +594,7 @@ def load_run(run_dir):
         metrics = _final_dev_row(metrics_path, keep_best)
     else:
         metrics = read_json(metrics_path)
-    if not isinstance(metrics, dict):
-        raise InputError(f"{metrics_path}: expected a JSON object")
+    metrics = checked_metrics(metrics, metrics_path)
     if "mlqa-dev" not in metrics:
         raise InputError(f"{metrics_path}: missing field 'mlqa-dev' (evaluate on MLQA dev)")
     mode = run_mode(args)
@@ -608,6 +607,27 @@ def load_run(run_dir):
             "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
             "config": _config_key(args), "metrics": metrics,
             "run": os.path.realpath(os.path.dirname(os.path.abspath(args_path)))}
+
+
+SCORE_KEYS = ("f1", "exact_match")      # numbers (or null: absent) wherever a metrics.json has them
+
+
+def checked_metrics(metrics, path):
+    """`metrics` (read from `path`) if it has the shape evaluate_mlqa.py writes: an object whose
+    scores are numbers; else one line naming the file, before any table or figure is made."""
+    if not isinstance(metrics, dict):
+        raise InputError(f"{path}: not an evaluation's metrics (expected a JSON object)")
+    todo = [(k, v) for k, v in metrics.items() if k not in ("options", "data", "notes")]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key in SCORE_KEYS and inner is not None and (
+                        isinstance(inner, bool) or not isinstance(inner, (int, float))):
+                    raise InputError(f"{path}: not an evaluation's metrics ({where}.{key} is "
+                                     f"{json.dumps(inner)[:40]}, not a number)")
+                todo.append((f"{where}.{key}", inner))
+    return metrics
 
 
 def _config_key(args):

@@ -1051,6 +1051,29 @@ def test_eval_compare_refuses_predictions_with_questions_missing(uninterrupted, 
                                                  tmp_path / "c"], capsys)
     assert code == 2
     _one_error_line(err, "el-el.json", "no answer for 5 of its")
+    metrics = json.loads((second / "metrics.json").read_text())      # a metrics.json edited by
+    for broken, words in (([], "expected a JSON object"),           # hand or by another tool
+                          ({**metrics, "xquad": {"pairs": {"el-el": {"f1": "5.8"}}}},
+                           "xquad.pairs.el-el.f1")):
+        (second / "metrics.json").write_text(json.dumps(broken))
+        for argv in (["--compare", first, second], ["--model", uninterrupted["distill"],
+                                                     "--baseline", second]):
+            code, err = _in_process(evaluate_mlqa.main, argv + ["--output-dir", tmp_path / "c"],
+                                    capsys)
+            assert code == 2
+            _one_error_line(err, str(second / "metrics.json"), words)
+    assert not (tmp_path / "c").exists()
+    broken = tmp_path / "broken-model"                   # a baseline model that does not load:
+    shutil.copytree(uninterrupted["distill"], broken)    # found before the model is evaluated
+    os.truncate(broken / "model.safetensors", 1000)
+    evaluated = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate_mlqa, "evaluate_model", lambda *a, **kw: evaluated.append(a))
+        code, err = _in_process(evaluate_mlqa.main, ["--model", uninterrupted["distill"],
+                                                     "--baseline", broken, "--output-dir",
+                                                     tmp_path / "c"], capsys)
+    assert code == 2 and evaluated == []
+    _one_error_line(err, str(broken), "cannot load")
 
 
 DDP_TINY = ["--model", "tiny", "--ntl", "1", "--max-examples", "16", "--batch-size", "4",
@@ -4086,6 +4109,34 @@ def test_distill_says_when_its_dev_scores_average_fewer_than_49_pairs(tmp_path, 
     assert "; MLQA dev: 2 of the 49 pairs (means over those)\n" in out
     assert re.search(r"^MLQA dev, final model \(epoch 1\): G-XLT F1 .*; 2 of the 49 pairs "
                      r"\(means over those\)$", out, re.MULTILINE), out
+
+
+def test_a_dev_question_without_gold_answers_is_refused_before_any_training(tmp_path, capsys):
+    """An evaluation file with a question that has no gold answer is named when it is read: by
+    distill.py before its first epoch, by evaluate_mlqa.py before it predicts anything."""
+    mlqa = _distill_mlqa_dir(str(tmp_path / "mlqa"))
+    path = os.path.join(mlqa, "dev", "dev-context-de-question-en.json")
+    dataset = json.loads(open(path).read())
+    dataset["data"][0]["paragraphs"][0]["qas"][0]["answers"] = []
+    common.atomic_write_json(path, dataset)
+    qid = dataset["data"][0]["paragraphs"][0]["qas"][0]["id"]
+    real, steps = distill.forward_backward, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "forward_backward", lambda *a, **kw: steps.append(1) or real(*a, **kw))
+        code, err = _distill_main(DISTILL_TINY + ["--mlqa-dir", mlqa, "--output-dir",
+                                                  tmp_path / "run"], capsys)
+    assert code == 2 and steps == []
+    _one_error_line(err, path, f"'{qid}' has no gold answers")
+    assert not (tmp_path / "run").exists()
+    model = tmp_path / "model"
+    train_qa.main(["--model", "tiny", "--train-file", os.path.join(XQUAD_DIR, "xquad.en.json"),
+                   "--max-examples", "8", "--epochs", "1", "--output-dir", str(model)])
+    code, err = _in_process(evaluate_mlqa.main, ["--model", model, "--output-dir", tmp_path / "e",
+                                                 "--skip", "mlqa", "xquad", "tydiqa", "--dataset",
+                                                 path, "--lang", "de"], capsys)
+    assert code == 2
+    _one_error_line(err, path, f"'{qid}' has no gold answers")
+    assert not (tmp_path / "e").exists()
 
 
 def test_distill_keep_best_epoch_keeps_the_best_on_dev_model(distill_runs):
