@@ -169,10 +169,22 @@ def run_main(main, resume_hint=None):
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    if previous and getattr(sys.modules.get("__main__"), "main", None) is main:
+        # a script whose work is done and said: a stop signal while Python shuts down (a second
+        # or more with torch loaded) ends it with status 0, not 143 and no line
+        for s in STOP_SIGNALS:
+            signal.signal(s, _exit_done)
 
 
 def _raise_stopped(signum, frame):
     raise Stopped(signum)
+
+
+def _exit_done(signum, frame):
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)
 
 
 def _run(main, resume_hint):

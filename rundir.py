@@ -638,10 +638,17 @@ class StopSignals:
                 self.previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
+    def __exit__(self, exc_type, *exc):
+        previous, self.previous = self.previous, {}
+        for s, handler in previous.items():
             signal.signal(s, handler)
-        self.previous = {}
+        if exc_type is None and self.signum is not None:   # noted after the loop's last look:
+            outer = previous.get(self.signum)              # the run is complete
+            if isinstance(getattr(outer, "__self__", None), StopSignals):
+                outer(self.signum, None)    # phase 1 inside distill.py's run: that one stops
+            elif int(os.environ.get("RANK", 0)) == 0:
+                print(f"note: {signal.Signals(self.signum).name} arrived as the run was "
+                      "finishing; it completed, nothing to resume", file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame):
         if self.deferring and self.signum is None:

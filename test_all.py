@@ -249,6 +249,25 @@ def test_common_run_main_gives_the_callers_signal_handlers_back():
             signal.signal(s, handler)
 
 
+def test_common_a_stop_signal_after_a_scripts_work_is_done_ends_it_with_status_0(tmp_path):
+    """The script's main has returned (its output complete) and Python is shutting down: a
+    SIGTERM or Ctrl-C then ends it with status 0 at once, not with 143 and no line (a batch job
+    would count a complete run as stopped). In-process callers get their handlers back."""
+    for name in ("SIGTERM", "SIGINT"):
+        script = tmp_path / "script.py"
+        script.write_text("import os, signal, sys, time\n"
+                          f"sys.path.insert(0, {REPO!r})\n"
+                          "import common\n"
+                          "def main():\n"
+                          "    print('work done')\n"
+                          "common.run_main(main)\n"
+                          f"os.kill(os.getpid(), signal.{name})   # as Python shuts down\n"
+                          "time.sleep(30)\n")
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), (name, r)
+
+
 def test_common_run_main_lets_an_oserror_without_errno_through():
     """An OSError with no errno is a bug, not a disk the user can fix: its traceback shows, not
     "error: output: ..." and status 2."""
@@ -1374,6 +1393,33 @@ def test_rundir_a_signal_noted_during_a_step_ends_the_next_immediate_block_at_on
             with stop.immediate():
                 ran.append("scored")
     assert e.value.signum == signal.SIGTERM and ran == []
+
+
+def test_rundir_a_signal_noted_as_a_run_finishes_is_said_or_stops_the_run_around_it(
+        tmp_path, capsys):
+    """A stop signal noted after the training loop's last look (the final checkpoint, the model
+    being installed): the run completes and says so in one line, exit 0. Phase 1 built inside
+    distill.py's run: its completion hands the signal on, and phase 2 does not start."""
+    real = distill.install_final_model
+
+    def signalled(*args, **kw):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "install_final_model", signalled)
+        code, err = _distill_main(RUN_TINY + ["--epochs", "1", "--output-dir", tmp_path / "run"],
+                                  capsys)
+    assert code == 0
+    assert err.strip() == "note: SIGTERM arrived as the run was finishing; it completed, " \
+                          "nothing to resume"
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    with rundir.StopSignals() as outer:
+        with pytest.raises(common.Stopped) as e:
+            with rundir.StopSignals() as inner, inner.deferred():
+                signal.raise_signal(signal.SIGTERM)
+        assert e.value.signum == signal.SIGTERM and outer.signum is None
+    assert capsys.readouterr().err == ""
 
 
 # ==================================================================================================
