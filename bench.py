@@ -748,8 +748,8 @@ def main(argv=None):
     if args.end_to_end:
         if args.device is not None:
             p.error("--device: --end-to-end times distill.py on the device it picks itself")
-        if args.model is not None and not os.path.isdir(args.model):
-            raise InputError(f"--model {args.model}: not a model directory")
+        if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise InputError(f"--model {args.model}: not a model directory (no config.json)")
         precisions = ["fp32", "bf16"] if args.precision == "auto" else [args.precision]
         device = train_qa.default_device(None)
         if "bf16" in precisions:

@@ -823,6 +823,10 @@ def sweep_report(run_dirs, out_dir, fig5_t=None):
             raise InputError(f"--sweep: {seen[r['run']]} and {r['dir']} are the same run "
                              f"({r['run']}); give each run once")
         seen[r["run"]] = r["dir"]
+    held = sorted({r["t"] for r in runs if r["t"] is not None})
+    if fig5_t is not None and float(fig5_t) not in held:           # else an empty figure
+        raise InputError(f"--fig5-t {fig5_t:g}: no distillation run at that temperature "
+                         f"(the runs have t = {', '.join(f'{t:g}' for t in held) or 'none'})")
     text = sweep_markdown(runs)
     paths = [os.path.join(out_dir, "sweep.md")]
     atomic_write_text(paths[0], text)

@@ -5493,6 +5493,12 @@ def test_eval_sweep_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _eval_main(["--sweep", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o2")])
     assert e.value.code == 2 and "metrics.json" in capsys.readouterr().err
+    for t in ("9", "-1", "nan"):                  # a temperature no run has: no empty Fig. 5
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", *runs, "--output-dir", str(tmp_path / "o3"), "--fig5-t", t])
+        assert e.value.code == 2
+        _one_error_line(capsys.readouterr().err, f"--fig5-t {float(t):g}", "t = 1, 2")
+    assert not (tmp_path / "o3").exists()
 
 
 def test_eval_predict_nbest_short_and_long_contexts_together(eval_env):
@@ -6483,11 +6489,18 @@ def test_bench_end_to_end_times_fresh_distill_runs_and_leaves_only_the_model(tmp
     assert "median of 2 round(s)" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]      # the runs are gone
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as stop:        # a run that fails: its last line, status 2
-        common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(tmp_path),
+        common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(broken),
                                             "--precision", "fp32"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "distill.py --precision fp32" in err[0], err
+    with pytest.raises(SystemExit) as stop:        # no model there: said before any run
+        common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(tmp_path)]))
+    assert stop.value.code == 2
+    _one_error_line(capsys.readouterr().err, "not a model directory (no config.json)")
 
 
 def test_bench_profile_groups_ops_by_name_and_region():
