@@ -118,6 +118,17 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """An empty value (an unset shell variable: --model "$M") is refused, not taken as the
+        option's default."""
+        parsed, extra = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if "" in (value if isinstance(value, list) else [value]):
+                self.error(f"argument {'/'.join(action.option_strings) or action.dest}: "
+                           "empty value")
+        return parsed, extra
+
 
 def parse_with_preset(parser, argv, preset, flag="as_authors"):
     """parser.parse_args(argv); when `flag` is set, again with `preset` as the defaults, so the

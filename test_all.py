@@ -268,6 +268,21 @@ def test_common_a_stop_signal_after_a_scripts_work_is_done_ends_it_with_status_0
         assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), (name, r)
 
 
+def test_common_an_empty_option_value_is_refused_not_taken_as_the_default(capsys):
+    """--model "$M" with M unset: one line and status 2, not phase 1 from the default model or
+    the evaluation of the default data."""
+    for parse, argv, option in ((train_qa.parse_args, ["--model", ""], "--model"),
+                                (distill.parse_args, ["--output-dir", ""], "--output-dir"),
+                                (evaluate_mlqa.parse_args, ["--model", "m", "--xquad-dir", ""],
+                                 "--xquad-dir"),
+                                (evaluate_mlqa.parse_args, ["", "p.json", "en"], "files")):
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"argument {option}: empty value" in err[0]
+    assert distill.parse_args(["--model", "m"]).model == "m"
+
+
 def test_common_run_main_lets_an_oserror_without_errno_through():
     """An OSError with no errno is a bug, not a disk the user can fix: its traceback shows, not
     "error: output: ..." and status 2."""
