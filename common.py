@@ -246,6 +246,12 @@ def check_writable(path, need_bytes=0, what="the run's outputs"):
     """Fail now, with one line, when `path` (a directory, made later if missing) cannot be
     written, or its file system has less than need_bytes free."""
     probe = os.path.abspath(path)
+    try:
+        os.path.realpath(probe, strict=True)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{path}: a link that leads back to itself (a loop of links); "
+                             "remove it or choose another path") from None
     while not os.path.isdir(probe):
         if os.path.exists(probe):
             raise InputError(f"{path}: is a file, not a directory" if probe == os.path.abspath(path)
@@ -271,6 +277,8 @@ def atomic_write_text(path, text):
     (read-only or full disk) names `path`, leaves what was there and no temporary file. A link
     stays a link: what it points to is replaced."""
     target = os.path.realpath(path)
+    if os.path.islink(target):           # still a link once resolved: a loop, never replaced
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
     directory = os.path.dirname(target)
     tmp = None
     try:

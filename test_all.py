@@ -1874,6 +1874,13 @@ def test_sample_replaces_only_an_earlier_sample(tmp_path):
     assert link.is_symlink() and len(load_squad_examples(out)) == 1190 * 4
     assert sorted(os.listdir(tmp_path)) == ["latest.json", "mine.json", "sample.json",
                                             "xquad.en.json"]
+    loop = tmp_path / "loop"                          # a link to itself: one line, left as it is
+    loop.symlink_to(loop)
+    assert_user_error(run_script("sample.py", "--ntl", "1", "--output", loop, "--overwrite"),
+                      "symbolic links")
+    assert loop.is_symlink() and os.readlink(loop) == str(loop)
+    with pytest.raises(InputError, match="leads back to itself"):    # an output directory
+        common.check_writable(str(loop))
 
 
 def test_sample_overwrite_never_replaces_a_squad_file_without_questions(tmp_path):
