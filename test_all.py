@@ -499,6 +499,33 @@ def test_rundir_overwrite_replaces_its_own_run_and_says_so(uninterrupted, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
+def test_rundir_an_overwrite_stopped_then_resumed_removes_the_run_it_set_aside(uninterrupted,
+                                                                              tmp_path, capsys):
+    """--overwrite, stopped by SIGTERM mid-epoch: the old run waits aside; the --resume that
+    completes the new run removes it (the marker says this run replaces it)."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted["distill"], out)
+    argv = RUN_TINY + ["--epochs", "1", "--seed", "4", "--output-dir", out]
+    real, calls = distill.forward_backward, []
+
+    def stopped_at_the_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)        # noted; the step ends, saves, exits
+        return real(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "forward_backward", stopped_at_the_second)
+        assert _distill_main(argv + ["--overwrite"])[0] == 128 + signal.SIGTERM
+    assert (tmp_path / ".run.replaced" / "model.safetensors").is_file()
+    assert json.loads((out / rundir.MARKER).read_text())["replacing"] is True
+    capsys.readouterr()
+    assert _distill_main(argv + ["--resume"])[0] == 0
+    assert "replaced the previous run" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert json.load(open(out / "args.json"))["seed"] == 4
+
+
 def _in_process(main, argv, capsys):
     """A script's main(argv) under common.run_main in this process, failing -> (exit status,
     stderr)."""
