@@ -80,9 +80,9 @@ from evaluate_mlqa import (load_gold_examples, mlqa_pair_path, mlqa_task, predic
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
-                    finish_replacing, install_model_files, make_checkpoint_dir, parse_save_steps,
-                    read_log, remove_checkpoint, resume_hint, start_fresh, stop_after_save,
-                    truncate_log)
+                    finish_replacing, foreign_inside, install_model_files, make_checkpoint_dir,
+                    parse_save_steps, read_log, remove_checkpoint, resume_hint, start_fresh,
+                    stop_after_save, truncate_log)
 from sample import sample_cross_lingual
 from train_qa import (build_features, collate, compile_forward, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
@@ -609,7 +609,12 @@ def remove_stale_best(out, best):
     best and the checkpoint that records it leaves one behind)."""
     keep = best_dir(out, best) if best else None
     for path in glob.glob(os.path.join(out, "best-epoch*")):
-        if path != keep and re.fullmatch(r"best-epoch\d+", os.path.basename(path)):  # ours only
+        name = os.path.basename(path)
+        if path == keep or not re.fullmatch(r"best-epoch\d+", name):      # ours only
+            continue
+        if foreign_inside(path, name, "distill"):                          # a file of the user's
+            print(f"note: {path} is not removed: it holds files this project did not write")
+        else:
             shutil.rmtree(path, ignore_errors=True)
 
 

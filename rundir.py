@@ -126,7 +126,7 @@ def foreign_entries(path, kind):
         entry = os.path.join(path, name)
         is_dir = os.path.isdir(entry) and not os.path.islink(entry)
         if is_dir and ours.fullmatch(name) and not re.fullmatch(ANY_OWN, name):
-            foreign += _foreign_inside(entry, name, kind, recorded)
+            foreign += foreign_inside(entry, name, kind, recorded)
             continue
         if ours.fullmatch(name) or name in recorded:
             continue
@@ -137,7 +137,7 @@ def foreign_entries(path, kind):
     return foreign
 
 
-def _foreign_inside(directory, name, kind, recorded):
+def foreign_inside(directory, name, kind, recorded=()):
     """What in `directory`, the run's own subdirectory `name`, this project did not write."""
     if kind == "evaluate" and name == "baseline":
         return [f"{name}/{x}" for x in foreign_entries(directory, "evaluate")]

@@ -868,9 +868,15 @@ def test_rundir_overwrite_refuses_a_run_that_also_holds_files_of_yours(uninterru
         rundir.start_fresh(str(run), "distill")
     (run / "best-epoch-notes").mkdir()                    # resume's clean-up of best-epoch<N>
     (run / "best-epoch2").mkdir()                         # dirs spares a name only like them
+    (run / "best-epoch3").mkdir()                         # one holding a file of the user's
+    (run / "best-epoch3" / "config.json").write_text("{}")
+    (run / "best-epoch3" / "notes.md").write_text("mine")
     distill.remove_stale_best(str(run), None)
     assert (run / "best-epoch-notes").is_dir() and not (run / "best-epoch2").exists()
+    assert (run / "best-epoch3" / "notes.md").read_text() == "mine"
+    assert "best-epoch3 is not removed" in capsys.readouterr().out
     (run / "best-epoch-notes").rmdir()
+    shutil.rmtree(run / "best-epoch3")
     assert _tree(run) == before
     mine = tmp_path / ".mine.replaced"                    # named like an aside, not one of ours
     mine.mkdir()
