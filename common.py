@@ -246,12 +246,9 @@ def check_writable(path, need_bytes=0, what="the run's outputs"):
     """Fail now, with one line, when `path` (a directory, made later if missing) cannot be
     written, or its file system has less than need_bytes free."""
     probe = os.path.abspath(path)
-    try:
-        os.path.realpath(probe, strict=True)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError(f"{path}: a link that leads back to itself (a loop of links); "
-                             "remove it or choose another path") from None
+    if os.path.islink(os.path.realpath(probe)):      # still a link once resolved: a loop
+        raise InputError(f"{path}: a link that leads back to itself (a loop of links); "
+                         "remove it or choose another path")
     while not os.path.isdir(probe):
         if os.path.exists(probe):
             raise InputError(f"{path}: is a file, not a directory" if probe == os.path.abspath(path)

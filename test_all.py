@@ -137,19 +137,26 @@ def test_common_atomic_output_dir_names_a_full_disk_that_safetensors_reports(tmp
     """safetensors reports a full disk as its own error type ("... (os error 28)"), not OSError:
     the final model written on a full disk is the same one line as any other full disk."""
     from safetensors.torch import save_file
-    full = tmp_path / "full"
-    full.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mount refused (not root, or no tmpfs): no full file system to test on")
-    try:
+    with _small_disk(tmp_path / "full") as full:
         with pytest.raises(OSError) as e:
             with common.atomic_output_dir(str(full / "model")) as tmp:
                 save_file({"w": torch.zeros(1 << 20)}, os.path.join(tmp, "model.safetensors"))
         assert e.value.errno == errno.ENOSPC and e.value.filename == str(full / "model")
         assert os.listdir(full) == []
+
+
+@contextlib.contextmanager
+def _small_disk(path):
+    """A 300 kB tmpfs mounted at `path` (made here): a disk to fill. The test is skipped, with
+    the reason, where mount is refused; unmounted afterwards."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount refused (not root, or no tmpfs): no small file system to fill")
+    try:
+        yield path
     finally:
-        subprocess.run(["umount", "-l", str(full)], capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_common_outputs_have_the_usual_permissions_and_failed_writes_say_what_is_intact(
@@ -926,12 +933,7 @@ def test_rundir_a_linked_output_dir_stays_a_link_and_is_locked_under_either_name
 def test_rundir_save_state_on_a_full_disk_names_the_file_and_keeps_the_previous(tmp_path):
     """torch.save reports a full disk as a RuntimeError ("unexpected pos"); save_state makes it
     the OSError it is, naming the checkpoint, with the previous one intact."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mount refused (not root, or no tmpfs): no small file system to fill")
-    try:
+    with _small_disk(tmp_path / "disk") as disk:
         path = str(disk / "state.pt")
         rundir.save_state(path, {"w": torch.ones(1000)})
         with pytest.raises(OSError) as e:
@@ -939,8 +941,6 @@ def test_rundir_save_state_on_a_full_disk_names_the_file_and_keeps_the_previous(
         assert e.value.errno == errno.ENOSPC and e.value.filename == path
         assert torch.equal(torch.load(path)["w"], torch.ones(1000))
         assert os.listdir(disk) == ["state.pt"]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_rundir_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path, capsys):
