@@ -1006,7 +1006,9 @@ def parse_args(argv=None):
     d.add_argument("--squad", action="store_true", help="SQuAD v1.1 rules")
     o = parser.add_argument_group("output (--model, --compare and --sweep)")
     o.add_argument("--output-dir", help="where metrics.json, predictions/, figures, summary.md go")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation (evaluate_mlqa.py's own output) in "
+                        "--output-dir; never anything else")
     m = parser.add_argument_group("model mode (--model DIR --output-dir OUT)")
     m.add_argument("--model", help="a fine-tuned QA model directory to evaluate")
     m.add_argument("--split", nargs="+", choices=["dev", "test"], default=["dev", "test"])
@@ -1062,7 +1064,8 @@ def parse_args(argv=None):
     c.add_argument("--bootstrap-seed", type=int, default=significance.SEED)
     s = parser.add_argument_group("sweep (--sweep RUN_DIR ... --output-dir OUT)")
     s.add_argument("--sweep", nargs="+", metavar="RUN_DIR",
-                   help="summarise distill.py runs (metrics.json + args.json each): Fig. 5, 6")
+                   help="summarise distill.py runs (args.json, and RUN/eval/metrics.json, else "
+                        "RUN/dev_metrics.jsonl): sweep.md, Fig. 5, 6, 10, 11")
     s.add_argument("--fig5-t", type=float, default=None,
                    help="temperature of the Fig. 5 curves (default: most common per mode)")
     q = parser.add_argument_group("one question (--model DIR --question Q --context C)")

@@ -5430,6 +5430,22 @@ def test_eval_compare_two_draws_the_resamples_once_for_f1_and_em(eval_env, tmp_p
         assert {k: v for k, v in got["gxlt"].items() if k != "wilcoxon_p"} == alone["gxlt"]
 
 
+def test_help_texts_say_what_the_readme_says():
+    """README audit (2026-12-05): train_qa.py's --help listed no exit status 3, which a
+    non-finite loss gives (as distill.py's lists); evaluate_mlqa.py's --overwrite said "replace
+    an existing --output-dir", although it replaces only an earlier evaluation; --sweep named
+    only Fig. 5 and 6 and metrics.json, although it writes Fig. 10 and 11 too and reads
+    distill.py's dev_metrics.jsonl when a run has no evaluation."""
+    train = " ".join(run_script("train_qa.py", "--help").stdout.split())
+    assert "3 a non-finite loss" in train
+    proc = run_script("evaluate_mlqa.py", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "--overwrite replace an existing" not in text
+    assert "--overwrite replace an earlier evaluation" in text and "never anything else" in text
+    assert "Fig. 5, 6, 10, 11" in text and "dev_metrics.jsonl" in text
+
+
 def test_eval_help_groups_the_options_by_mode():
     """Issue 16 item 11: --sweep, --compare and --question were listed under "model mode"."""
     proc = run_script("evaluate_mlqa.py", "--help")

@@ -1208,9 +1208,9 @@ def parse_args(argv=None):
     return parse_with_preset(p, argv, AS_AUTHORS)
 
 
-EPILOG = ("Exit status: 0 done, 2 bad input or an unwritable output, 130/143/138 stopped by "
-          "SIGINT/SIGTERM/SIGUSR1\n(during training: the checkpoint is saved first; --resume "
-          "continues).")
+EPILOG = ("Exit status: 0 done, 2 bad input or an unwritable output, 3 a non-finite loss, "
+          "130/143/138 stopped by\nSIGINT/SIGTERM/SIGUSR1 (during training: the checkpoint is "
+          "saved first; --resume continues).")
 
 
 def main(argv=None):
