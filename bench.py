@@ -705,7 +705,8 @@ def bench_end_to_end(rounds, model_dir, precisions, max_examples, xquad_dir):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shape, few steps (CPU, minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="the tiny shape (unless --shape), few steps (CPU, minutes)")
     p.add_argument("--json", action="store_true", help="print one JSON line last")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None)
     p.add_argument("--steps", type=int, default=None, help="training steps per repetition")

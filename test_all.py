@@ -5435,7 +5435,8 @@ def test_help_texts_say_what_the_readme_says():
     non-finite loss gives (as distill.py's lists); evaluate_mlqa.py's --overwrite said "replace
     an existing --output-dir", although it replaces only an earlier evaluation; --sweep named
     only Fig. 5 and 6 and metrics.json, although it writes Fig. 10 and 11 too and reads
-    distill.py's dev_metrics.jsonl when a run has no evaluation."""
+    distill.py's dev_metrics.jsonl when a run has no evaluation; bench.py's --quick said "small
+    shape", although it times the tiny shape (bench.SHAPES has a "small" that it is not)."""
     train = " ".join(run_script("train_qa.py", "--help").stdout.split())
     assert "3 a non-finite loss" in train
     proc = run_script("evaluate_mlqa.py", "--help")
@@ -5444,6 +5445,8 @@ def test_help_texts_say_what_the_readme_says():
     assert "--overwrite replace an existing" not in text
     assert "--overwrite replace an earlier evaluation" in text and "never anything else" in text
     assert "Fig. 5, 6, 10, 11" in text and "dev_metrics.jsonl" in text
+    bench = " ".join(run_script("bench.py", "--help").stdout.split())    # --quick: the tiny shape
+    assert "--quick the tiny shape" in bench and "--quick small shape" not in bench
 
 
 def test_eval_help_groups_the_options_by_mode():
