@@ -320,9 +320,10 @@ def hidden_knowledge_counts(records, k=HIDDEN_K, criterion="em", f1_threshold=50
 
 EVAL_BATCH_SIZE = None                 # None: train_qa.eval_batch_size (128 on CUDA, 16 on CPU)
 # --as-authors: their evaluation (eval_qa.sh -> run_squad_w_distillation.py --do_eval): the legacy
-# processor's windows, questions cut at 64, their post-processing, true fp32
+# processor's windows, questions cut at 64, their post-processing, true fp32; and Table 1 counted
+# as their analysis counts it (a top-10 answer equal to the first gold answer, raw string)
 AS_AUTHORS = dict(windows="legacy", answers="legacy", max_query_length=train_qa.MAX_QUERY_LENGTH,
-                  precision="fp32")
+                  precision="fp32", hidden_knowledge="raw")
 PREDICT_CHUNK = 2048                           # examples per train_qa.predict call
 ANSWER_BYTES = 40                              # an answer in a predictions file, about (JSON)
 

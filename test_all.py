@@ -4493,6 +4493,13 @@ def test_distill_as_authors_end_to_end_resume_evaluation_and_compare(tmp_path, c
     options = json.loads((tmp_path / "theirs" / "metrics.json").read_text())["options"]
     assert options == {"windows": "legacy", "answers": "legacy", "max_query_length": 64,
                        "precision": "fp32", "as_authors": True}
+    # Table 1 counted as the authors' analysis counts it (their row of the fidelity table),
+    # unless a criterion is given
+    args = evaluate_mlqa.parse_args(["--model", str(full), "--output-dir", "x", "--as-authors"])[0]
+    assert args.hidden_knowledge == "raw"
+    args = evaluate_mlqa.parse_args(["--model", str(full), "--output-dir", "x", "--as-authors",
+                                     "--hidden-knowledge", "em"])[0]
+    assert args.hidden_knowledge == "em"
     capsys.readouterr()
     evaluate_mlqa.main(["--compare", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--bootstrap", "0",
                         "--output-dir", str(tmp_path / "cmp")])
