@@ -51,6 +51,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK   # what open() and mkdir() would give
 
 
 # Ctrl-C while a script still imports torch and transformers (its first 2-3 s, before run_main):
@@ -269,10 +270,12 @@ def _size(n_bytes):
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
-def atomic_write_text(path, text):
-    """Write `text` to a temporary file beside `path`, then rename it into place. A failed write
-    (read-only or full disk) names `path`, leaves what was there and no temporary file. A link
-    stays a link: what it points to is replaced."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary file name beside `path` to write; on success it replaces `path` in one
+    rename, with the usual permissions (the umask's). A failed write (read-only or full disk)
+    names `path`, leaves what was there and no temporary file. A link stays a link: what it
+    points to is replaced."""
     target = os.path.realpath(path)
     if os.path.islink(target):           # still a link once resolved: a loop, never replaced
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
@@ -282,9 +285,9 @@ def atomic_write_text(path, text):
         os.makedirs(directory, exist_ok=True)
         with signals_held():             # made and known together: a Ctrl-C cannot leave it
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(target))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, FILE_MODE)         # mkstemp makes 0600
         os.replace(tmp, target)
     except BaseException as e:
         if tmp is not None:
@@ -295,8 +298,24 @@ def atomic_write_text(path, text):
         raise
 
 
+def atomic_write_text(path, text):
+    """`text` into `path` through atomic_file."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def atomic_write_json(path, obj, indent=None):
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def usual_permissions(directory):
+    """Every file and directory below `directory` (links left alone) at the umask's permissions:
+    a model that colleagues on a shared cluster can read, whatever mode a library wrote it with."""
+    for root, dirs, files in os.walk(directory):
+        for name, mode in [(d, DIR_MODE) for d in dirs] + [(f, FILE_MODE) for f in files]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
 
 
 @contextlib.contextmanager
@@ -317,8 +336,9 @@ def atomic_output_dir(path, overwrite=False):
     with signals_held():                 # made and known together: a Ctrl-C cannot leave it
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
     try:
-        os.chmod(tmp, 0o777 & ~_UMASK)   # mkdtemp makes 0700; give the usual permissions
+        os.chmod(tmp, DIR_MODE)          # mkdtemp makes 0700
         yield tmp
+        usual_permissions(tmp)           # safetensors writes its files 0600
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reported = re.search(r"\(os error (\d+)\)", str(e))    # safetensors' own error type

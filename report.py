@@ -29,12 +29,11 @@ q != c only. Every file is written under a temporary name and renamed into place
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
-from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_write_text,
-                    not_a_script, read_json)
+from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_file,
+                    atomic_write_text, not_a_script, read_json)
 import significance
 from significance import seed_summary
 
@@ -98,18 +97,11 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    """Write a matplotlib figure as PNG atomically (temporary name, then rename)."""
+    """Write a matplotlib figure as PNG atomically (common.atomic_file)."""
     plt = pyplot()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         plt.close(fig)
     return path

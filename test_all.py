@@ -162,14 +162,23 @@ def _small_disk(path):
 def test_common_outputs_have_the_usual_permissions_and_failed_writes_say_what_is_intact(
         tmp_path, monkeypatch):
     """Files and directories written atomically get the permissions of any file the user makes
-    (mkstemp's 0600 would hide a shared run from the group); a failed write names the file, and
+    (mkstemp's and safetensors' 0600 would hide a shared run's model and figures from the
+    group: README audit, 2026-12-05); a failed write names the file, and
     for a full, read-only or forbidden disk says that what was there is intact."""
-    monkeypatch.setattr(common, "_UMASK", 0o022)        # the process's umask, read at import
+    from safetensors.torch import save_file
+    monkeypatch.setattr(common, "FILE_MODE", 0o644)     # from the process's umask, read at import
+    monkeypatch.setattr(common, "DIR_MODE", 0o755)
     common.atomic_write_text(str(tmp_path / "a.txt"), "x")
-    with common.atomic_output_dir(str(tmp_path / "d")):
-        pass
+    with common.atomic_output_dir(str(tmp_path / "d")) as tmp:
+        save_file({"w": torch.zeros(2)}, os.path.join(tmp, "model.safetensors"))   # writes 0600
+        os.makedirs(os.path.join(tmp, "sub"), mode=0o700)
+    report.save_figure(report.pyplot().figure(), str(tmp_path / "fig.png"))   # mkstemp's 0600
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "fig.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "d" / "sub").stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
     for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
         line = common.write_error(OSError(code, os.strerror(code), "runs/x/metrics.json"))
         assert line == f"runs/x/metrics.json: {os.strerror(code)}; what was there before is intact"
