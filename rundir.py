@@ -205,15 +205,15 @@ def check_output_dir(path, kind, overwrite=False, resume=False, inputs=(), optio
     foreign = foreign_entries(out, kind)
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
-        raise InputError(f"{path}: {option} is a {script} output but also holds what this project "
-                         f"did not write ({shown}); --overwrite would delete it: move it out "
-                         f"first, or choose another {option}")
+        raise InputError(f"{path}: {option} is an output of {script} but also holds what this "
+                         f"project did not write ({shown}); --overwrite would delete it: move it "
+                         f"out first, or choose another {option}")
     if not overwrite:
         hint = "--overwrite to replace it"
         if kind != "evaluate":
             hint += (", or --resume to continue it" if has_checkpoint(out) else
                      " (it has no checkpoint to --resume from)")
-        raise InputError(f"{path}: {option} exists (a {script} run: pass {hint})")
+        raise InputError(f"{path}: {option} exists (a run of {script}: pass {hint})")
     return out
 
 
