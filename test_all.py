@@ -968,6 +968,19 @@ def test_rundir_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path, capsys
         assert _tree(run) == before
 
 
+def test_rundir_a_damaged_phase1_checkpoint_is_one_line(uninterrupted, tmp_path, capsys):
+    """train_qa.py --resume on a checkpoint whose config does not load: one line naming it, the
+    run as it was (as distill.py's)."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted["train_qa"], run)
+    (run / "checkpoint" / "config.json").write_text("{}")
+    before = _tree(run)
+    code, err = _in_process(train_qa.main, PHASE1_TINY + ["--output-dir", run, "--resume"], capsys)
+    assert code == 2
+    _one_error_line(err, os.path.join("run", "checkpoint"), "damaged", "--overwrite")
+    assert _tree(run) == before
+
+
 def test_rundir_space_for_a_resume_counts_the_checkpoint_already_there(tmp_path, monkeypatch):
     model = torch.nn.Linear(100, 100)
     need = rundir.state_bytes(model, 2 * 4 + 1)            # two checkpoints and the final model
@@ -1303,6 +1316,54 @@ def test_rundir_foreign_entries_names_near_misses_of_our_names_and_a_users_subdi
     assert rundir.foreign_entries(str(evaluation), "evaluate") == ["config.json"]
 
 
+def test_rundir_what_an_evaluation_writes_in_its_own_directories_is_ours(tmp_path):
+    """--overwrite of an earlier evaluation: its MLQA-dev n-best lists (nbest/GROUP/KEY.json), a
+    killed write's temporary inside predictions/, and the baseline model's evaluation (baseline/)
+    are its own; a user's file inside baseline/ or nbest/ is named."""
+    evaluation = tmp_path / "eval"
+    for d in (evaluation, evaluation / "baseline"):
+        (d / "predictions" / "mlqa").mkdir(parents=True)
+        (d / "nbest" / "mlqa").mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"model": "m"}))
+        (d / "predictions" / "mlqa" / "en-de.json").write_text("{}")
+        (d / "nbest" / "mlqa" / "en-de.json").write_text("{}")
+    rundir.write_marker(str(evaluation), "evaluate")
+    (evaluation / "predictions" / "mlqa" / ".tmp-de-en.jsonx1y2z3ab").write_text("{")  # killed
+    assert rundir.foreign_entries(str(evaluation), "evaluate") == []
+    rundir.check_output_dir(str(evaluation), "evaluate", overwrite=True)      # not refused
+    (evaluation / "baseline" / "notes.txt").write_text("mine")
+    (evaluation / "nbest" / "top5.json").write_text("mine")
+    with pytest.raises(InputError) as e:
+        rundir.check_output_dir(str(evaluation), "evaluate", overwrite=True)
+    assert "baseline/notes.txt, nbest/top5.json" in str(e.value)
+
+
+def test_rundir_a_users_link_or_directory_among_a_runs_own_names_is_theirs(tmp_path):
+    """Inside a run: a user's link in checkpoint/ (to their data: not walked into) and a user's
+    directory named like a file the run writes (alpha.png/) are theirs and named; a tokenizer file
+    of a name this project does not know, written as checkpoint/ was made, is the run's."""
+    run = tmp_path / "run"
+    rundir.start_fresh(str(run), "distill")
+
+    class Saves:
+        def __init__(self, *names):
+            self.names = names
+
+        def save_pretrained(self, directory):
+            for name in self.names:
+                open(os.path.join(directory, name), "w").close()
+
+    rundir.make_checkpoint_dir(str(run), Saves("config.json"), Saves("spiece.vocab"))
+    (run / "args.json").write_text("{}")
+    assert rundir.foreign_entries(str(run), "distill") == []
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_text("mine")
+    (run / "checkpoint" / "data").symlink_to(tmp_path / "data")
+    (run / "alpha.png").mkdir()
+    (run / "alpha.png" / "fig.png").write_text("mine")
+    assert rundir.foreign_entries(str(run), "distill") == ["alpha.png/", "checkpoint/data"]
+
+
 def test_rundir_overwrite_refuses_an_input_reached_through_a_link(tmp_path):
     """--output-dir a link to the --model run, or --model given by a link to --output-dir: the
     same directory, refused before --overwrite could replace the model."""
@@ -1359,6 +1420,49 @@ def test_rundir_only_an_overwrite_removes_the_run_it_set_aside(tmp_path, capsys)
     assert not aside.exists() and "replaced the previous run" in capsys.readouterr().out
 
 
+def test_rundir_the_run_aside_is_removed_only_when_it_is_the_scripts_own(tmp_path, capsys):
+    """NAME.replaced beside an unfinished run: the same script's complete run (an earlier
+    --overwrite that never finished) goes once the new run completes; another script's run, a
+    user's file of that name, or a directory of the user's put there meanwhile stay."""
+    out, aside = tmp_path / "run", tmp_path / ".run.replaced"
+
+    def unfinished_run_beside(make_aside):
+        for path in (out, aside):
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        out.mkdir()
+        rundir.write_marker(str(out), "distill")
+        (out / "args.json").write_text(json.dumps({"which": "unfinished"}))
+        make_aside()
+        assert rundir.start_fresh(str(out), "distill") is None
+        assert os.listdir(out) == [rundir.MARKER]
+        (out / "config.json").write_text("{}")                          # ... which completes
+        capsys.readouterr()
+
+    def complete_run(kind):
+        aside.mkdir()
+        rundir.write_marker(str(aside), kind)
+        (aside / "config.json").write_text("{}")
+
+    unfinished_run_beside(lambda: complete_run("distill"))
+    rundir.finish_replacing(str(out), "run")
+    assert not aside.exists() and "replaced the previous run" in capsys.readouterr().out
+    unfinished_run_beside(lambda: complete_run("train_qa"))
+    rundir.finish_replacing(str(out), "run")
+    assert (aside / "config.json").is_file() and "left as it is" in capsys.readouterr().out
+    unfinished_run_beside(lambda: aside.write_text("my notes"))
+    rundir.finish_replacing(str(out), "run")
+    assert aside.read_text() == "my notes"
+    aside.unlink()
+    assert rundir.start_fresh(str(out), "distill") == str(aside)   # --overwrite of the complete
+    shutil.rmtree(aside)                                # run sets it aside; the user then puts a
+    aside.mkdir()                                       # directory of theirs there before the
+    (aside / "mine.txt").write_text("mine")             # new run completes
+    rundir.finish_replacing(str(out), "run")
+    assert (aside / "mine.txt").read_text() == "mine"
+
+
 def test_rundir_a_users_file_named_like_the_lock_is_left_alone(tmp_path, capsys):
     """NAME.lock holding what no Lock writes (a user's notes): one line, the file as it was; a
     lock a killed run left is taken over."""
@@ -1374,6 +1478,17 @@ def test_rundir_a_users_file_named_like_the_lock_is_left_alone(tmp_path, capsys)
     assert "taking over" in capsys.readouterr().out
     lock.release()
     assert not notes.exists()
+
+
+def test_rundir_a_file_that_only_begins_like_a_lock_is_left_alone(tmp_path):
+    """NAME.lock whose first line is what a Lock writes, followed by a user's text: not a lock
+    file, never truncated."""
+    notes = tmp_path / "run.lock"
+    notes.write_text("pid 123 on some-host since 2026-12-01 10:00:00\nand my notes below it\n")
+    before = notes.read_text()
+    with pytest.raises(InputError, match="not a lock file of this project"):
+        rundir.Lock(str(notes)).try_acquire()
+    assert notes.read_text() == before
 
 
 def test_rundir_read_log_drops_a_last_line_cut_short(tmp_path):
@@ -1468,6 +1583,21 @@ def test_rundir_a_signal_noted_as_a_run_finishes_is_said_or_stops_the_run_around
                 signal.raise_signal(signal.SIGTERM)
         assert e.value.signum == signal.SIGTERM and outer.signum is None
     assert capsys.readouterr().err == ""
+
+
+def test_rundir_after_an_inner_run_a_signal_is_deferred_by_the_outer_one_again(capsys):
+    """Phase 1 built inside distill.py's run: once it completes, distill.py's own handling is
+    back, so a SIGTERM in phase 2 is noted for its next checkpoint (not raised mid-step); after
+    the run the caller's handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    with rundir.StopSignals() as outer:
+        with rundir.StopSignals():
+            pass                                              # phase 1, complete
+        with outer.deferred():
+            signal.raise_signal(signal.SIGTERM)              # noted, not raised
+        assert outer.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "SIGTERM arrived as the run was finishing" in capsys.readouterr().err
 
 
 # ==================================================================================================
