@@ -145,6 +145,27 @@ def test_common_atomic_output_dir_names_a_full_disk_that_safetensors_reports(tmp
         assert os.listdir(full) == []
 
 
+def test_common_atomic_output_dir_names_any_os_error_that_safetensors_reports(tmp_path):
+    """safetensors' "(os error N)" is that error, not always a full disk: a write over the
+    file-size limit (EFBIG) is said as such, naming the output, and nothing is left."""
+    script = tmp_path / "save.py"
+    script.write_text("import resource, sys\n"
+                      f"sys.path.insert(0, {REPO!r})\n"
+                      "import torch\n"
+                      "from safetensors.torch import save_file\n"
+                      "import common\n"
+                      "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+                      "def main():\n"
+                      "    with common.atomic_output_dir(sys.argv[1]) as tmp:\n"
+                      "        save_file({'w': torch.zeros(1 << 20)}, tmp + '/model.safetensors')\n"
+                      "common.run_main(main)\n")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "model")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"error: {tmp_path / 'model'}: {os.strerror(errno.EFBIG)}"
+    assert os.listdir(tmp_path) == ["save.py"]
+
+
 @contextlib.contextmanager
 def _small_disk(path):
     """A 300 kB tmpfs mounted at `path` (made here): a disk to fill. The test is skipped, with
@@ -273,6 +294,26 @@ def test_common_a_stop_signal_after_a_scripts_work_is_done_ends_it_with_status_0
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            timeout=60)
         assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), (name, r)
+
+
+def test_common_a_stop_signal_after_the_work_ends_the_script_there_its_output_delivered(
+        tmp_path):
+    """A stop signal as a finished script shuts down, its stdout a pipe and block-buffered (no
+    PYTHONUNBUFFERED): what it printed still arrives, and it ends there (nothing after the
+    signal runs), status 0."""
+    script = tmp_path / "script.py"
+    script.write_text("import os, signal, sys\n"
+                      f"sys.path.insert(0, {REPO!r})\n"
+                      "import common\n"
+                      "def main():\n"
+                      "    print('work done')\n"
+                      "common.run_main(main)\n"
+                      "os.kill(os.getpid(), signal.SIGTERM)   # as Python shuts down\n"
+                      "print('after the signal')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), r
 
 
 def test_common_an_empty_option_value_is_refused_not_taken_as_the_default(capsys):
