@@ -1197,6 +1197,25 @@ def test_eval_compare_refuses_predictions_with_questions_missing(uninterrupted, 
     _one_error_line(err, str(broken), "cannot load")
 
 
+def test_eval_compare_refuses_a_metrics_json_given_as_a_file_that_is_not_one(tmp_path, capsys):
+    """--compare / --baseline name a metrics.json itself (not its directory): one of the wrong
+    shape (a list; a score that is text) is one line naming it, before anything is written."""
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"model": "a", "xquad": {"pairs": {"el-el": {"f1": 5.0,
+                                                                             "exact_match": 1.0}}}}))
+    bad = tmp_path / "bad.json"
+    for content, words in (([], "expected a JSON object"),
+                           ({"model": "b", "xquad": {"pairs": {"el-el": {"f1": "5.0"}}}},
+                            "xquad.pairs.el-el.f1")):
+        bad.write_text(json.dumps(content))
+        for argv in (["--compare", bad, good], ["--compare", good, "--baseline", bad]):
+            code, err = _in_process(evaluate_mlqa.main, argv + ["--output-dir", tmp_path / "c"],
+                                    capsys)
+            assert code == 2, argv
+            _one_error_line(err, str(bad), words)
+    assert not (tmp_path / "c").exists()
+
+
 DDP_TINY = ["--model", "tiny", "--ntl", "1", "--max-examples", "16", "--batch-size", "4",
             "--epochs", "2", "--t", "2", "--map-k", "--save-steps", "0"]
 
@@ -4411,6 +4430,50 @@ def test_a_dev_question_without_gold_answers_is_refused_before_any_training(tmp_
     assert not (tmp_path / "e").exists()
 
 
+def test_eval_a_question_without_gold_answers_in_any_data_set_is_refused_before_predicting(
+        tmp_path, capsys):
+    """MLQA, XQuAD, TyDiQA-GoldP or the drop-in scorer's data set: a question without a gold
+    answer is named with its file as the file is read, before the model is even loaded (here one
+    that would not load), not after hours of prediction; the drop-in scorer refuses it even
+    when the predictions leave it unanswered."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    en = common.load_squad_examples(XQUAD_EN)[:2]
+    broken = [dict(en[0], answers=[])] + en[1:]
+    mlqa = tmp_path / "mlqa"
+    (mlqa / "test").mkdir(parents=True)
+    for q in common.LANGUAGES:
+        for c in common.LANGUAGES:
+            common.atomic_write_json(evaluate_mlqa.mlqa_pair_path(str(mlqa), "test", q, c),
+                                     common.examples_to_squad(broken if (q, c) == ("zh", "de")
+                                                              else en))
+    (tmp_path / "xquad").mkdir()
+    common.atomic_write_json(str(tmp_path / "xquad" / "xquad.el.json"),
+                             common.examples_to_squad(broken))
+    tydiqa = tmp_path / "tydiqa.json"
+    common.atomic_write_json(str(tydiqa), common.examples_to_squad(
+        [dict(ex, id=f"english-{i}") for i, ex in enumerate(broken)]))
+    out = tmp_path / "eval"
+    for path, qid, argv in (
+            (evaluate_mlqa.mlqa_pair_path(str(mlqa), "test", "zh", "de"), en[0]["id"],
+             ["--skip", "xquad", "tydiqa", "--mlqa-dir", mlqa, "--split", "test"]),
+            (str(tmp_path / "xquad" / "xquad.el.json"), en[0]["id"],
+             ["--skip", "mlqa", "tydiqa", "--xquad-dir", tmp_path / "xquad", "--xquad-langs", "el"]),
+            (str(tydiqa), "english-0", ["--skip", "mlqa", "xquad", "--tydiqa-file", tydiqa,
+                                        "--tydiqa-langs", "en"])):
+        code, err = _in_process(evaluate_mlqa.main, ["--model", model, "--output-dir", out] + argv,
+                                capsys)
+        assert code == 2, path
+        _one_error_line(err, path, f"'{qid}' has no gold answers")
+        assert not out.exists()
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({en[1]["id"]: "x"}))
+    code, err = _in_process(evaluate_mlqa.main, [tydiqa, predictions, "en"], capsys)
+    assert code == 2
+    _one_error_line(err, str(tydiqa), "'english-0' has no gold answers")
+
+
 def test_distill_keep_best_epoch_keeps_the_best_on_dev_model(distill_runs):
     best = distill_runs["best"]
     final, s2 = _distill_weights(best), _distill_state(best)
@@ -5727,6 +5790,33 @@ def test_eval_sweep_cli(tmp_path, capsys):
     assert not (tmp_path / "o3").exists()
 
 
+def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no_numbers(
+        tmp_path, capsys):
+    """--sweep over a distill.py run as it is: one scored on some MLQA-dev pairs only (its rows
+    hold null means for the context languages it lacks) is a sweep point; a score edited into
+    true or text (f1 or exact_match) is one line naming the file, not a table computed from it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
+    pairs = {"en-en": {"f1": 50.0, "exact_match": 40.0, "n": 4},
+             "en-de": {"f1": 30.0, "exact_match": 20.0, "n": 4}}
+    row = {"epoch": 1, "pairs": pairs, **report.summarize_pairs(pairs)}
+    assert row["per_context"]["ar"]["f1"] is None
+    log = run / "dev_metrics.jsonl"
+    log.write_text(json.dumps(row) + "\n")
+    _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "ok")])
+    assert "| run | skd | 3 | 2 |" in (tmp_path / "ok" / "sweep.md").read_text()
+    capsys.readouterr()
+    for key, value in (("f1", True), ("exact_match", "40.0")):
+        log.write_text(json.dumps(dict(row, pairs=dict(pairs, **{"en-en": dict(
+            pairs["en-en"], **{key: value})}))) + "\n")
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
+        assert e.value.code == 2
+        _one_error_line(capsys.readouterr().err, str(log), f"pairs.en-en.{key} is")
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_predict_nbest_short_and_long_contexts_together(eval_env):
     """MLQA has short contexts: n-best prediction must work when a batch mixes a context with
     fewer candidate spans than requested and a longer one."""
@@ -6727,6 +6817,21 @@ def test_bench_end_to_end_times_fresh_distill_runs_and_leaves_only_the_model(tmp
         common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(tmp_path)]))
     assert stop.value.code == 2
     _one_error_line(capsys.readouterr().err, "not a model directory (no config.json)")
+
+
+def test_bench_end_to_end_refuses_a_model_without_config_json_before_any_run(tmp_path, capsys,
+                                                                              monkeypatch):
+    """--end-to-end --model DIR where DIR holds no config.json (a run's parent, a typo): one line
+    from bench.py itself, and no distill.py run started."""
+    started = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **kw: started.append(a))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as stop:
+        common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(tmp_path),
+                                            "--precision", "fp32"]))
+    assert stop.value.code == 2 and started == []
+    _one_error_line(capsys.readouterr().err,
+                    f"--model {tmp_path}: not a model directory (no config.json)")
 
 
 def test_bench_profile_groups_ops_by_name_and_region():
