@@ -145,6 +145,27 @@ def test_common_atomic_output_dir_names_a_full_disk_that_safetensors_reports(tmp
         assert os.listdir(full) == []
 
 
+def test_common_atomic_output_dir_names_any_os_error_that_safetensors_reports(tmp_path):
+    """safetensors' "(os error N)" is that error, not always a full disk: a write over the
+    file-size limit (EFBIG) is said as such, naming the output, and nothing is left."""
+    script = tmp_path / "save.py"
+    script.write_text("import resource, sys\n"
+                      f"sys.path.insert(0, {REPO!r})\n"
+                      "import torch\n"
+                      "from safetensors.torch import save_file\n"
+                      "import common\n"
+                      "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+                      "def main():\n"
+                      "    with common.atomic_output_dir(sys.argv[1]) as tmp:\n"
+                      "        save_file({'w': torch.zeros(1 << 20)}, tmp + '/model.safetensors')\n"
+                      "common.run_main(main)\n")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "model")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"error: {tmp_path / 'model'}: {os.strerror(errno.EFBIG)}"
+    assert os.listdir(tmp_path) == ["save.py"]
+
+
 @contextlib.contextmanager
 def _small_disk(path):
     """A 300 kB tmpfs mounted at `path` (made here): a disk to fill. The test is skipped, with
@@ -282,6 +303,26 @@ def test_common_a_stop_signal_after_a_scripts_work_is_done_ends_it_with_status_0
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            timeout=60)
         assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), (name, r)
+
+
+def test_common_a_stop_signal_after_the_work_ends_the_script_there_its_output_delivered(
+        tmp_path):
+    """A stop signal as a finished script shuts down, its stdout a pipe and block-buffered (no
+    PYTHONUNBUFFERED): what it printed still arrives, and it ends there (nothing after the
+    signal runs), status 0."""
+    script = tmp_path / "script.py"
+    script.write_text("import os, signal, sys\n"
+                      f"sys.path.insert(0, {REPO!r})\n"
+                      "import common\n"
+                      "def main():\n"
+                      "    print('work done')\n"
+                      "common.run_main(main)\n"
+                      "os.kill(os.getpid(), signal.SIGTERM)   # as Python shuts down\n"
+                      "print('after the signal')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), r
 
 
 def test_common_an_empty_option_value_is_refused_not_taken_as_the_default(capsys):
@@ -977,6 +1018,19 @@ def test_rundir_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path, capsys
         assert _tree(run) == before
 
 
+def test_rundir_a_damaged_phase1_checkpoint_is_one_line(uninterrupted, tmp_path, capsys):
+    """train_qa.py --resume on a checkpoint whose config does not load: one line naming it, the
+    run as it was (as distill.py's)."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted["train_qa"], run)
+    (run / "checkpoint" / "config.json").write_text("{}")
+    before = _tree(run)
+    code, err = _in_process(train_qa.main, PHASE1_TINY + ["--output-dir", run, "--resume"], capsys)
+    assert code == 2
+    _one_error_line(err, os.path.join("run", "checkpoint"), "damaged", "--overwrite")
+    assert _tree(run) == before
+
+
 def test_rundir_space_for_a_resume_counts_the_checkpoint_already_there(tmp_path, monkeypatch):
     model = torch.nn.Linear(100, 100)
     need = rundir.state_bytes(model, 2 * 4 + 1)            # two checkpoints and the final model
@@ -1152,6 +1206,25 @@ def test_eval_compare_refuses_predictions_with_questions_missing(uninterrupted, 
     _one_error_line(err, str(broken), "cannot load")
 
 
+def test_eval_compare_refuses_a_metrics_json_given_as_a_file_that_is_not_one(tmp_path, capsys):
+    """--compare / --baseline name a metrics.json itself (not its directory): one of the wrong
+    shape (a list; a score that is text) is one line naming it, before anything is written."""
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"model": "a", "xquad": {"pairs": {"el-el": {"f1": 5.0,
+                                                                             "exact_match": 1.0}}}}))
+    bad = tmp_path / "bad.json"
+    for content, words in (([], "expected a JSON object"),
+                           ({"model": "b", "xquad": {"pairs": {"el-el": {"f1": "5.0"}}}},
+                            "xquad.pairs.el-el.f1")):
+        bad.write_text(json.dumps(content))
+        for argv in (["--compare", bad, good], ["--compare", good, "--baseline", bad]):
+            code, err = _in_process(evaluate_mlqa.main, argv + ["--output-dir", tmp_path / "c"],
+                                    capsys)
+            assert code == 2, argv
+            _one_error_line(err, str(bad), words)
+    assert not (tmp_path / "c").exists()
+
+
 DDP_TINY = ["--model", "tiny", "--ntl", "1", "--max-examples", "16", "--batch-size", "4",
             "--epochs", "2", "--t", "2", "--map-k", "--save-steps", "0"]
 
@@ -1312,6 +1385,54 @@ def test_rundir_foreign_entries_names_near_misses_of_our_names_and_a_users_subdi
     assert rundir.foreign_entries(str(evaluation), "evaluate") == ["config.json"]
 
 
+def test_rundir_what_an_evaluation_writes_in_its_own_directories_is_ours(tmp_path):
+    """--overwrite of an earlier evaluation: its MLQA-dev n-best lists (nbest/GROUP/KEY.json), a
+    killed write's temporary inside predictions/, and the baseline model's evaluation (baseline/)
+    are its own; a user's file inside baseline/ or nbest/ is named."""
+    evaluation = tmp_path / "eval"
+    for d in (evaluation, evaluation / "baseline"):
+        (d / "predictions" / "mlqa").mkdir(parents=True)
+        (d / "nbest" / "mlqa").mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"model": "m"}))
+        (d / "predictions" / "mlqa" / "en-de.json").write_text("{}")
+        (d / "nbest" / "mlqa" / "en-de.json").write_text("{}")
+    rundir.write_marker(str(evaluation), "evaluate")
+    (evaluation / "predictions" / "mlqa" / ".tmp-de-en.jsonx1y2z3ab").write_text("{")  # killed
+    assert rundir.foreign_entries(str(evaluation), "evaluate") == []
+    rundir.check_output_dir(str(evaluation), "evaluate", overwrite=True)      # not refused
+    (evaluation / "baseline" / "notes.txt").write_text("mine")
+    (evaluation / "nbest" / "top5.json").write_text("mine")
+    with pytest.raises(InputError) as e:
+        rundir.check_output_dir(str(evaluation), "evaluate", overwrite=True)
+    assert "baseline/notes.txt, nbest/top5.json" in str(e.value)
+
+
+def test_rundir_a_users_link_or_directory_among_a_runs_own_names_is_theirs(tmp_path):
+    """Inside a run: a user's link in checkpoint/ (to their data: not walked into) and a user's
+    directory named like a file the run writes (alpha.png/) are theirs and named; a tokenizer file
+    of a name this project does not know, written as checkpoint/ was made, is the run's."""
+    run = tmp_path / "run"
+    rundir.start_fresh(str(run), "distill")
+
+    class Saves:
+        def __init__(self, *names):
+            self.names = names
+
+        def save_pretrained(self, directory):
+            for name in self.names:
+                open(os.path.join(directory, name), "w").close()
+
+    rundir.make_checkpoint_dir(str(run), Saves("config.json"), Saves("spiece.vocab"))
+    (run / "args.json").write_text("{}")
+    assert rundir.foreign_entries(str(run), "distill") == []
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_text("mine")
+    (run / "checkpoint" / "data").symlink_to(tmp_path / "data")
+    (run / "alpha.png").mkdir()
+    (run / "alpha.png" / "fig.png").write_text("mine")
+    assert rundir.foreign_entries(str(run), "distill") == ["alpha.png/", "checkpoint/data"]
+
+
 def test_rundir_overwrite_refuses_an_input_reached_through_a_link(tmp_path):
     """--output-dir a link to the --model run, or --model given by a link to --output-dir: the
     same directory, refused before --overwrite could replace the model."""
@@ -1368,6 +1489,49 @@ def test_rundir_only_an_overwrite_removes_the_run_it_set_aside(tmp_path, capsys)
     assert not aside.exists() and "replaced the previous run" in capsys.readouterr().out
 
 
+def test_rundir_the_run_aside_is_removed_only_when_it_is_the_scripts_own(tmp_path, capsys):
+    """NAME.replaced beside an unfinished run: the same script's complete run (an earlier
+    --overwrite that never finished) goes once the new run completes; another script's run, a
+    user's file of that name, or a directory of the user's put there meanwhile stay."""
+    out, aside = tmp_path / "run", tmp_path / ".run.replaced"
+
+    def unfinished_run_beside(make_aside):
+        for path in (out, aside):
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        out.mkdir()
+        rundir.write_marker(str(out), "distill")
+        (out / "args.json").write_text(json.dumps({"which": "unfinished"}))
+        make_aside()
+        assert rundir.start_fresh(str(out), "distill") is None
+        assert os.listdir(out) == [rundir.MARKER]
+        (out / "config.json").write_text("{}")                          # ... which completes
+        capsys.readouterr()
+
+    def complete_run(kind):
+        aside.mkdir()
+        rundir.write_marker(str(aside), kind)
+        (aside / "config.json").write_text("{}")
+
+    unfinished_run_beside(lambda: complete_run("distill"))
+    rundir.finish_replacing(str(out), "run")
+    assert not aside.exists() and "replaced the previous run" in capsys.readouterr().out
+    unfinished_run_beside(lambda: complete_run("train_qa"))
+    rundir.finish_replacing(str(out), "run")
+    assert (aside / "config.json").is_file() and "left as it is" in capsys.readouterr().out
+    unfinished_run_beside(lambda: aside.write_text("my notes"))
+    rundir.finish_replacing(str(out), "run")
+    assert aside.read_text() == "my notes"
+    aside.unlink()
+    assert rundir.start_fresh(str(out), "distill") == str(aside)   # --overwrite of the complete
+    shutil.rmtree(aside)                                # run sets it aside; the user then puts a
+    aside.mkdir()                                       # directory of theirs there before the
+    (aside / "mine.txt").write_text("mine")             # new run completes
+    rundir.finish_replacing(str(out), "run")
+    assert (aside / "mine.txt").read_text() == "mine"
+
+
 def test_rundir_a_users_file_named_like_the_lock_is_left_alone(tmp_path, capsys):
     """NAME.lock holding what no Lock writes (a user's notes): one line, the file as it was; a
     lock a killed run left is taken over."""
@@ -1383,6 +1547,17 @@ def test_rundir_a_users_file_named_like_the_lock_is_left_alone(tmp_path, capsys)
     assert "taking over" in capsys.readouterr().out
     lock.release()
     assert not notes.exists()
+
+
+def test_rundir_a_file_that_only_begins_like_a_lock_is_left_alone(tmp_path):
+    """NAME.lock whose first line is what a Lock writes, followed by a user's text: not a lock
+    file, never truncated."""
+    notes = tmp_path / "run.lock"
+    notes.write_text("pid 123 on some-host since 2026-12-01 10:00:00\nand my notes below it\n")
+    before = notes.read_text()
+    with pytest.raises(InputError, match="not a lock file of this project"):
+        rundir.Lock(str(notes)).try_acquire()
+    assert notes.read_text() == before
 
 
 def test_rundir_read_log_drops_a_last_line_cut_short(tmp_path):
@@ -1477,6 +1652,21 @@ def test_rundir_a_signal_noted_as_a_run_finishes_is_said_or_stops_the_run_around
                 signal.raise_signal(signal.SIGTERM)
         assert e.value.signum == signal.SIGTERM and outer.signum is None
     assert capsys.readouterr().err == ""
+
+
+def test_rundir_after_an_inner_run_a_signal_is_deferred_by_the_outer_one_again(capsys):
+    """Phase 1 built inside distill.py's run: once it completes, distill.py's own handling is
+    back, so a SIGTERM in phase 2 is noted for its next checkpoint (not raised mid-step); after
+    the run the caller's handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    with rundir.StopSignals() as outer:
+        with rundir.StopSignals():
+            pass                                              # phase 1, complete
+        with outer.deferred():
+            signal.raise_signal(signal.SIGTERM)              # noted, not raised
+        assert outer.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "SIGTERM arrived as the run was finishing" in capsys.readouterr().err
 
 
 # ==================================================================================================
@@ -4249,6 +4439,50 @@ def test_a_dev_question_without_gold_answers_is_refused_before_any_training(tmp_
     assert not (tmp_path / "e").exists()
 
 
+def test_eval_a_question_without_gold_answers_in_any_data_set_is_refused_before_predicting(
+        tmp_path, capsys):
+    """MLQA, XQuAD, TyDiQA-GoldP or the drop-in scorer's data set: a question without a gold
+    answer is named with its file as the file is read, before the model is even loaded (here one
+    that would not load), not after hours of prediction; the drop-in scorer refuses it even
+    when the predictions leave it unanswered."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    en = common.load_squad_examples(XQUAD_EN)[:2]
+    broken = [dict(en[0], answers=[])] + en[1:]
+    mlqa = tmp_path / "mlqa"
+    (mlqa / "test").mkdir(parents=True)
+    for q in common.LANGUAGES:
+        for c in common.LANGUAGES:
+            common.atomic_write_json(evaluate_mlqa.mlqa_pair_path(str(mlqa), "test", q, c),
+                                     common.examples_to_squad(broken if (q, c) == ("zh", "de")
+                                                              else en))
+    (tmp_path / "xquad").mkdir()
+    common.atomic_write_json(str(tmp_path / "xquad" / "xquad.el.json"),
+                             common.examples_to_squad(broken))
+    tydiqa = tmp_path / "tydiqa.json"
+    common.atomic_write_json(str(tydiqa), common.examples_to_squad(
+        [dict(ex, id=f"english-{i}") for i, ex in enumerate(broken)]))
+    out = tmp_path / "eval"
+    for path, qid, argv in (
+            (evaluate_mlqa.mlqa_pair_path(str(mlqa), "test", "zh", "de"), en[0]["id"],
+             ["--skip", "xquad", "tydiqa", "--mlqa-dir", mlqa, "--split", "test"]),
+            (str(tmp_path / "xquad" / "xquad.el.json"), en[0]["id"],
+             ["--skip", "mlqa", "tydiqa", "--xquad-dir", tmp_path / "xquad", "--xquad-langs", "el"]),
+            (str(tydiqa), "english-0", ["--skip", "mlqa", "xquad", "--tydiqa-file", tydiqa,
+                                        "--tydiqa-langs", "en"])):
+        code, err = _in_process(evaluate_mlqa.main, ["--model", model, "--output-dir", out] + argv,
+                                capsys)
+        assert code == 2, path
+        _one_error_line(err, path, f"'{qid}' has no gold answers")
+        assert not out.exists()
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({en[1]["id"]: "x"}))
+    code, err = _in_process(evaluate_mlqa.main, [tydiqa, predictions, "en"], capsys)
+    assert code == 2
+    _one_error_line(err, str(tydiqa), "'english-0' has no gold answers")
+
+
 def test_distill_keep_best_epoch_keeps_the_best_on_dev_model(distill_runs):
     best = distill_runs["best"]
     final, s2 = _distill_weights(best), _distill_state(best)
@@ -5591,6 +5825,33 @@ def test_eval_sweep_cli(tmp_path, capsys):
     assert not (tmp_path / "o3").exists()
 
 
+def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no_numbers(
+        tmp_path, capsys):
+    """--sweep over a distill.py run as it is: one scored on some MLQA-dev pairs only (its rows
+    hold null means for the context languages it lacks) is a sweep point; a score edited into
+    true or text (f1 or exact_match) is one line naming the file, not a table computed from it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
+    pairs = {"en-en": {"f1": 50.0, "exact_match": 40.0, "n": 4},
+             "en-de": {"f1": 30.0, "exact_match": 20.0, "n": 4}}
+    row = {"epoch": 1, "pairs": pairs, **report.summarize_pairs(pairs)}
+    assert row["per_context"]["ar"]["f1"] is None
+    log = run / "dev_metrics.jsonl"
+    log.write_text(json.dumps(row) + "\n")
+    _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "ok")])
+    assert "| run | skd | 3 | 2 |" in (tmp_path / "ok" / "sweep.md").read_text()
+    capsys.readouterr()
+    for key, value in (("f1", True), ("exact_match", "40.0")):
+        log.write_text(json.dumps(dict(row, pairs=dict(pairs, **{"en-en": dict(
+            pairs["en-en"], **{key: value})}))) + "\n")
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
+        assert e.value.code == 2
+        _one_error_line(capsys.readouterr().err, str(log), f"pairs.en-en.{key} is")
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_predict_nbest_short_and_long_contexts_together(eval_env):
     """MLQA has short contexts: n-best prediction must work when a batch mixes a context with
     fewer candidate spans than requested and a longer one."""
@@ -6591,6 +6852,21 @@ def test_bench_end_to_end_times_fresh_distill_runs_and_leaves_only_the_model(tmp
         common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(tmp_path)]))
     assert stop.value.code == 2
     _one_error_line(capsys.readouterr().err, "not a model directory (no config.json)")
+
+
+def test_bench_end_to_end_refuses_a_model_without_config_json_before_any_run(tmp_path, capsys,
+                                                                              monkeypatch):
+    """--end-to-end --model DIR where DIR holds no config.json (a run's parent, a typo): one line
+    from bench.py itself, and no distill.py run started."""
+    started = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **kw: started.append(a))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as stop:
+        common.run_main(lambda: bench.main(["--end-to-end", "1", "--model", str(tmp_path),
+                                            "--precision", "fp32"]))
+    assert stop.value.code == 2 and started == []
+    _one_error_line(capsys.readouterr().err,
+                    f"--model {tmp_path}: not a model directory (no config.json)")
 
 
 def test_bench_profile_groups_ops_by_name_and_region():
