@@ -682,6 +682,43 @@ def test_rundir_signal_mid_epoch_saves_and_resume_equals_uninterrupted(uninterru
         open(os.path.join(uninterrupted[script[:-3]], "train_log.jsonl")).read()
 
 
+def _readme_block_after(words):
+    """The first ``` block of README.md after the line holding `words`."""
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    return text[text.index(words):].split("```\n", 2)[1]
+
+
+def test_rundir_the_readmes_slurm_job_script_stops_resumes_and_then_does_nothing(uninterrupted,
+                                                                                  tmp_path):
+    """README's job.sh as SLURM runs it (an array task's environment; the line from
+    commands.txt): SIGTERM mid-epoch (preemption, or --signal before the time limit) saves and
+    exits 143; the task run again resumes to the weights of an uninterrupted run; once more, the
+    model complete, it exits 0 at once without starting the run."""
+    job = _readme_block_after("with `job.sh`:")
+    assert job.startswith("#!/bin/bash\n#SBATCH") and "exec $line" in job
+    (tmp_path / "job.sh").write_text(job)
+    line = " ".join([sys.executable, os.path.join(REPO, "distill.py")] + RUN_TINY +
+                    ["--xquad-dir", XQUAD_DIR, "--output-dir", "runs/task1"])
+    (tmp_path / "commands.txt").write_text(line + "\n")
+    env = dict(OFFLINE_ENV, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="7")
+
+    def task():
+        return subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = tmp_path / "runs" / "task1"
+    proc = task()
+    _wait_for_rows(str(out / "train_log.jsonl"), 3, proc)
+    proc.send_signal(signal.SIGTERM)                  # to the batch shell, as B:TERM sends it
+    r = _finish(proc)
+    assert r.returncode == 143 and (out / "checkpoint" / "state.pt").is_file(), r.stderr[-2000:]
+    assert not (out / "config.json").exists()
+    r = _finish(task())                               # requeued
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-2000:]
+    assert _same_weights(out, uninterrupted["distill"])
+    r = _finish(task(), timeout=30)                   # done: nothing runs
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
 def test_rundir_stop_at_an_epochs_last_step_resumes(uninterrupted, tmp_path, capsys,
                                                     qa_one_thread):
     """A stop agreed at an epoch's last step saves every step of the epoch but not its end (dev
