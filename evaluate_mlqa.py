@@ -548,6 +548,8 @@ def _check_model_args(args):
         raise InputError("--model takes no positional files")
     if args.dataset and not (args.lang or args.squad):
         raise InputError("--dataset needs --lang L (MLQA rules) or --squad (SQuAD v1.1 rules)")
+    if args.lang and args.squad:
+        raise InputError("--lang (MLQA rules) and --squad (SQuAD v1.1 rules) exclude each other")
     if args.lang and not args.dataset:
         raise InputError("--lang applies to --dataset")
     if args.lang:
@@ -986,6 +988,9 @@ def main(argv=None):
         parser.error("--question needs --model DIR")
 
     # Drop-in scoring of one predictions file (the official scripts' command lines).
+    if args.dataset or args.lang:
+        parser.error(f"{'--dataset' if args.dataset else '--lang'} needs --model DIR; the drop-in "
+                     "form is DATASET_FILE PREDICTION_FILE ANSWER_LANGUAGE (or --squad)")
     if args.squad:
         if len(args.files) != 2:
             parser.error("--squad expects DATASET_FILE PREDICTION_FILE")

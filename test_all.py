@@ -5826,6 +5826,23 @@ def test_eval_model_mode_missing_data_and_dataset(eval_env, tmp_path, monkeypatc
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
 
+def test_eval_lang_with_squad_or_without_model_is_refused(tmp_path, capsys):
+    """--lang and --squad together name two rule sets (--squad used to win silently); --lang or
+    --dataset in the drop-in scoring form used to be ignored: each is one line, exit 2."""
+    out = tmp_path / "out"
+    for argv, words in (
+            (["--model", str(tmp_path / "m"), "--output-dir", str(out), "--dataset", "d.json",
+              "--lang", "de", "--squad"], "exclude each other"),
+            (["--squad", "d.json", "p.json", "--lang", "de"], "--lang needs --model"),
+            (["d.json", "p.json", "de", "--dataset", "x.json"], "--dataset needs --model")):
+        with pytest.raises(SystemExit) as e:
+            _eval_main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_eval_overwrite_replaces_a_previous_evaluation(eval_env, tmp_path):
     """--overwrite on the directory of an earlier evaluate_mlqa.py --model run: afterwards it
     holds the new evaluation only (another model, fewer languages: the old files are gone)."""
