@@ -277,9 +277,12 @@ def forward_backward(model, teacher, batch, opts, scale=1.0, sync=True):
 def kl_rows(student_logits, teacher_logits, t):
     """t^2 * KL(p_teacher^t || p_student^t) of each row (Eq. 4, Hinton et al.'s t^2). Both logits
     come Eq. 1-masked from qa_logits: a masked position has probability 0 on both sides."""
-    log_p_student = F.log_softmax(student_logits / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits / t, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1) * t * t
+    # float64: at a large t both distributions are near uniform and float32's rounding of their
+    # log-probabilities, times t^2, swamps the KL (t=1e4 gave 5.7 for ~0.003; t=1e6 a negative KL)
+    log_p_student = F.log_softmax(student_logits.double() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.double() / t, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1) * t * t
+    return kl.float()
 
 
 def group_weights(n_rows, group_rows, device):

@@ -4159,6 +4159,22 @@ def test_distill_kl_is_torch_kl_div_batchmean_and_the_explicit_sum():
         torch.testing.assert_close(rows, explicit.sum(-1) * t * t, rtol=1e-5, atol=1e-6)
 
 
+def test_distill_kl_at_a_large_temperature_is_its_limit_not_float32_noise():
+    """As t grows, t^2 KL(p_teacher^t || p_student^t) tends to half the variance, over the allowed
+    positions (uniform), of teacher - student logits. In float32 the rounding of the near-uniform
+    log-probabilities, times t^2, swamped it (t=1e4 gave ~5.7 for ~0.003; t=1e6 a negative KL)."""
+    s, e, ts, te, sp, ep, allowed = _distill_small_batch(seed=2)
+    stu, tea = _eq1(s, allowed), _eq1(ts, allowed)
+    diff = (tea - stu).double()
+    n = allowed.sum(-1)
+    mean = torch.where(allowed, diff, 0).sum(-1) / n
+    limit = torch.where(allowed, (diff - mean[:, None]) ** 2, 0).sum(-1) / n / 2
+    for t in (1e4, 1e6):
+        rows = distill.kl_rows(stu, tea, t)
+        assert rows.dtype == torch.float32 and bool((rows >= 0).all()), (t, rows)
+        torch.testing.assert_close(rows.double(), limit, rtol=1e-2, atol=1e-6)
+
+
 def _distill_tiny_batch(n_examples=7, seed=1):
     """A tiny student and teacher (different weights, eval mode: no dropout) and one collated
     batch of real XQuAD windows."""
