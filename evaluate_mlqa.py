@@ -417,8 +417,9 @@ def predict_tasks(model, tokenizer, tasks, batch_size=EVAL_BATCH_SIZE, device=No
             key = (ex["question"], ex["context"])
             if key not in index:
                 index[key] = len(items)
-                items.append({"id": str(len(items)), "question": ex["question"],
-                              "context": ex["context"]})
+                items.append({"id": str(len(items)), "question": ex["question"],   # a row
+                              "context": ex["context"],          # number; errors name the
+                              "name": f"{task['path']}: question '{ex['id']}'"})  # question
                 want_nbest.append(False)
             want_nbest[index[key]] |= bool(task["nbest"])
             task["_rows"].append(index[key])

@@ -5859,6 +5859,28 @@ def test_eval_lang_with_squad_or_without_model_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_eval_a_question_too_long_for_a_window_is_named_by_its_file_and_id(eval_env, tmp_path,
+                                                                            capsys):
+    """Predictions deduplicate (question, context) pairs under row numbers of their own: a
+    question that leaves no room for context must still be named by its file and its own id."""
+    examples = common.load_squad_examples(os.path.join(eval_env["xquad"], "xquad.el.json"))[:3]
+    long_one = dict(examples[1], question=" ".join(["word"] * 500))
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": ex["context"], "qas": [{"id": ex["id"], "question": ex["question"],
+                                            "answers": ex["answers"]}]}
+        for ex in (examples[0], long_one, examples[2])]}]}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        _eval_main(["--model", eval_env["model"], "--output-dir", str(out), "--skip", "mlqa",
+                    "xquad", "tydiqa", "--dataset", str(data), "--squad",
+                    "--max-query-length", "400"])
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err, f"{data}: question '{long_one['id']}'",
+                    "--max-query-length 400")
+    assert not out.exists()
+
+
 def test_eval_overwrite_replaces_a_previous_evaluation(eval_env, tmp_path):
     """--overwrite on the directory of an earlier evaluate_mlqa.py --model run: afterwards it
     holds the new evaluation only (another model, fewer languages: the old files are gone)."""

@@ -381,7 +381,8 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
     <s> question </s></s> context window </s> for XLM-R), windows of the context overlapping by
     `stride` tokens, exactly as the fast tokenizer's truncation="only_second" with overflow would
     cut them. A question is cut to its first `max_query_length` tokens (None: kept whole), as the
-    authors' preprocessing does; only a question that leaves no room for the context is an error.
+    authors' preprocessing does; only a question that leaves no room for the context is an error
+    (naming the example by its "name" where it has one, else by its id).
 
     windows="legacy": the authors' phase-2 and evaluation processor (transformers 4.x
     squad_convert_examples_to_features): window k starts at context token k * `stride` (the
@@ -422,7 +423,8 @@ def build_features(examples, tokenizer, max_length=MAX_LENGTH, stride=STRIDE, tr
         c_ids, c_off = contexts[ex["context"]]
         room = max_length - len(q_ids) - n_special     # context tokens per window
         if room < 1 or (len(c_ids) > room and room <= stride):
-            raise InputError(f"question '{ex['id']}': its {len(q_ids)} tokens (--max-query-length "
+            name = ex.get("name", f"question '{ex['id']}'")
+            raise InputError(f"{name}: its {len(q_ids)} tokens (--max-query-length "
                              f"{max_query_length}) leave {max(room, 0)} context tokens per window of "
                              f"--max-length {max_length}, " + ("none" if room < 1 else
                                                                f"not more than --stride {stride}"))
