@@ -325,6 +325,40 @@ def test_common_a_stop_signal_after_the_work_ends_the_script_there_its_output_de
     assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), r
 
 
+@pytest.mark.parametrize("ending", ["done", "stopped", "stopped while starting"])
+def test_common_a_stop_signal_while_python_tears_its_modules_down_keeps_the_status(tmp_path,
+                                                                                   ending):
+    """After the exit handlers Python puts the default action back for every signal it handles
+    and tears its modules down (about half a second with torch loaded): a SIGTERM or Ctrl-C then
+    killed a complete run (status 143 or 130, no line) or changed a stopped run's status. Both
+    keep theirs: 0, or the first signal's 128 + number and its one line. The signal here comes
+    from an object that __main__ drops during that teardown."""
+    script = tmp_path / "script.py"
+    script.write_text("import os, signal, sys\n"
+                      f"sys.path.insert(0, {REPO!r})\n"
+                      "import common\n"
+                      "class Late:\n"
+                      "    def __del__(self):\n"
+                      "        os.kill(os.getpid(), signal.SIGINT)\n"
+                      "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "late = Late()\n"
+                      "def main():\n"
+                      "    print('work done')\n"
+                      + ("    raise common.Stopped(signal.SIGUSR1)\n" if ending == "stopped" else "")
+                      + ("common._signals_while_starting.append(signal.SIGUSR1)\n"
+                         if ending == "stopped while starting" else "") +
+                      "common.run_main(main)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    if ending == "done":
+        assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), r
+    elif ending == "stopped":
+        assert (r.returncode, r.stdout, r.stderr.strip()) == (
+            138, "work done\n", "interrupted (SIGUSR1); nothing is half-written"), r
+    else:
+        assert (r.returncode, r.stdout, r.stderr.strip()) == (
+            138, "", "interrupted (SIGUSR1) while starting; nothing was written"), r
+
+
 def test_common_an_empty_option_value_is_refused_not_taken_as_the_default(capsys):
     """--model "$M" with M unset: one line and status 2, not phase 1 from the default model or
     the evaluation of the default data."""
