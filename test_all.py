@@ -1725,6 +1725,27 @@ def test_rundir_a_signal_noted_as_a_run_finishes_is_said_or_stops_the_run_around
     assert capsys.readouterr().err == ""
 
 
+def test_rundir_a_signal_while_phase1_writes_its_final_model_lets_it_complete(tmp_path, capsys):
+    """train_qa.py as distill.py: a stop signal while the final model is being written lets the
+    run complete, exit 0 and one note line (it stopped there with 143 and a --resume to do)."""
+    real = train_qa.save_model
+
+    def signalled(*args, **kw):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kw)
+
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_qa, "save_model", signalled)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        common.run_main(lambda: train_qa.main(PHASE1_TINY + ["--epochs", "1", "--output-dir",
+                                                             str(out)]))
+    assert capsys.readouterr().err.strip() == "note: SIGTERM arrived as the run was finishing; " \
+                                              "it completed, nothing to resume"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
 def test_rundir_after_an_inner_run_a_signal_is_deferred_by_the_outer_one_again(capsys):
     """Phase 1 built inside distill.py's run: once it completes, distill.py's own handling is
     back, so a SIGTERM in phase 2 is noted for its next checkpoint (not raised mid-step); after

@@ -1265,7 +1265,8 @@ def run(args, resume_with=None):
                       batches=args.batches, softmax_support=args.softmax_support,
                       max_length=args.max_length, run=run_state, compile=args.compile)
         if is_master:
-            install_phase1_model(out, args, model, tokenizer)
+            with stop.deferred():           # a signal now lets the run complete (rundir)
+                install_phase1_model(out, args, model, tokenizer)
 
 
 def check_args(args):
