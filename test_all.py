@@ -2523,6 +2523,19 @@ def test_qa_cli_tiny_writes_loadable_hf_directory(tmp_path, qa_one_thread):
     assert answer["answer"] in ex[0]["context"]
 
 
+def test_qa_a_model_saved_again_from_its_directory_has_the_same_files(tmp_path, monkeypatch):
+    """A resumed run's tokenizer is read from checkpoint/, an uninterrupted one's is built (tiny)
+    or read from --model: the final model's files are the same bytes all the same (transformers 5
+    recorded where it had read the tokenizer from, is_local and local_files_only, in
+    tokenizer_config.json)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = qa.load_model_and_tokenizer("tiny", qa_texts(load_squad_examples(XQUAD_EN)[:20]))
+    qa.save_model(model, tokenizer, str(tmp_path / "first"))
+    again = qa.load_model_and_tokenizer(str(tmp_path / "first"), require_qa_head=True)
+    qa.save_model(*again, str(tmp_path / "again"))
+    assert _tree(tmp_path / "again") == _tree(tmp_path / "first")
+
+
 def test_qa_same_seed_same_weights(tmp_path, qa_one_thread):
     from safetensors.torch import load_file
     args = ["--model", "tiny", "--train-file", XQUAD_EN, "--epochs", "1", "--max-examples", "12",
