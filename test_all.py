@@ -829,6 +829,38 @@ def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupt
     assert os.path.isfile(other / "config.json") and not os.path.exists(str(other) + ".lock")
 
 
+def test_rundir_a_killed_runs_partial_outputs_go_when_its_lock_is_taken_over(tmp_path, capsys):
+    """A kill -9 while the final model, a best epoch or an evaluation was being written left it
+    under its temporary name (a partial mBERT: 0.7 GB a kill), and no later run removed it. The
+    run that takes the killed run's lock over removes them; another output's temporaries, the
+    run's files and a user's stay, and a lock that was not left by a killed run removes nothing."""
+    run = tmp_path / "run"
+    partial = [run / ".tmp-.tmp-finalab_cd123", run / ".tmp-best-epoch2x1y2z3w4",
+               tmp_path / ".tmp-runab_cd123",                          # evaluate_mlqa.py's
+               run / ".tmp-alpha.pngab_cd123", run / ".tmp-train_log.jsonlab_cd123"]   # files
+    kept = [run / ".tmp-final", run / ".tmp-evalab_cd123", run / ".tmp-eval-authorsab_cd123",
+            run / ".tmp-best-epoch2-mine", tmp_path / ".tmp-run-v2ab_cd123", run / "notes"]
+    for path in partial + kept:
+        if path.name.startswith((".tmp-alpha", ".tmp-train_log")):
+            path.write_text("partial")
+            continue
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_text("partial")
+
+    def take(lock_text):
+        if lock_text:
+            (tmp_path / "run.lock").write_text(lock_text)
+        lock = rundir.Lock(str(tmp_path / "run.lock"))
+        assert lock.try_acquire()
+        lock.release()
+    take(None)                                                    # no run was killed here
+    assert all(p.exists() for p in partial + kept)
+    capsys.readouterr()
+    take("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")
+    assert "taking over" in capsys.readouterr().out
+    assert [p for p in partial if p.exists()] == [] and all(p.exists() for p in kept)
+
+
 def test_rundir_phase1_without_a_terminal_prints_progress_and_writes_its_log(uninterrupted):
     out = uninterrupted["train_qa"]
     rows = rundir.read_log(os.path.join(out, "train_log.jsonl"))
