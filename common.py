@@ -7,6 +7,7 @@ written under a temporary name and renamed into place, so an interrupted or fail
 leaves a half-written file behind.
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import errno
@@ -165,6 +166,9 @@ def run_main(main, resume_hint=None):
     """Run a script's main(). A user error is one stderr line and exit status 2, and so is a
     failed write (read-only or full disk); Ctrl-C and SIGTERM are one line and exit 128 + the
     signal's number (130, 143), with `resume_hint()`'s command where a run can be continued."""
+    if threading.current_thread() is threading.main_thread() and \
+            getattr(sys.modules.get("__main__"), "main", None) is main:
+        atexit.register(_ignore_stop_signals)           # a script's own run, however it ends
     if _signals_while_starting:
         signum = _signals_while_starting[0]
         print(f"\ninterrupted ({signal.Signals(signum).name}) while starting; nothing was "
@@ -190,6 +194,15 @@ def run_main(main, resume_hint=None):
 
 def _raise_stopped(signum, frame):
     raise Stopped(signum)
+
+
+def _ignore_stop_signals():
+    """A script's exit handler: after the exit handlers Python puts the default action back for
+    every signal it handles, then tears its modules down (about half a second with torch
+    loaded), so a stop signal there would kill a complete run (status 143, no line) or change a
+    stopped run's status. Nothing of the run is left to stop: ignored."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _exit_done(signum, frame):

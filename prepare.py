@@ -29,8 +29,6 @@ process group's 1-hour timeout, however long another job holds the lock.
 import argparse
 import contextlib
 import os
-import re
-import shutil
 import time
 
 import torch
@@ -174,18 +172,7 @@ def wait_for(lock, world_size):
 class BuildLock(Lock):
     """rundir.Lock on runs/mbert-qa-en.lock; a lock left by a run that died holding it (a file that
     can be locked at once but is not empty) also had its partial phase-1 directory removed
-    (atomic_output_dir's .tmp-mbert-qa-enXXXXXXXX)."""
-
-    def on_stale(self, previous, directory):
-        super().on_stale(previous, directory)
-        self.remove_partial_build(directory)
-
-    def remove_partial_build(self, directory):
-        # exactly the prefix + mkdtemp's 8 characters: another output dir's build is left alone
-        pattern = re.compile(re.escape(".tmp-" + os.path.basename(PHASE1_DIR)) + r"[a-z0-9_]{8}")
-        for name in os.listdir(directory):
-            if pattern.fullmatch(name):
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    (atomic_output_dir's .tmp-mbert-qa-enXXXXXXXX: Lock.remove_partial_outputs)."""
 
 
 if __name__ == "__main__":

@@ -379,6 +379,30 @@ class Lock:
     def on_stale(self, previous, directory):
         print(f"note: {self.path} was left by a run that stopped before finishing "
               f"({previous}); taking over", flush=True)
+        self.remove_partial_outputs(directory)
+
+    def remove_partial_outputs(self, directory):
+        """What the killed run was writing under a temporary name, never to be completed: its
+        output beside the lock (common.atomic_output_dir: `.tmp-NAME` and mkdtemp's 8 characters;
+        another output's, `.tmp-NAME-v2...`, is left alone) and, inside it, a model it was saving
+        (`.tmp-.tmp-final...`, `.tmp-best-epochN...`) or one of its own files (`.tmp-alpha.png...`;
+        not an evaluation's into RUN/eval, which has a lock of its own). A --resume or a new run
+        writes them again; nothing would ever remove them."""
+        name = os.path.basename(self.path)[:-len(".lock")]
+        own = "|".join([r"\.tmp-final", re.escape(MARKER), OWN_NAMES["train_qa"],
+                        OWN_NAMES["distill"]])
+        for where, prefix in ((directory, re.escape(f".tmp-{name}")),
+                              (os.path.join(directory, name), rf"\.tmp-({own})")):
+            if not os.path.isdir(where):
+                continue
+            for entry in os.listdir(where):
+                path = os.path.join(where, entry)
+                if re.fullmatch(prefix + r"[a-z0-9_]{8}", entry):
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
 
     def release(self):
         if self.reentered:

@@ -325,6 +325,40 @@ def test_common_a_stop_signal_after_the_work_ends_the_script_there_its_output_de
     assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), r
 
 
+@pytest.mark.parametrize("ending", ["done", "stopped", "stopped while starting"])
+def test_common_a_stop_signal_while_python_tears_its_modules_down_keeps_the_status(tmp_path,
+                                                                                   ending):
+    """After the exit handlers Python puts the default action back for every signal it handles
+    and tears its modules down (about half a second with torch loaded): a SIGTERM or Ctrl-C then
+    killed a complete run (status 143 or 130, no line) or changed a stopped run's status. Both
+    keep theirs: 0, or the first signal's 128 + number and its one line. The signal here comes
+    from an object that __main__ drops during that teardown."""
+    script = tmp_path / "script.py"
+    script.write_text("import os, signal, sys\n"
+                      f"sys.path.insert(0, {REPO!r})\n"
+                      "import common\n"
+                      "class Late:\n"
+                      "    def __del__(self):\n"
+                      "        os.kill(os.getpid(), signal.SIGINT)\n"
+                      "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "late = Late()\n"
+                      "def main():\n"
+                      "    print('work done')\n"
+                      + ("    raise common.Stopped(signal.SIGUSR1)\n" if ending == "stopped" else "")
+                      + ("common._signals_while_starting.append(signal.SIGUSR1)\n"
+                         if ending == "stopped while starting" else "") +
+                      "common.run_main(main)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    if ending == "done":
+        assert (r.returncode, r.stdout, r.stderr) == (0, "work done\n", ""), r
+    elif ending == "stopped":
+        assert (r.returncode, r.stdout, r.stderr.strip()) == (
+            138, "work done\n", "interrupted (SIGUSR1); nothing is half-written"), r
+    else:
+        assert (r.returncode, r.stdout, r.stderr.strip()) == (
+            138, "", "interrupted (SIGUSR1) while starting; nothing was written"), r
+
+
 def test_common_an_empty_option_value_is_refused_not_taken_as_the_default(capsys):
     """--model "$M" with M unset: one line and status 2, not phase 1 from the default model or
     the evaluation of the default data."""
@@ -793,6 +827,38 @@ def test_rundir_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupt
     stdout = capsys.readouterr().out
     assert "taking over" in stdout and "pid 999999" in stdout
     assert os.path.isfile(other / "config.json") and not os.path.exists(str(other) + ".lock")
+
+
+def test_rundir_a_killed_runs_partial_outputs_go_when_its_lock_is_taken_over(tmp_path, capsys):
+    """A kill -9 while the final model, a best epoch or an evaluation was being written left it
+    under its temporary name (a partial mBERT: 0.7 GB a kill), and no later run removed it. The
+    run that takes the killed run's lock over removes them; another output's temporaries, the
+    run's files and a user's stay, and a lock that was not left by a killed run removes nothing."""
+    run = tmp_path / "run"
+    partial = [run / ".tmp-.tmp-finalab_cd123", run / ".tmp-best-epoch2x1y2z3w4",
+               tmp_path / ".tmp-runab_cd123",                          # evaluate_mlqa.py's
+               run / ".tmp-alpha.pngab_cd123", run / ".tmp-train_log.jsonlab_cd123"]   # files
+    kept = [run / ".tmp-final", run / ".tmp-evalab_cd123", run / ".tmp-eval-authorsab_cd123",
+            run / ".tmp-best-epoch2-mine", tmp_path / ".tmp-run-v2ab_cd123", run / "notes"]
+    for path in partial + kept:
+        if path.name.startswith((".tmp-alpha", ".tmp-train_log")):
+            path.write_text("partial")
+            continue
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_text("partial")
+
+    def take(lock_text):
+        if lock_text:
+            (tmp_path / "run.lock").write_text(lock_text)
+        lock = rundir.Lock(str(tmp_path / "run.lock"))
+        assert lock.try_acquire()
+        lock.release()
+    take(None)                                                    # no run was killed here
+    assert all(p.exists() for p in partial + kept)
+    capsys.readouterr()
+    take("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")
+    assert "taking over" in capsys.readouterr().out
+    assert [p for p in partial if p.exists()] == [] and all(p.exists() for p in kept)
 
 
 def test_rundir_phase1_without_a_terminal_prints_progress_and_writes_its_log(uninterrupted):
@@ -1691,6 +1757,27 @@ def test_rundir_a_signal_noted_as_a_run_finishes_is_said_or_stops_the_run_around
     assert capsys.readouterr().err == ""
 
 
+def test_rundir_a_signal_while_phase1_writes_its_final_model_lets_it_complete(tmp_path, capsys):
+    """train_qa.py as distill.py: a stop signal while the final model is being written lets the
+    run complete, exit 0 and one note line (it stopped there with 143 and a --resume to do)."""
+    real = train_qa.save_model
+
+    def signalled(*args, **kw):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kw)
+
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_qa, "save_model", signalled)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        common.run_main(lambda: train_qa.main(PHASE1_TINY + ["--epochs", "1", "--output-dir",
+                                                             str(out)]))
+    assert capsys.readouterr().err.strip() == "note: SIGTERM arrived as the run was finishing; " \
+                                              "it completed, nothing to resume"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
 def test_rundir_after_an_inner_run_a_signal_is_deferred_by_the_outer_one_again(capsys):
     """Phase 1 built inside distill.py's run: once it completes, distill.py's own handling is
     back, so a SIGTERM in phase 2 is noted for its next checkpoint (not raised mid-step); after
@@ -2466,6 +2553,19 @@ def test_qa_cli_tiny_writes_loadable_hf_directory(tmp_path, qa_one_thread):
     pipeline = qa_pipeline_or_skip()           # last: on transformers 5.x the test ends skipped here
     answer = pipeline("question-answering", model=out)(question=ex[0]["question"], context=ex[0]["context"])
     assert answer["answer"] in ex[0]["context"]
+
+
+def test_qa_a_model_saved_again_from_its_directory_has_the_same_files(tmp_path, monkeypatch):
+    """A resumed run's tokenizer is read from checkpoint/, an uninterrupted one's is built (tiny)
+    or read from --model: the final model's files are the same bytes all the same (transformers 5
+    recorded where it had read the tokenizer from, is_local and local_files_only, in
+    tokenizer_config.json)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = qa.load_model_and_tokenizer("tiny", qa_texts(load_squad_examples(XQUAD_EN)[:20]))
+    qa.save_model(model, tokenizer, str(tmp_path / "first"))
+    again = qa.load_model_and_tokenizer(str(tmp_path / "first"), require_qa_head=True)
+    qa.save_model(*again, str(tmp_path / "again"))
+    assert _tree(tmp_path / "again") == _tree(tmp_path / "first")
 
 
 def test_qa_same_seed_same_weights(tmp_path, qa_one_thread):

@@ -329,6 +329,8 @@ def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
     """Atomic Hugging Face directory (config, model.safetensors, tokenizer); `extra_files`
     {name: JSON-able object} are written beside them."""
     model = getattr(model, "module", model)   # unwrap DDP
+    for key in ("is_local", "local_files_only"):  # where transformers 5 read it from, not the
+        tokenizer.init_kwargs.pop(key, None)      # tokenizer: a resumed run's files would differ
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -1267,7 +1269,8 @@ def run(args, resume_with=None):
                       batches=args.batches, softmax_support=args.softmax_support,
                       max_length=args.max_length, run=run_state, compile=args.compile)
         if is_master:
-            install_phase1_model(out, args, model, tokenizer)
+            with stop.deferred():           # a signal now lets the run complete (rundir)
+                install_phase1_model(out, args, model, tokenizer)
 
 
 def check_args(args):
