@@ -94,7 +94,7 @@ def prepare_inputs(args):
         phase1_args.resume = True
     elif output_kind(PHASE1_DIR) == "train_qa":   # stopped before its first checkpoint: again
         phase1_args.overwrite = True
-    with BuildLock(LOCK_FILE) if is_master else contextlib.nullcontext() as lock:
+    with Lock(LOCK_FILE) if is_master else contextlib.nullcontext() as lock:
         wait_for(lock, world_size)
         need = from_rank0(missing(args) if is_master else None, world_size)  # the other run's work counts
         error = None
@@ -167,12 +167,6 @@ def wait_for(lock, world_size):
                   f"{PHASE1_DIR} or its data; waiting for it", flush=True)
             said = True
         time.sleep(POLL_S)
-
-
-class BuildLock(Lock):
-    """rundir.Lock on runs/mbert-qa-en.lock; a lock left by a run that died holding it (a file that
-    can be locked at once but is not empty) also had its partial phase-1 directory removed
-    (atomic_output_dir's .tmp-mbert-qa-enXXXXXXXX: Lock.remove_partial_outputs)."""
 
 
 if __name__ == "__main__":

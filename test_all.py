@@ -4018,8 +4018,8 @@ def test_prepare_two_runs_build_phase1_once(prepare_server, tmp_path):
     assert not os.path.exists(fresh / "runs" / "mbert-qa-en.lock")
 
 
-PREPARE_HOLD = """import sys, time, prepare
-lock = prepare.BuildLock(sys.argv[1])
+PREPARE_HOLD = """import sys, time, rundir
+lock = rundir.Lock(sys.argv[1])
 assert lock.try_acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -4033,7 +4033,7 @@ def test_prepare_stale_lock_is_detected_and_taken_over(tmp_path, capsys):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        lock = prepare.BuildLock(path)
+        lock = rundir.Lock(path)
         assert not lock.try_acquire()                       # a live holder blocks, and is named
         assert f"pid {holder.pid} on {socket.gethostname()}" in lock.holder
     finally:
