@@ -74,15 +74,15 @@ import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
-                    check_seed, parse_with_preset, read_json, run_main)
+                    check_seed, parse_with_preset, run_main)
 from evaluate_mlqa import (load_gold_examples, mlqa_pair_path, mlqa_task, predict_tasks,
                            score_tasks)
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
                     finish_replacing, foreign_inside, install_model_files, make_checkpoint_dir,
-                    parse_save_steps, read_log, remove_checkpoint, resume_hint, start_fresh,
-                    stop_after_save, truncate_log)
+                    parse_save_steps, read_log, read_run_options, remove_checkpoint, resume_hint,
+                    start_fresh, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
 from train_qa import (build_features, collate, compile_forward, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
@@ -466,7 +466,7 @@ def run_args(args):
 
 def check_resumable(args, out):
     """--resume: the checkpoint's run had the same options (RESUME_KEYS)."""
-    saved = read_json(os.path.join(out, "args.json"))
+    saved = read_run_options(os.path.join(out, "args.json"))
     check_same_options({k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS},  # older
                        run_args(args))                                               # args.json
 

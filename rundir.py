@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from common import (STOP_SIGNALS, InputError, Stopped, atomic_write_json, atomic_write_text,
-                    check_writable, not_a_script)
+                    check_writable, not_a_script, read_json)
 
 MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
 WRITERS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
@@ -445,6 +445,16 @@ def claim_output_dir(args, kind, inputs, is_master, world_size, check=None):
             raise
     on_rank0(claim, is_master, world_size)
     return out, lock
+
+
+def read_run_options(path):
+    """--resume: the options a run saved (args.json, train_args.json); a file that is not a JSON
+    object (damaged) is one line, not a traceback in the comparison."""
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise InputError(f"{path}: damaged, not a run's options (expected a JSON object); "
+                         "--overwrite starts the run again")
+    return saved
 
 
 def check_same_options(saved, now):

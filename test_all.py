@@ -1068,6 +1068,23 @@ def test_rundir_a_damaged_phase1_checkpoint_is_one_line(uninterrupted, tmp_path,
     assert _tree(run) == before
 
 
+def test_rundir_resume_with_saved_options_that_are_no_json_object_is_one_line(uninterrupted,
+                                                                             tmp_path, capsys):
+    """args.json / train_args.json damaged into valid JSON of another shape (a list, null):
+    --resume says so in one line, the run as it was (it was an AttributeError)."""
+    for kind, main, argv, name in (("distill", distill.main, RUN_TINY, "args.json"),
+                                   ("train_qa", train_qa.main, PHASE1_TINY, "train_args.json")):
+        for content in ("[]", "null"):
+            run = tmp_path / f"{kind}-{content}"
+            shutil.copytree(uninterrupted[kind], run)
+            (run / name).write_text(content)
+            before = _tree(run)
+            code, err = _in_process(main, argv + ["--output-dir", run, "--resume"], capsys)
+            assert code == 2, (kind, content)
+            _one_error_line(err, name, "damaged", "--overwrite")
+            assert _tree(run) == before
+
+
 def test_rundir_space_for_a_resume_counts_the_checkpoint_already_there(tmp_path, monkeypatch):
     model = torch.nn.Linear(100, 100)
     need = rundir.state_bytes(model, 2 * 4 + 1)            # two checkpoints and the final model

@@ -49,11 +49,12 @@ from tqdm import tqdm
 import cpu_dropout
 from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, NonFiniteLoss,
                     atomic_output_dir, atomic_write_json, check_seed, load_squad_examples,
-                    parse_with_preset, read_json, run_main)
+                    parse_with_preset, run_main)
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
                     finish_replacing, install_model_files, make_checkpoint_dir, parse_save_steps,
-                    remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
+                    read_run_options, remove_checkpoint, resume_hint, start_fresh, stop_after_save,
+                    truncate_log)
 
 # -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
 MODEL = "bert-base-multilingual-cased"
@@ -1240,7 +1241,7 @@ def run(args, resume_with=None):
     out, lock = claim_output_dir(                                 # one run per directory
         args, "train_qa", [("--model", args.model), ("--train-file", args.train_file)], is_master,
         world_size, check=(lambda out: check_same_options(
-            read_json(os.path.join(out, "train_args.json")), resume_options(args)))
+            read_run_options(os.path.join(out, "train_args.json")), resume_options(args)))
         if args.resume else None)
     with lock, StopSignals() as stop:       # Ctrl-C, SIGTERM, SIGUSR1: see rundir
         set_matmul_precision(args.precision, device)    # this stage's own, never inherited
