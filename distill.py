@@ -499,7 +499,7 @@ def restore(checkpoint, args, out, rank, world_size, is_master):
     in); the log rows written after it are dropped. A new run: (0, 0, 0, None, True)."""
     if not args.resume:
         return 0, 0, 0, None, True
-    state = checkpoint.restore(rank, world_size, is_master)
+    state = checkpoint.restore(rank, world_size, is_master, run_args(args))
     scored = state.get("scored", True)       # False: stopped while scoring its epoch
     if is_master:  # forget what the interrupted run wrote after the checkpoint
         truncate_log(os.path.join(out, "train_log.jsonl"), "step", state["step"])

@@ -525,20 +525,36 @@ class Checkpoint:
         if world_size > 1:
             torch.distributed.barrier()
 
-    def restore(self, rank, world_size, is_master):
+    def restore(self, rank, world_size, is_master, run_options=None):
         """Weights, optimiser, schedule and RNG of the last checkpoint -> its state dict (epoch,
-        step, in_epoch and the extras)."""
+        step, in_epoch and the extras). A state.pt of another run (copied in: another script,
+        other `run_options`, another model size) is one line, never a run continued from it."""
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
             raise InputError(f"{self.state_path}: cannot be read, it is damaged "
                              f"({str(e).splitlines()[0][:120]}); --overwrite starts the run "
                              "again") from None
-        for name, model in self.models.items():
-            if model is not None:
-                model.load_state_dict(state[name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        again = "; --overwrite starts the run again"
+        needed = [*self.models, "optimizer", "scheduler", "rng", "epoch", "step", "world_size"]
+        if not isinstance(state, dict) or any(k not in state for k in needed):
+            raise InputError(f"{self.state_path}: not a checkpoint of this script's runs" + again)
+        saved = state.get("args")            # the options it was saved with (RESUME_KEYS)
+        if run_options is not None and isinstance(saved, dict):
+            diff = [k for k in run_options if k in saved and saved[k] != run_options[k]]
+            if diff:
+                raise InputError(f"{self.state_path}: the checkpoint of another run (" + ", ".join(
+                    f"--{k.replace('_', '-')} {saved[k]}, this run's {run_options[k]}"
+                    for k in diff) + ")" + again)
+        try:
+            for name, model in self.models.items():
+                if model is not None:
+                    model.load_state_dict(state[name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{self.state_path}: does not fit this run's model "
+                             f"({' '.join(str(e).split())[:200]})" + again) from None
         state.setdefault("in_epoch", 0)               # checkpoints written before mid-epoch ones
         if state["world_size"] == world_size:
             set_rng_state(state["rng"][rank])

@@ -1085,6 +1085,38 @@ def test_rundir_resume_with_saved_options_that_are_no_json_object_is_one_line(un
             assert _tree(run) == before
 
 
+def test_rundir_resume_refuses_a_checkpoint_of_another_run(uninterrupted, tmp_path, capsys):
+    """A state.pt copied in from another run (another --ntl, another model size, phase 1's in a
+    phase-2 run) is one line, the run as it was: --resume never continues another run's weights
+    under this run's options (it did, silently, for the --ntl; the others were tracebacks)."""
+    state_path = os.path.join("checkpoint", "state.pt")
+
+    def other(name, change):
+        run = tmp_path / name
+        shutil.copytree(uninterrupted["distill"], run)
+        state = torch.load(run / state_path, weights_only=False)
+        change(state)
+        torch.save(state, run / state_path)
+        return run
+
+    def bigger_vocab(state):
+        emb = "bert.embeddings.word_embeddings.weight"
+        state["student"][emb] = torch.zeros(state["student"][emb].shape[0] + 7,
+                                            state["student"][emb].shape[1])
+    runs = [(other("ntl", lambda s: s["args"].update(ntl=2)), "another run", "--ntl 2"),
+            (other("size", bigger_vocab), "does not fit", "word_embeddings")]
+    phase1 = tmp_path / "phase1-state"
+    shutil.copytree(uninterrupted["distill"], phase1)
+    shutil.copy(os.path.join(uninterrupted["train_qa"], state_path), phase1 / state_path)
+    runs.append((phase1, "not a checkpoint", "state.pt"))
+    for run, *words in runs:
+        before = _tree(run)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", run, "--resume"], capsys)
+        assert code == 2, run
+        _one_error_line(err, *words, "--overwrite")
+        assert _tree(run) == before
+
+
 def test_rundir_space_for_a_resume_counts_the_checkpoint_already_there(tmp_path, monkeypatch):
     model = torch.nn.Linear(100, 100)
     need = rundir.state_bytes(model, 2 * 4 + 1)            # two checkpoints and the final model
@@ -4871,8 +4903,8 @@ def test_distill_resume_of_an_unscored_epoch_drops_its_dev_row_before_scoring_it
     checkpoint = rundir.Checkpoint(str(tmp_path), {"student": student, "teacher": teacher},
                                    *_adamw_at_a_constant_lr(student), "x")
     dev = tmp_path / "dev_metrics.jsonl"
-    args = types.SimpleNamespace(resume=True)
-    for scored, rows in ((False, []), (True, [1])):
+    args = types.SimpleNamespace(resume=True, **dict.fromkeys(distill.RESUME_KEYS))  # the run's
+    for scored, rows in ((False, []), (True, [1])):              # options, compared with the state's
         checkpoint.save(1, 6, 0, {}, 1, True, best=None, scored=scored)
         dev.write_text(json.dumps({"epoch": 1, "gxlt": {"f1": 30.0}}) + "\n")
         assert distill.restore(checkpoint, args, str(tmp_path), 0, 1, True) == \

@@ -858,7 +858,7 @@ class Phase1Run:
                                      self.resume_with)
         if not self.resume:
             return 0, 0, 0
-        state = self.checkpoint.restore(rank, world_size, self.is_master)
+        state = self.checkpoint.restore(rank, world_size, self.is_master, self.options)
         if self.is_master:        # forget what the interrupted run logged after the checkpoint
             truncate_log(os.path.join(self.out, "train_log.jsonl"), "step", state["step"])
         return state["epoch"], state["step"], state["in_epoch"]
