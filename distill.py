@@ -520,7 +520,7 @@ class RunLog:
             if is_master else None
         self.lines = ProgressLines(is_master)       # the bar's content when stderr is no terminal
         self.t0 = time.time()                        # (an epoch's bar starts it again)
-        rows = read_log(os.path.join(out, "train_log.jsonl")) if is_master else []
+        rows = read_log(os.path.join(out, "train_log.jsonl"), ("loss",)) if is_master else []
         self.loss = rows[-1]["loss"] if rows else None   # the last step's (--resume: from the log)
         if is_master:
             print(f"{n_examples} examples (ntl={args.ntl}) -> {n_windows} windows; mode "
@@ -635,7 +635,7 @@ def install_final_model(out, args, student, tokenizer, best, log):
     last (before it lands the directory is not a loadable model, so a crash never leaves a
     half-written one), its MLQA-dev scores and the command that evaluates it for every table."""
     log.close()
-    rows = read_log(os.path.join(out, "train_log.jsonl"))
+    rows = read_log(os.path.join(out, "train_log.jsonl"), ("step", "epoch"))
     if args.map_k and report.alpha_figure(rows, os.path.join(out, "alpha.png")):  # else a_kl = 1
         print(f"wrote {os.path.join(args.output_dir, 'alpha.png')}")
     if best is not None and os.path.isdir(best_dir(out, best)):
@@ -653,7 +653,8 @@ def install_final_model(out, args, student, tokenizer, best, log):
         remove_checkpoint(out)
         print(f"removed {os.path.join(args.output_dir, 'checkpoint')} (--keep-checkpoint none)")
     final_epoch = best["epoch"] if best is not None else args.epochs
-    dev = [r for r in read_log(os.path.join(out, "dev_metrics.jsonl")) if r["epoch"] == final_epoch]
+    dev = [r for r in read_log(os.path.join(out, "dev_metrics.jsonl"), ("epoch",))
+           if r["epoch"] == final_epoch]
     if dev:
         g, x = dev[-1]["gxlt"], dev[-1]["xlt"]
         print(f"MLQA dev, final model (epoch {final_epoch}): G-XLT F1 {g['f1']:.2f} / EM "

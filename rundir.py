@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import math
 import os
 import pickle
 import random
@@ -593,24 +594,39 @@ def append_row(file, row):
         raise OSError(e.errno, e.strerror, file.name) from None
 
 
-def read_log(path):
-    """The rows of a .jsonl log; a last line cut short (a full disk, a kill) is dropped."""
+def read_log(path, keys=()):
+    """The rows of a .jsonl log: JSON objects whose `keys` are numbers. A last line cut short (a
+    full disk, a kill) is dropped; any other line that is no such row (bytes that are no UTF-8, a
+    list, a key missing: the file was damaged, this project appends whole rows) is left out with
+    a note, never a traceback in the code that reads the rows."""
     if not os.path.isfile(path):
         return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                if line.strip():
-                    rows.append(json.loads(line))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict) and all(_is_number(row.get(k)) for k in keys):
+                rows.append(row)
+                continue
+        if n < len(lines) or line.endswith("\n"):
+            print(f"note: {path}: line {n} is not a row of this log (the file is damaged); "
+                  "left out", flush=True)
     return rows
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def truncate_log(path, key, last):
     """Keep the rows of a .jsonl log with row[key] <= last (what a checkpoint had seen)."""
     if os.path.exists(path):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in read_log(path) if r[key] <= last))
+                                        for r in read_log(path, (key,)) if r[key] <= last))
 
 
 def remove_checkpoint(out):

@@ -1655,6 +1655,29 @@ def test_rundir_read_log_drops_a_last_line_cut_short(tmp_path):
     assert rundir.read_log(str(path)) == [{"step": 1}]
 
 
+def test_rundir_resume_leaves_out_a_damaged_log_line_with_a_note(uninterrupted, tmp_path, capsys,
+                                                                  monkeypatch):
+    """train_log.jsonl damaged in the middle (bytes that are no UTF-8, a list, a row without its
+    step, a step that is a string): --resume leaves the line out, saying so, and completes with
+    the log's other rows (each was a traceback in truncate_log)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for kind, main, argv in (("distill", distill.main, RUN_TINY),
+                             ("train_qa", train_qa.main, PHASE1_TINY)):
+        for n, bad in enumerate((b"\xaa\xff garbage\n", b"[1, 2]\n", b'{"epoch": 1}\n',
+                                 b'{"step": "2", "loss": 1.0}\n')):
+            run = tmp_path / f"{kind}{n}"
+            shutil.copytree(uninterrupted[kind], run)
+            log = run / "train_log.jsonl"
+            rows = log.read_bytes().splitlines(keepends=True)
+            log.write_bytes(b"".join(rows[:2] + [bad] + rows[2:]))
+            capsys.readouterr()
+            common.run_main(lambda: main([str(a) for a in argv + ["--output-dir", run, "--resume"]]))
+            out, err = capsys.readouterr()
+            assert "Traceback" not in err and "error" not in err, (kind, bad, err)
+            assert "train_log.jsonl: line 3 is not a row of this log" in out, (kind, bad)
+            assert log.read_bytes().splitlines() == [r.rstrip(b"\n") for r in rows]
+
+
 def test_rundir_a_refused_output_dir_leaves_no_lock_behind(tmp_path):
     """claim_output_dir takes the lock, then refuses the directory: the lock goes with the error
     (no NAME.lock left beside it, none held by this process)."""
