@@ -2628,6 +2628,24 @@ def test_qa_model_dirs_that_do_not_load_are_one_quiet_error(tmp_path, capfd):
         "initialised (Sec. 4.1)"
 
 
+def test_qa_a_model_config_of_the_wrong_shape_is_one_line(tmp_path, capsys):
+    """config.json that is valid JSON of the wrong shape (null) or holds a field of the wrong type
+    (a string or NaN for vocab_size): evaluate_mlqa.py / distill.py --model DIR say so in one line
+    (they were tracebacks: TypeError, huggingface_hub's StrictDataclassFieldValidationError)."""
+    good = str(tmp_path / "good")
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", ["a small text", "another one"]), good)
+    config = json.loads(open(os.path.join(good, "config.json")).read())
+    for name, text in (("null", "null"), ("string", json.dumps(dict(config, vocab_size="712"))),
+                       ("nan", json.dumps(dict(config, vocab_size=float("nan"))))):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        (path / "config.json").write_text(text)
+        code, err = _in_process(evaluate_mlqa.main, ["--model", path, "--question", "Who?",
+                                                     "--context", "Bob went home."], capsys)
+        assert code == 2, name
+        _one_error_line(err, str(path), "cannot")
+
+
 def _qa_closed_port():
     with socket.socket() as s:      # bound, then closed: nothing listens there
         s.bind(("127.0.0.1", 0))

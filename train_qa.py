@@ -258,7 +258,8 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
     with quiet_transformers(progress_bars=not local):
         try:
             config = AutoConfig.from_pretrained(name_or_path, **hub)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - a config.json of the wrong shape is a TypeError,
+            # or (transformers 5: fields of the wrong type) huggingface_hub's own validation error
             if offline:
                 raise InputError(f"{name_or_path}: not in the local Hugging Face cache, and the "
                                  f"model hub is not reachable ({offline}); fetch it once where "
@@ -271,7 +272,8 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
             model, info = AutoModelForQuestionAnswering.from_pretrained(
                 name_or_path, config=config, attn_implementation="sdpa", output_loading_info=True,
                 **hub)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:
+            # TypeError: a config field of the wrong type that transformers 4 does not check
             raise InputError(f"{name_or_path}: cannot load a question-answering model "
                              f"({_first_line(e)})") from None
         try:              # a malformed tokenizer.json fails with a bare Exception (or ImportError)
