@@ -129,8 +129,8 @@ def foreign_entries(path, kind):
         if is_dir and ours.fullmatch(name) and not re.fullmatch(ANY_OWN, name):
             foreign += foreign_inside(entry, name, kind, recorded)
             continue
-        if ours.fullmatch(name) or name in recorded:
-            continue
+        if (ours.fullmatch(name) or name in recorded) and not (is_dir and name == MARKER):
+            continue                       # (the marker is a file: a directory so named is not)
         if kind != "evaluate" and is_dir and output_kind(entry) == "evaluate" and \
                 not foreign_entries(entry, "evaluate"):
             continue

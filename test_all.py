@@ -1519,6 +1519,23 @@ def test_rundir_a_users_link_or_directory_among_a_runs_own_names_is_theirs(tmp_p
     assert rundir.foreign_entries(str(run), "distill") == ["alpha.png/", "checkpoint/data"]
 
 
+def test_rundir_a_users_directory_named_like_the_marker_is_theirs(tmp_path):
+    """A directory named .written-by (the marker is a file; this one holds a user's file) is not
+    the run's: --overwrite refuses, naming it (it was taken for the marker and deleted with the
+    run it replaced)."""
+    run = tmp_path / "run"
+    rundir.start_fresh(str(run), "distill")
+    (run / "checkpoint").mkdir()
+    (run / "args.json").write_text(json.dumps({"ntl": 1, "mode": "skd", "seed": 3}))
+    os.remove(run / rundir.MARKER)
+    (run / rundir.MARKER).mkdir()
+    (run / rundir.MARKER / "notes.txt").write_text("mine")
+    assert rundir.output_kind(str(run)) == "distill"        # recognised by its files
+    assert rundir.foreign_entries(str(run), "distill") == [rundir.MARKER + "/"]
+    with pytest.raises(common.InputError, match="did not write"):
+        rundir.check_output_dir(str(run), "distill", overwrite=True)
+
+
 def test_rundir_overwrite_refuses_an_input_reached_through_a_link(tmp_path):
     """--output-dir a link to the --model run, or --model given by a link to --output-dir: the
     same directory, refused before --overwrite could replace the model."""
