@@ -2663,6 +2663,31 @@ def test_qa_a_model_config_of_the_wrong_shape_is_one_line(tmp_path, capsys):
         _one_error_line(err, str(path), "cannot")
 
 
+def test_qa_a_tokenizer_json_without_its_tokenizer_config_is_refused_not_lower_cased(tmp_path,
+                                                                                     capsys):
+    """tokenizer_config.json missing (or naming no tokenizer class): transformers 5 built BERT's
+    default tokenizer (lower-cased) instead of tokenizer.json's, and evaluate_mlqa.py --model,
+    distill.py --model and --resume went on with other tokens than the model was trained on,
+    silently (other answers, other weights). Now one line; the directory as saved still loads."""
+    good = tmp_path / "good"
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", ["Who wrote it? Bob wrote it in Paris."] * 3),
+                  str(good))
+    qa.load_model_and_tokenizer(str(good), require_qa_head=True)
+    for name, damage in (("missing", lambda p: os.remove(p)), ("empty", lambda p: p.write_text("{}")),
+                         ("directory", lambda p: (os.remove(p), p.mkdir()))):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        damage(path / "tokenizer_config.json")
+        code, err = _in_process(evaluate_mlqa.main, ["--model", path, "--question", "Who?",
+                                                     "--context", "Bob went home."], capsys)
+        assert code == 2, name
+        _one_error_line(err, str(path), "tokenizer.json", "tokenizer_config.json")
+        out = tmp_path / f"run-{name}"                  # --resume rebuilds it from checkpoint/
+        shutil.copytree(path, out / "checkpoint")
+        with pytest.raises(qa.InputError, match="tokenizer_config.json"):
+            qa.load_checkpoint_model(str(out))
+
+
 def _qa_closed_port():
     with socket.socket() as s:      # bound, then closed: nothing listens there
         s.bind(("127.0.0.1", 0))

@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import functools
 import glob
+import json
 import math
 import os
 import re
@@ -298,6 +299,37 @@ def check_tokenizer(name, tokenizer, config):
     if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:   # transformers 5 makes one up
         raise InputError(f"{name}: cannot use its tokenizer, files missing or malformed "
                          f"({len(tokenizer)} tokens for a model of {config.vocab_size})")
+    if os.path.isdir(name) and not _tokenizer_class_named(name):
+        check_tokenizer_json(name, tokenizer)
+
+
+def _tokenizer_class_named(directory):
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        return isinstance(saved, dict) and isinstance(saved.get("tokenizer_class"), str)
+    return False
+
+
+TOKENIZER_PROBE = ("Who wrote Text 123?", "Bob wrote it in Paris, 2020.")
+
+
+def check_tokenizer_json(directory, tokenizer):
+    """A model directory whose tokenizer_config.json is missing, not a file, or names no
+    tokenizer class: transformers 5 then builds the model type's default tokenizer, whose own
+    settings (BERT's: lower-cased) replace those of tokenizer.json, so every answer is silently
+    another model's. Refused when it splits a probe otherwise than tokenizer.json does."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        return
+    from tokenizers import Tokenizer
+    with contextlib.suppress(Exception):            # a tokenizer.json that does not load alone
+        if Tokenizer.from_file(path).encode(*TOKENIZER_PROBE).ids == \
+                tokenizer(*TOKENIZER_PROBE)["input_ids"]:
+            return
+    raise InputError(f"{directory}: its tokenizer does not load as its tokenizer.json "
+                     "(tokenizer_config.json missing or naming no tokenizer class: transformers "
+                     "builds another one); restore tokenizer_config.json")
 
 
 def load_checkpoint_model(out):
