@@ -2688,6 +2688,19 @@ def test_qa_a_tokenizer_json_without_its_tokenizer_config_is_refused_not_lower_c
             qa.load_checkpoint_model(str(out))
 
 
+def test_qa_a_tokenizer_config_with_a_max_length_that_is_no_number_is_one_line(tmp_path, capsys):
+    """tokenizer_config.json whose model_max_length is a string: one line, not a TypeError in
+    check_max_length (evaluate_mlqa.py --model, distill.py --model, --resume)."""
+    path = tmp_path / "model"
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", ["a small text", "another one"]), str(path))
+    saved = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(saved, model_max_length="512")))
+    code, err = _in_process(evaluate_mlqa.main, ["--model", path, "--question", "Who?",
+                                                 "--context", "Bob went home."], capsys)
+    assert code == 2
+    _one_error_line(err, str(path), "model_max_length")
+
+
 def _qa_closed_port():
     with socket.socket() as s:      # bound, then closed: nothing listens there
         s.bind(("127.0.0.1", 0))

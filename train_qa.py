@@ -299,6 +299,10 @@ def check_tokenizer(name, tokenizer, config):
     if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:   # transformers 5 makes one up
         raise InputError(f"{name}: cannot use its tokenizer, files missing or malformed "
                          f"({len(tokenizer)} tokens for a model of {config.vocab_size})")
+    limit = getattr(tokenizer, "model_max_length", 0)             # (check_max_length compares it)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise InputError(f"{name}: cannot use its tokenizer, tokenizer_config.json malformed "
+                         f"(model_max_length {json.dumps(limit)[:40]} is not a number)")
     if os.path.isdir(name) and not _tokenizer_class_named(name):
         check_tokenizer_json(name, tokenizer)
 
