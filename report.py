@@ -590,15 +590,30 @@ def load_run(run_dir):
     if "mlqa-dev" not in metrics:
         raise InputError(f"{metrics_path}: missing field 'mlqa-dev' (evaluate on MLQA dev)")
     mode = run_mode(args)
-    t = None if mode == "ce" or args.get("t") is None else float(args["t"])  # ce: no temperature
+    ntl = _args_number(args, "ntl", args_path, int)
+    t = None if mode == "ce" or args.get("t") is None else \
+        _args_number(args, "t", args_path, float)                            # ce: no temperature
     selection = "best epoch" if keep_best else "last epoch"
     if metrics.get("epoch") is not None:
         selection += f" ({metrics['epoch']})"
     name = os.path.basename(os.path.normpath(run_dir)) + as_authors_tag(metrics, args)
     return {"name": name, "dir": run_dir, "mode": mode,
-            "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
+            "ntl": ntl, "t": t, "seed": args.get("seed"), "selection": selection,
             "config": _config_key(args), "metrics": metrics,
             "run": os.path.realpath(os.path.dirname(os.path.abspath(args_path)))}
+
+
+def _args_number(args, key, path, convert):
+    """args.json's `key` as a finite number (`convert`: int or float); else one line naming it
+    (a damaged args.json was a ValueError traceback, and a NaN temperature a silent table row)."""
+    value = args[key]
+    try:
+        number = convert(value)
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: field '{key}' is {json.dumps(value)[:40]}, not a number") from None
+    return number
 
 
 SCORE_KEYS = ("f1", "exact_match")      # numbers (or null: absent) wherever a metrics.json has them

@@ -6794,6 +6794,22 @@ def test_report_sweep_missing_args_is_input_error(tmp_path):
         report.load_run(str(tmp_path))
 
 
+def test_report_sweep_args_whose_ntl_or_t_is_no_number_is_one_line(tmp_path, capsys):
+    """--sweep over a run whose args.json holds text or NaN for ntl or t: one line naming the file
+    and field (it was a ValueError traceback from int()/float(), or a NaN row in the tables)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"mlqa-dev": {"pairs": _eval_fake_pairs()}}))
+    for key, value in (("t", "x"), ("ntl", float("nan")), ("t", float("inf")), ("ntl", None)):
+        (run / "args.json").write_text(json.dumps(dict({"ntl": 1, "t": 2.0, "mode": "skd"},
+                                                       **{key: value})))
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
+        assert e.value.code == 2, (key, value)
+        _one_error_line(capsys.readouterr().err, str(run / "args.json"), f"'{key}'")
+    assert not (tmp_path / "o").exists()
+
+
 def test_report_sweep_fig5_temperature_choice(tmp_path):
     runs = [report.load_run(r) for r in _eval_sweep_dirs(tmp_path)]
     assert report._fig5_t(runs, "skd") == 2.0  # tie between t=1 and t=2: the best run's t
