@@ -629,8 +629,9 @@ def checked_metrics(metrics, path):
         where, value = todo.pop()
         if isinstance(value, dict):
             for key, inner in value.items():
-                if key in SCORE_KEYS and inner is not None and (
-                        isinstance(inner, bool) or not isinstance(inner, (int, float))):
+                if key in SCORE_KEYS and inner is not None and (   # NaN: a pair left out
+                        isinstance(inner, bool) or not isinstance(inner, (int, float)) or
+                        not math.isfinite(inner)):                        # of a mean, silently
                     raise InputError(f"{path}: not an evaluation's metrics ({where}.{key} is "
                                      f"{json.dumps(inner)[:40]}, not a number)")
                 todo.append((f"{where}.{key}", inner))

@@ -6044,7 +6044,8 @@ def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no
         tmp_path, capsys):
     """--sweep over a distill.py run as it is: one scored on some MLQA-dev pairs only (its rows
     hold null means for the context languages it lacks) is a sweep point; a score edited into
-    true or text (f1 or exact_match) is one line naming the file, not a table computed from it."""
+    true, text or NaN (f1 or exact_match) is one line naming the file, not a table computed from
+    it (a NaN pair was left out of the means, silently)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
@@ -6057,7 +6058,7 @@ def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no
     _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "ok")])
     assert "| run | skd | 3 | 2 |" in (tmp_path / "ok" / "sweep.md").read_text()
     capsys.readouterr()
-    for key, value in (("f1", True), ("exact_match", "40.0")):
+    for key, value in (("f1", True), ("exact_match", "40.0"), ("f1", float("nan"))):
         log.write_text(json.dumps(dict(row, pairs=dict(pairs, **{"en-en": dict(
             pairs["en-en"], **{key: value})}))) + "\n")
         with pytest.raises(SystemExit) as e:
