@@ -542,7 +542,12 @@ def _final_dev_row(path, keep_best_epoch):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
-    rows = [r for r in rows if isinstance(r, dict) and "pairs" in r and "epoch" in r]
+    for n, r in enumerate(rows, 1):      # every row distill.py appends has both: one without
+        epoch = r.get("epoch") if isinstance(r, dict) else None     # is damage, not an epoch
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or \
+                not isinstance(r.get("pairs"), dict):                 # to pass over silently
+            raise InputError(f"{path}: row {n} is not an epoch's MLQA-dev scores (an integer "
+                             "'epoch' and its 'pairs'): the file is damaged")
     if not rows:
         raise InputError(f"{path}: no epoch with MLQA-dev pairs")
     if keep_best_epoch:

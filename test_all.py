@@ -6068,6 +6068,28 @@ def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_sweep_refuses_a_dev_metrics_row_without_its_epoch_or_pairs(tmp_path, capsys):
+    """--sweep over a run scored by distill.py alone: a row of dev_metrics.jsonl damaged (its
+    pairs gone, its epoch a string, a list) is one line naming the file; the last epoch's row
+    without pairs was passed over and the previous epoch's scores reported as the last epoch's,
+    and an epoch as text was a TypeError traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
+    pairs = {"en-en": {"f1": 50.0, "exact_match": 40.0, "n": 4}}
+    rows = [{"epoch": e, "pairs": pairs} for e in (1, 2)]
+    for n, last in enumerate(({"epoch": 2}, {"epoch": "2", "pairs": pairs}, [2, pairs])):
+        (run / "dev_metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(last) + "\n")
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
+        assert e.value.code == 2, last
+        _one_error_line(capsys.readouterr().err, str(run / "dev_metrics.jsonl"), "row 2", "damaged")
+    assert not (tmp_path / "o").exists()
+    (run / "dev_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "ok")])
+    assert "last epoch (2)" in (tmp_path / "ok" / "sweep.md").read_text()
+
+
 def test_eval_predict_nbest_short_and_long_contexts_together(eval_env):
     """MLQA has short contexts: n-best prediction must work when a batch mixes a context with
     fewer candidate spans than requested and a longer one."""
