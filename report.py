@@ -640,7 +640,28 @@ def checked_metrics(metrics, path):
                     raise InputError(f"{path}: not an evaluation's metrics ({where}.{key} is "
                                      f"{json.dumps(inner)[:40]}, not a number)")
                 todo.append((f"{where}.{key}", inner))
+    if metrics.get("hidden-knowledge"):
+        _check_hidden_knowledge(metrics["hidden-knowledge"], path)
     return metrics
+
+
+def _check_hidden_knowledge(hk, path):
+    """Table 1's block as evaluate_mlqa.py writes it (k; per question language k counts, the
+    examples not in the top k and all examples), else one line: its table indexes them."""
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    k = hk.get("k") if isinstance(hk, dict) else None
+    langs = hk.get("languages") if isinstance(hk, dict) else None
+    ok = count(k) and k > 0 and isinstance(hk.get("criterion"), str) and \
+        isinstance(langs, list) and all(isinstance(q, str) for q in langs) and \
+        all(isinstance(hk.get(key), dict) for key in ("counts", "not_in_top_k", "n"))
+    ok = ok and all(isinstance(hk["counts"].get(q), list) and len(hk["counts"][q]) == k and
+                    all(map(count, hk["counts"][q])) and count(hk["not_in_top_k"].get(q)) and
+                    count(hk["n"].get(q)) for q in langs)
+    if not ok:
+        raise InputError(f"{path}: not an evaluation's metrics (its hidden-knowledge counts are "
+                         "not k counts per question language)")
 
 
 def _config_key(args):

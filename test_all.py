@@ -6090,6 +6090,25 @@ def test_eval_sweep_refuses_a_dev_metrics_row_without_its_epoch_or_pairs(tmp_pat
     assert "last epoch (2)" in (tmp_path / "ok" / "sweep.md").read_text()
 
 
+def test_eval_compare_refuses_hidden_knowledge_counts_of_the_wrong_shape(eval_run, tmp_path,
+                                                                         capsys):
+    """A metrics.json whose Table 1 block is damaged (k as text, a language's counts cut short,
+    a count that is NaN): --compare is one line naming the file (Table 1's rows were a TypeError
+    or IndexError traceback)."""
+    out, metrics = eval_run
+    hk = metrics["hidden-knowledge"]
+    for n, broken in enumerate((dict(hk, k="10"), dict(hk, counts=dict(hk["counts"], en=[0])),
+                                dict(hk, n=dict(hk["n"], en=float("nan"))))):
+        (tmp_path / f"e{n}").mkdir()
+        path = tmp_path / f"e{n}" / "metrics.json"
+        path.write_text(json.dumps(dict(metrics, **{"hidden-knowledge": broken})))
+        code, err = _in_process(evaluate_mlqa.main, ["--compare", out, path, "--bootstrap", "0",
+                                                     "--output-dir", tmp_path / "o"], capsys)
+        assert code == 2, n
+        _one_error_line(err, str(path), "hidden-knowledge")
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_predict_nbest_short_and_long_contexts_together(eval_env):
     """MLQA has short contexts: n-best prediction must work when a batch mixes a context with
     fewer candidate spans than requested and a longer one."""
