@@ -629,6 +629,12 @@ def checked_metrics(metrics, path):
     scores are numbers; else one line naming the file, before any table or figure is made."""
     if not isinstance(metrics, dict):
         raise InputError(f"{path}: not an evaluation's metrics (expected a JSON object)")
+    for group in ("mlqa-dev", "mlqa-test", "xquad", "tydiqa"):   # indexed by the tables
+        value = metrics.get(group, {})
+        pairs = value.get("pairs", {}) if isinstance(value, dict) else None
+        if not isinstance(pairs, dict) or not all(isinstance(p, dict) for p in pairs.values()):
+            raise InputError(f"{path}: not an evaluation's metrics ({group} is not its scores "
+                             "per language pair)")
     todo = [(k, v) for k, v in metrics.items() if k not in ("options", "data", "notes")]
     while todo:
         where, value = todo.pop()

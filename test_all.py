@@ -6109,6 +6109,22 @@ def test_eval_compare_refuses_hidden_knowledge_counts_of_the_wrong_shape(eval_ru
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_baseline_whose_data_sets_are_no_scores_is_one_line(eval_env, eval_run, tmp_path,
+                                                                  capsys):
+    """--model M --baseline E where E's metrics.json holds text in place of a data set's scores:
+    one line naming the file (the difference heat maps indexed it: a TypeError traceback)."""
+    out, metrics = eval_run
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(dict(metrics, **{"mlqa-dev": "x"})))
+    code, err = _in_process(evaluate_mlqa.main, [
+        "--model", eval_env["model"], "--baseline", path, "--output-dir", tmp_path / "o",
+        "--mlqa-dir", eval_env["mlqa"], "--split", "dev", "--skip", "xquad", "tydiqa",
+        "--bootstrap", "0"], capsys)
+    assert code == 2
+    _one_error_line(err, str(path), "mlqa-dev")
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_predict_nbest_short_and_long_contexts_together(eval_env):
     """MLQA has short contexts: n-best prediction must work when a batch mixes a context with
     fewer candidate spans than requested and a longer one."""
