@@ -561,8 +561,9 @@ class RunLog:
             with open(os.path.join(self.out, "dev_metrics.jsonl"), "a", encoding="utf-8") as f:
                 append_row(f, {"epoch": epoch + 1, "xlt": metrics["xlt"], "gxlt": metrics["gxlt"],
                                "pairs": metrics["pairs"]})
-        msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {self.loss:.4f}, " \
-              f"{time.time() - self.t0:.1f}s"
+        loss = "-" if self.loss is None else f"{self.loss:.4f}"    # -: no row of it in the log
+        msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {loss}, " \
+              f"{time.time() - self.t0:.1f}s"                      # (removed or damaged)
         if metrics is not None:
             msg += f"; MLQA dev G-XLT F1 {metrics['gxlt']['f1']:.2f}, XLT F1 " \
                    f"{metrics['xlt']['f1']:.2f}"

@@ -750,6 +750,32 @@ def test_rundir_stop_at_an_epochs_last_step_resumes(uninterrupted, tmp_path, cap
         open(os.path.join(uninterrupted["distill"], "train_log.jsonl")).read()
 
 
+def test_rundir_resume_at_an_epochs_end_without_its_log_rows_completes(uninterrupted, tmp_path,
+                                                                        capsys, qa_one_thread):
+    """As above, but train_log.jsonl removed (or emptied, or its rows damaged) before --resume:
+    the epoch line has no last loss to show ('loss -') and the run completes with the
+    uninterrupted weights (it was a TypeError formatting None)."""
+    class StopAtStep6(rundir.StopSignals):              # RUN_TINY: 6 steps per epoch
+        agreed = 0
+
+        def agree(self, save_due, world_size, device):
+            StopAtStep6.agreed += 1
+            signum, save_now = super().agree(save_due, world_size, device)
+            return (signal.SIGTERM if StopAtStep6.agreed == 6 else signum), save_now
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "StopSignals", StopAtStep6)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", out], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    os.remove(out / "train_log.jsonl")
+    code, _ = _distill_main(RUN_TINY + ["--output-dir", out, "--resume"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "epoch 1/2: step 6, loss -," in printed.out, printed.out
+    assert _same_weights(out, uninterrupted["distill"])
+
+
 def test_rundir_kill9_after_a_save_steps_checkpoint_resumes_bitwise(uninterrupted, tmp_path):
     out = tmp_path / "run"
     argv = [a if a != "0" else "4" for a in RUN_TINY]               # --save-steps 4
