@@ -74,15 +74,15 @@ import prepare
 import report
 import train_qa
 from common import (LANGUAGES, MLQA_DIR, XQUAD_DIR, ArgumentParser, InputError, atomic_write_json,
-                    check_seed, parse_with_preset, read_json, run_main)
+                    check_seed, parse_with_preset, run_main)
 from evaluate_mlqa import (load_gold_examples, mlqa_pair_path, mlqa_task, predict_tasks,
                            score_tasks)
 from map_at_k import RELEVANT, VARIANTS, alpha_per_row
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
                     finish_replacing, foreign_inside, install_model_files, make_checkpoint_dir,
-                    parse_save_steps, read_log, remove_checkpoint, resume_hint, start_fresh,
-                    stop_after_save, truncate_log)
+                    parse_save_steps, read_log, read_run_options, remove_checkpoint, resume_hint,
+                    start_fresh, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
 from train_qa import (build_features, collate, compile_forward, load_model_and_tokenizer,
                       make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
@@ -466,7 +466,7 @@ def run_args(args):
 
 def check_resumable(args, out):
     """--resume: the checkpoint's run had the same options (RESUME_KEYS)."""
-    saved = read_json(os.path.join(out, "args.json"))
+    saved = read_run_options(os.path.join(out, "args.json"))
     check_same_options({k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS},  # older
                        run_args(args))                                               # args.json
 
@@ -499,7 +499,7 @@ def restore(checkpoint, args, out, rank, world_size, is_master):
     in); the log rows written after it are dropped. A new run: (0, 0, 0, None, True)."""
     if not args.resume:
         return 0, 0, 0, None, True
-    state = checkpoint.restore(rank, world_size, is_master)
+    state = checkpoint.restore(rank, world_size, is_master, run_args(args))
     scored = state.get("scored", True)       # False: stopped while scoring its epoch
     if is_master:  # forget what the interrupted run wrote after the checkpoint
         truncate_log(os.path.join(out, "train_log.jsonl"), "step", state["step"])
@@ -520,7 +520,7 @@ class RunLog:
             if is_master else None
         self.lines = ProgressLines(is_master)       # the bar's content when stderr is no terminal
         self.t0 = time.time()                        # (an epoch's bar starts it again)
-        rows = read_log(os.path.join(out, "train_log.jsonl")) if is_master else []
+        rows = read_log(os.path.join(out, "train_log.jsonl"), ("loss",)) if is_master else []
         self.loss = rows[-1]["loss"] if rows else None   # the last step's (--resume: from the log)
         if is_master:
             print(f"{n_examples} examples (ntl={args.ntl}) -> {n_windows} windows; mode "
@@ -561,8 +561,9 @@ class RunLog:
             with open(os.path.join(self.out, "dev_metrics.jsonl"), "a", encoding="utf-8") as f:
                 append_row(f, {"epoch": epoch + 1, "xlt": metrics["xlt"], "gxlt": metrics["gxlt"],
                                "pairs": metrics["pairs"]})
-        msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {self.loss:.4f}, " \
-              f"{time.time() - self.t0:.1f}s"
+        loss = "-" if self.loss is None else f"{self.loss:.4f}"    # -: no row of it in the log
+        msg = f"epoch {epoch + 1}/{self.epochs}: step {step}, loss {loss}, " \
+              f"{time.time() - self.t0:.1f}s"                      # (removed or damaged)
         if metrics is not None:
             msg += f"; MLQA dev G-XLT F1 {metrics['gxlt']['f1']:.2f}, XLT F1 " \
                    f"{metrics['xlt']['f1']:.2f}"
@@ -635,7 +636,7 @@ def install_final_model(out, args, student, tokenizer, best, log):
     last (before it lands the directory is not a loadable model, so a crash never leaves a
     half-written one), its MLQA-dev scores and the command that evaluates it for every table."""
     log.close()
-    rows = read_log(os.path.join(out, "train_log.jsonl"))
+    rows = read_log(os.path.join(out, "train_log.jsonl"), ("step", "epoch"))
     if args.map_k and report.alpha_figure(rows, os.path.join(out, "alpha.png")):  # else a_kl = 1
         print(f"wrote {os.path.join(args.output_dir, 'alpha.png')}")
     if best is not None and os.path.isdir(best_dir(out, best)):
@@ -653,7 +654,8 @@ def install_final_model(out, args, student, tokenizer, best, log):
         remove_checkpoint(out)
         print(f"removed {os.path.join(args.output_dir, 'checkpoint')} (--keep-checkpoint none)")
     final_epoch = best["epoch"] if best is not None else args.epochs
-    dev = [r for r in read_log(os.path.join(out, "dev_metrics.jsonl")) if r["epoch"] == final_epoch]
+    dev = [r for r in read_log(os.path.join(out, "dev_metrics.jsonl"), ("epoch",))
+           if r["epoch"] == final_epoch]
     if dev:
         g, x = dev[-1]["gxlt"], dev[-1]["xlt"]
         print(f"MLQA dev, final model (epoch {final_epoch}): G-XLT F1 {g['f1']:.2f} / EM "

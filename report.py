@@ -542,7 +542,12 @@ def _final_dev_row(path, keep_best_epoch):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
-    rows = [r for r in rows if isinstance(r, dict) and "pairs" in r and "epoch" in r]
+    for n, r in enumerate(rows, 1):      # every row distill.py appends has both: one without
+        epoch = r.get("epoch") if isinstance(r, dict) else None     # is damage, not an epoch
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or \
+                not isinstance(r.get("pairs"), dict):                 # to pass over silently
+            raise InputError(f"{path}: row {n} is not an epoch's MLQA-dev scores (an integer "
+                             "'epoch' and its 'pairs'): the file is damaged")
     if not rows:
         raise InputError(f"{path}: no epoch with MLQA-dev pairs")
     if keep_best_epoch:
@@ -590,15 +595,30 @@ def load_run(run_dir):
     if "mlqa-dev" not in metrics:
         raise InputError(f"{metrics_path}: missing field 'mlqa-dev' (evaluate on MLQA dev)")
     mode = run_mode(args)
-    t = None if mode == "ce" or args.get("t") is None else float(args["t"])  # ce: no temperature
+    ntl = _args_number(args, "ntl", args_path, int)
+    t = None if mode == "ce" or args.get("t") is None else \
+        _args_number(args, "t", args_path, float)                            # ce: no temperature
     selection = "best epoch" if keep_best else "last epoch"
     if metrics.get("epoch") is not None:
         selection += f" ({metrics['epoch']})"
     name = os.path.basename(os.path.normpath(run_dir)) + as_authors_tag(metrics, args)
     return {"name": name, "dir": run_dir, "mode": mode,
-            "ntl": int(args["ntl"]), "t": t, "seed": args.get("seed"), "selection": selection,
+            "ntl": ntl, "t": t, "seed": args.get("seed"), "selection": selection,
             "config": _config_key(args), "metrics": metrics,
             "run": os.path.realpath(os.path.dirname(os.path.abspath(args_path)))}
+
+
+def _args_number(args, key, path, convert):
+    """args.json's `key` as a finite number (`convert`: int or float); else one line naming it
+    (a damaged args.json was a ValueError traceback, and a NaN temperature a silent table row)."""
+    value = args[key]
+    try:
+        number = convert(value)
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: field '{key}' is {json.dumps(value)[:40]}, not a number") from None
+    return number
 
 
 SCORE_KEYS = ("f1", "exact_match")      # numbers (or null: absent) wherever a metrics.json has them
@@ -609,17 +629,45 @@ def checked_metrics(metrics, path):
     scores are numbers; else one line naming the file, before any table or figure is made."""
     if not isinstance(metrics, dict):
         raise InputError(f"{path}: not an evaluation's metrics (expected a JSON object)")
+    for group in ("mlqa-dev", "mlqa-test", "xquad", "tydiqa"):   # indexed by the tables
+        value = metrics.get(group, {})
+        pairs = value.get("pairs", {}) if isinstance(value, dict) else None
+        if not isinstance(pairs, dict) or not all(isinstance(p, dict) for p in pairs.values()):
+            raise InputError(f"{path}: not an evaluation's metrics ({group} is not its scores "
+                             "per language pair)")
     todo = [(k, v) for k, v in metrics.items() if k not in ("options", "data", "notes")]
     while todo:
         where, value = todo.pop()
         if isinstance(value, dict):
             for key, inner in value.items():
-                if key in SCORE_KEYS and inner is not None and (
-                        isinstance(inner, bool) or not isinstance(inner, (int, float))):
+                if key in SCORE_KEYS and inner is not None and (   # NaN: a pair left out
+                        isinstance(inner, bool) or not isinstance(inner, (int, float)) or
+                        not math.isfinite(inner)):                        # of a mean, silently
                     raise InputError(f"{path}: not an evaluation's metrics ({where}.{key} is "
                                      f"{json.dumps(inner)[:40]}, not a number)")
                 todo.append((f"{where}.{key}", inner))
+    if metrics.get("hidden-knowledge"):
+        _check_hidden_knowledge(metrics["hidden-knowledge"], path)
     return metrics
+
+
+def _check_hidden_knowledge(hk, path):
+    """Table 1's block as evaluate_mlqa.py writes it (k; per question language k counts, the
+    examples not in the top k and all examples), else one line: its table indexes them."""
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    k = hk.get("k") if isinstance(hk, dict) else None
+    langs = hk.get("languages") if isinstance(hk, dict) else None
+    ok = count(k) and k > 0 and isinstance(hk.get("criterion"), str) and \
+        isinstance(langs, list) and all(isinstance(q, str) for q in langs) and \
+        all(isinstance(hk.get(key), dict) for key in ("counts", "not_in_top_k", "n"))
+    ok = ok and all(isinstance(hk["counts"].get(q), list) and len(hk["counts"][q]) == k and
+                    all(map(count, hk["counts"][q])) and count(hk["not_in_top_k"].get(q)) and
+                    count(hk["n"].get(q)) for q in langs)
+    if not ok:
+        raise InputError(f"{path}: not an evaluation's metrics (its hidden-knowledge counts are "
+                         "not k counts per question language)")
 
 
 def _config_key(args):

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import math
 import os
 import pickle
 import random
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from common import (STOP_SIGNALS, InputError, Stopped, atomic_write_json, atomic_write_text,
-                    check_writable, not_a_script)
+                    check_writable, not_a_script, read_json)
 
 MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
 WRITERS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
@@ -128,8 +129,8 @@ def foreign_entries(path, kind):
         if is_dir and ours.fullmatch(name) and not re.fullmatch(ANY_OWN, name):
             foreign += foreign_inside(entry, name, kind, recorded)
             continue
-        if ours.fullmatch(name) or name in recorded:
-            continue
+        if (ours.fullmatch(name) or name in recorded) and not (is_dir and name == MARKER):
+            continue                       # (the marker is a file: a directory so named is not)
         if kind != "evaluate" and is_dir and output_kind(entry) == "evaluate" and \
                 not foreign_entries(entry, "evaluate"):
             continue
@@ -471,6 +472,16 @@ def claim_output_dir(args, kind, inputs, is_master, world_size, check=None):
     return out, lock
 
 
+def read_run_options(path):
+    """--resume: the options a run saved (args.json, train_args.json); a file that is not a JSON
+    object (damaged) is one line, not a traceback in the comparison."""
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise InputError(f"{path}: damaged, not a run's options (expected a JSON object); "
+                         "--overwrite starts the run again")
+    return saved
+
+
 def check_same_options(saved, now):
     """--resume: the options in `now` (RESUME_KEYS of a script) as the checkpoint's run had them."""
     diff = [k for k in now if saved.get(k) != now[k]]
@@ -539,20 +550,36 @@ class Checkpoint:
         if world_size > 1:
             torch.distributed.barrier()
 
-    def restore(self, rank, world_size, is_master):
+    def restore(self, rank, world_size, is_master, run_options=None):
         """Weights, optimiser, schedule and RNG of the last checkpoint -> its state dict (epoch,
-        step, in_epoch and the extras)."""
+        step, in_epoch and the extras). A state.pt of another run (copied in: another script,
+        other `run_options`, another model size) is one line, never a run continued from it."""
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
             raise InputError(f"{self.state_path}: cannot be read, it is damaged "
                              f"({str(e).splitlines()[0][:120]}); --overwrite starts the run "
                              "again") from None
-        for name, model in self.models.items():
-            if model is not None:
-                model.load_state_dict(state[name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        again = "; --overwrite starts the run again"
+        needed = [*self.models, "optimizer", "scheduler", "rng", "epoch", "step", "world_size"]
+        if not isinstance(state, dict) or any(k not in state for k in needed):
+            raise InputError(f"{self.state_path}: not a checkpoint of this script's runs" + again)
+        saved = state.get("args")            # the options it was saved with (RESUME_KEYS)
+        if run_options is not None and isinstance(saved, dict):
+            diff = [k for k in run_options if k in saved and saved[k] != run_options[k]]
+            if diff:
+                raise InputError(f"{self.state_path}: the checkpoint of another run (" + ", ".join(
+                    f"--{k.replace('_', '-')} {saved[k]}, this run's {run_options[k]}"
+                    for k in diff) + ")" + again)
+        try:
+            for name, model in self.models.items():
+                if model is not None:
+                    model.load_state_dict(state[name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{self.state_path}: does not fit this run's model "
+                             f"({' '.join(str(e).split())[:200]})" + again) from None
         state.setdefault("in_epoch", 0)               # checkpoints written before mid-epoch ones
         if state["world_size"] == world_size:
             set_rng_state(state["rng"][rank])
@@ -591,24 +618,39 @@ def append_row(file, row):
         raise OSError(e.errno, e.strerror, file.name) from None
 
 
-def read_log(path):
-    """The rows of a .jsonl log; a last line cut short (a full disk, a kill) is dropped."""
+def read_log(path, keys=()):
+    """The rows of a .jsonl log: JSON objects whose `keys` are numbers. A last line cut short (a
+    full disk, a kill) is dropped; any other line that is no such row (bytes that are no UTF-8, a
+    list, a key missing: the file was damaged, this project appends whole rows) is left out with
+    a note, never a traceback in the code that reads the rows."""
     if not os.path.isfile(path):
         return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                if line.strip():
-                    rows.append(json.loads(line))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict) and all(_is_number(row.get(k)) for k in keys):
+                rows.append(row)
+                continue
+        if n < len(lines) or line.endswith("\n"):
+            print(f"note: {path}: line {n} is not a row of this log (the file is damaged); "
+                  "left out", flush=True)
     return rows
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def truncate_log(path, key, last):
     """Keep the rows of a .jsonl log with row[key] <= last (what a checkpoint had seen)."""
     if os.path.exists(path):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in read_log(path) if r[key] <= last))
+                                        for r in read_log(path, (key,)) if r[key] <= last))
 
 
 def remove_checkpoint(out):

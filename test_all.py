@@ -784,6 +784,32 @@ def test_rundir_stop_at_an_epochs_last_step_resumes(uninterrupted, tmp_path, cap
         open(os.path.join(uninterrupted["distill"], "train_log.jsonl")).read()
 
 
+def test_rundir_resume_at_an_epochs_end_without_its_log_rows_completes(uninterrupted, tmp_path,
+                                                                        capsys, qa_one_thread):
+    """As above, but train_log.jsonl removed (or emptied, or its rows damaged) before --resume:
+    the epoch line has no last loss to show ('loss -') and the run completes with the
+    uninterrupted weights (it was a TypeError formatting None)."""
+    class StopAtStep6(rundir.StopSignals):              # RUN_TINY: 6 steps per epoch
+        agreed = 0
+
+        def agree(self, save_due, world_size, device):
+            StopAtStep6.agreed += 1
+            signum, save_now = super().agree(save_due, world_size, device)
+            return (signal.SIGTERM if StopAtStep6.agreed == 6 else signum), save_now
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "StopSignals", StopAtStep6)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", out], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    os.remove(out / "train_log.jsonl")
+    code, _ = _distill_main(RUN_TINY + ["--output-dir", out, "--resume"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "epoch 1/2: step 6, loss -," in printed.out, printed.out
+    assert _same_weights(out, uninterrupted["distill"])
+
+
 def test_rundir_kill9_after_a_save_steps_checkpoint_resumes_bitwise(uninterrupted, tmp_path):
     out = tmp_path / "run"
     argv = [a if a != "0" else "4" for a in RUN_TINY]               # --save-steps 4
@@ -1132,6 +1158,55 @@ def test_rundir_a_damaged_phase1_checkpoint_is_one_line(uninterrupted, tmp_path,
     assert code == 2
     _one_error_line(err, os.path.join("run", "checkpoint"), "damaged", "--overwrite")
     assert _tree(run) == before
+
+
+def test_rundir_resume_with_saved_options_that_are_no_json_object_is_one_line(uninterrupted,
+                                                                             tmp_path, capsys):
+    """args.json / train_args.json damaged into valid JSON of another shape (a list, null):
+    --resume says so in one line, the run as it was (it was an AttributeError)."""
+    for kind, main, argv, name in (("distill", distill.main, RUN_TINY, "args.json"),
+                                   ("train_qa", train_qa.main, PHASE1_TINY, "train_args.json")):
+        for content in ("[]", "null"):
+            run = tmp_path / f"{kind}-{content}"
+            shutil.copytree(uninterrupted[kind], run)
+            (run / name).write_text(content)
+            before = _tree(run)
+            code, err = _in_process(main, argv + ["--output-dir", run, "--resume"], capsys)
+            assert code == 2, (kind, content)
+            _one_error_line(err, name, "damaged", "--overwrite")
+            assert _tree(run) == before
+
+
+def test_rundir_resume_refuses_a_checkpoint_of_another_run(uninterrupted, tmp_path, capsys):
+    """A state.pt copied in from another run (another --ntl, another model size, phase 1's in a
+    phase-2 run) is one line, the run as it was: --resume never continues another run's weights
+    under this run's options (it did, silently, for the --ntl; the others were tracebacks)."""
+    state_path = os.path.join("checkpoint", "state.pt")
+
+    def other(name, change):
+        run = tmp_path / name
+        shutil.copytree(uninterrupted["distill"], run)
+        state = torch.load(run / state_path, weights_only=False)
+        change(state)
+        torch.save(state, run / state_path)
+        return run
+
+    def bigger_vocab(state):
+        emb = "bert.embeddings.word_embeddings.weight"
+        state["student"][emb] = torch.zeros(state["student"][emb].shape[0] + 7,
+                                            state["student"][emb].shape[1])
+    runs = [(other("ntl", lambda s: s["args"].update(ntl=2)), "another run", "--ntl 2"),
+            (other("size", bigger_vocab), "does not fit", "word_embeddings")]
+    phase1 = tmp_path / "phase1-state"
+    shutil.copytree(uninterrupted["distill"], phase1)
+    shutil.copy(os.path.join(uninterrupted["train_qa"], state_path), phase1 / state_path)
+    runs.append((phase1, "not a checkpoint", "state.pt"))
+    for run, *words in runs:
+        before = _tree(run)
+        code, err = _distill_main(RUN_TINY + ["--output-dir", run, "--resume"], capsys)
+        assert code == 2, run
+        _one_error_line(err, *words, "--overwrite")
+        assert _tree(run) == before
 
 
 def test_rundir_space_for_a_resume_counts_the_checkpoint_already_there(tmp_path, monkeypatch):
@@ -1536,6 +1611,23 @@ def test_rundir_a_users_link_or_directory_among_a_runs_own_names_is_theirs(tmp_p
     assert rundir.foreign_entries(str(run), "distill") == ["alpha.png/", "checkpoint/data"]
 
 
+def test_rundir_a_users_directory_named_like_the_marker_is_theirs(tmp_path):
+    """A directory named .written-by (the marker is a file; this one holds a user's file) is not
+    the run's: --overwrite refuses, naming it (it was taken for the marker and deleted with the
+    run it replaced)."""
+    run = tmp_path / "run"
+    rundir.start_fresh(str(run), "distill")
+    (run / "checkpoint").mkdir()
+    (run / "args.json").write_text(json.dumps({"ntl": 1, "mode": "skd", "seed": 3}))
+    os.remove(run / rundir.MARKER)
+    (run / rundir.MARKER).mkdir()
+    (run / rundir.MARKER / "notes.txt").write_text("mine")
+    assert rundir.output_kind(str(run)) == "distill"        # recognised by its files
+    assert rundir.foreign_entries(str(run), "distill") == [rundir.MARKER + "/"]
+    with pytest.raises(common.InputError, match="did not write"):
+        rundir.check_output_dir(str(run), "distill", overwrite=True)
+
+
 def test_rundir_overwrite_refuses_an_input_reached_through_a_link(tmp_path):
     """--output-dir a link to the --model run, or --model given by a link to --output-dir: the
     same directory, refused before --overwrite could replace the model."""
@@ -1670,6 +1762,29 @@ def test_rundir_read_log_drops_a_last_line_cut_short(tmp_path):
     assert rundir.read_log(str(path)) == [{"step": 1}, {"step": 2}]
     rundir.truncate_log(str(path), "step", 1)
     assert rundir.read_log(str(path)) == [{"step": 1}]
+
+
+def test_rundir_resume_leaves_out_a_damaged_log_line_with_a_note(uninterrupted, tmp_path, capsys,
+                                                                  monkeypatch):
+    """train_log.jsonl damaged in the middle (bytes that are no UTF-8, a list, a row without its
+    step, a step that is a string): --resume leaves the line out, saying so, and completes with
+    the log's other rows (each was a traceback in truncate_log)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for kind, main, argv in (("distill", distill.main, RUN_TINY),
+                             ("train_qa", train_qa.main, PHASE1_TINY)):
+        for n, bad in enumerate((b"\xaa\xff garbage\n", b"[1, 2]\n", b'{"epoch": 1}\n',
+                                 b'{"step": "2", "loss": 1.0}\n')):
+            run = tmp_path / f"{kind}{n}"
+            shutil.copytree(uninterrupted[kind], run)
+            log = run / "train_log.jsonl"
+            rows = log.read_bytes().splitlines(keepends=True)
+            log.write_bytes(b"".join(rows[:2] + [bad] + rows[2:]))
+            capsys.readouterr()
+            common.run_main(lambda: main([str(a) for a in argv + ["--output-dir", run, "--resume"]]))
+            out, err = capsys.readouterr()
+            assert "Traceback" not in err and "error" not in err, (kind, bad, err)
+            assert "train_log.jsonl: line 3 is not a row of this log" in out, (kind, bad)
+            assert log.read_bytes().splitlines() == [r.rstrip(b"\n") for r in rows]
 
 
 def test_rundir_a_refused_output_dir_leaves_no_lock_behind(tmp_path):
@@ -2654,6 +2769,62 @@ def test_qa_model_dirs_that_do_not_load_are_one_quiet_error(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert err == "" and out.strip() == f"note: {not_qa} has no QA head; it starts newly " \
         "initialised (Sec. 4.1)"
+
+
+def test_qa_a_model_config_of_the_wrong_shape_is_one_line(tmp_path, capsys):
+    """config.json that is valid JSON of the wrong shape (null) or holds a field of the wrong type
+    (a string or NaN for vocab_size): evaluate_mlqa.py / distill.py --model DIR say so in one line
+    (they were tracebacks: TypeError, huggingface_hub's StrictDataclassFieldValidationError)."""
+    good = str(tmp_path / "good")
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", ["a small text", "another one"]), good)
+    config = json.loads(open(os.path.join(good, "config.json")).read())
+    for name, text in (("null", "null"), ("string", json.dumps(dict(config, vocab_size="712"))),
+                       ("nan", json.dumps(dict(config, vocab_size=float("nan"))))):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        (path / "config.json").write_text(text)
+        code, err = _in_process(evaluate_mlqa.main, ["--model", path, "--question", "Who?",
+                                                     "--context", "Bob went home."], capsys)
+        assert code == 2, name
+        _one_error_line(err, str(path), "cannot")
+
+
+def test_qa_a_tokenizer_json_without_its_tokenizer_config_is_refused_not_lower_cased(tmp_path,
+                                                                                     capsys):
+    """tokenizer_config.json missing (or naming no tokenizer class): transformers 5 built BERT's
+    default tokenizer (lower-cased) instead of tokenizer.json's, and evaluate_mlqa.py --model,
+    distill.py --model and --resume went on with other tokens than the model was trained on,
+    silently (other answers, other weights). Now one line; the directory as saved still loads."""
+    good = tmp_path / "good"
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", ["Who wrote it? Bob wrote it in Paris."] * 3),
+                  str(good))
+    qa.load_model_and_tokenizer(str(good), require_qa_head=True)
+    for name, damage in (("missing", lambda p: os.remove(p)), ("empty", lambda p: p.write_text("{}")),
+                         ("directory", lambda p: (os.remove(p), p.mkdir()))):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        damage(path / "tokenizer_config.json")
+        code, err = _in_process(evaluate_mlqa.main, ["--model", path, "--question", "Who?",
+                                                     "--context", "Bob went home."], capsys)
+        assert code == 2, name
+        _one_error_line(err, str(path), "tokenizer.json", "tokenizer_config.json")
+        out = tmp_path / f"run-{name}"                  # --resume rebuilds it from checkpoint/
+        shutil.copytree(path, out / "checkpoint")
+        with pytest.raises(qa.InputError, match="tokenizer_config.json"):
+            qa.load_checkpoint_model(str(out))
+
+
+def test_qa_a_tokenizer_config_with_a_max_length_that_is_no_number_is_one_line(tmp_path, capsys):
+    """tokenizer_config.json whose model_max_length is a string: one line, not a TypeError in
+    check_max_length (evaluate_mlqa.py --model, distill.py --model, --resume)."""
+    path = tmp_path / "model"
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", ["a small text", "another one"]), str(path))
+    saved = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(saved, model_max_length="512")))
+    code, err = _in_process(evaluate_mlqa.main, ["--model", path, "--question", "Who?",
+                                                 "--context", "Bob went home."], capsys)
+    assert code == 2
+    _one_error_line(err, str(path), "model_max_length")
 
 
 def _qa_closed_port():
@@ -4954,8 +5125,8 @@ def test_distill_resume_of_an_unscored_epoch_drops_its_dev_row_before_scoring_it
     checkpoint = rundir.Checkpoint(str(tmp_path), {"student": student, "teacher": teacher},
                                    *_adamw_at_a_constant_lr(student), "x")
     dev = tmp_path / "dev_metrics.jsonl"
-    args = types.SimpleNamespace(resume=True)
-    for scored, rows in ((False, []), (True, [1])):
+    args = types.SimpleNamespace(resume=True, **dict.fromkeys(distill.RESUME_KEYS))  # the run's
+    for scored, rows in ((False, []), (True, [1])):              # options, compared with the state's
         checkpoint.save(1, 6, 0, {}, 1, True, best=None, scored=scored)
         dev.write_text(json.dumps({"epoch": 1, "gxlt": {"f1": 30.0}}) + "\n")
         assert distill.restore(checkpoint, args, str(tmp_path), 0, 1, True) == \
@@ -6021,7 +6192,8 @@ def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no
         tmp_path, capsys):
     """--sweep over a distill.py run as it is: one scored on some MLQA-dev pairs only (its rows
     hold null means for the context languages it lacks) is a sweep point; a score edited into
-    true or text (f1 or exact_match) is one line naming the file, not a table computed from it."""
+    true, text or NaN (f1 or exact_match) is one line naming the file, not a table computed from
+    it (a NaN pair was left out of the means, silently)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
@@ -6034,13 +6206,70 @@ def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no
     _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "ok")])
     assert "| run | skd | 3 | 2 |" in (tmp_path / "ok" / "sweep.md").read_text()
     capsys.readouterr()
-    for key, value in (("f1", True), ("exact_match", "40.0")):
+    for key, value in (("f1", True), ("exact_match", "40.0"), ("f1", float("nan"))):
         log.write_text(json.dumps(dict(row, pairs=dict(pairs, **{"en-en": dict(
             pairs["en-en"], **{key: value})}))) + "\n")
         with pytest.raises(SystemExit) as e:
             _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
         assert e.value.code == 2
         _one_error_line(capsys.readouterr().err, str(log), f"pairs.en-en.{key} is")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_sweep_refuses_a_dev_metrics_row_without_its_epoch_or_pairs(tmp_path, capsys):
+    """--sweep over a run scored by distill.py alone: a row of dev_metrics.jsonl damaged (its
+    pairs gone, its epoch a string, a list) is one line naming the file; the last epoch's row
+    without pairs was passed over and the previous epoch's scores reported as the last epoch's,
+    and an epoch as text was a TypeError traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
+    pairs = {"en-en": {"f1": 50.0, "exact_match": 40.0, "n": 4}}
+    rows = [{"epoch": e, "pairs": pairs} for e in (1, 2)]
+    for n, last in enumerate(({"epoch": 2}, {"epoch": "2", "pairs": pairs}, [2, pairs])):
+        (run / "dev_metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(last) + "\n")
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
+        assert e.value.code == 2, last
+        _one_error_line(capsys.readouterr().err, str(run / "dev_metrics.jsonl"), "row 2", "damaged")
+    assert not (tmp_path / "o").exists()
+    (run / "dev_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "ok")])
+    assert "last epoch (2)" in (tmp_path / "ok" / "sweep.md").read_text()
+
+
+def test_eval_compare_refuses_hidden_knowledge_counts_of_the_wrong_shape(eval_run, tmp_path,
+                                                                         capsys):
+    """A metrics.json whose Table 1 block is damaged (k as text, a language's counts cut short,
+    a count that is NaN): --compare is one line naming the file (Table 1's rows were a TypeError
+    or IndexError traceback)."""
+    out, metrics = eval_run
+    hk = metrics["hidden-knowledge"]
+    for n, broken in enumerate((dict(hk, k="10"), dict(hk, counts=dict(hk["counts"], en=[0])),
+                                dict(hk, n=dict(hk["n"], en=float("nan"))))):
+        (tmp_path / f"e{n}").mkdir()
+        path = tmp_path / f"e{n}" / "metrics.json"
+        path.write_text(json.dumps(dict(metrics, **{"hidden-knowledge": broken})))
+        code, err = _in_process(evaluate_mlqa.main, ["--compare", out, path, "--bootstrap", "0",
+                                                     "--output-dir", tmp_path / "o"], capsys)
+        assert code == 2, n
+        _one_error_line(err, str(path), "hidden-knowledge")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_baseline_whose_data_sets_are_no_scores_is_one_line(eval_env, eval_run, tmp_path,
+                                                                  capsys):
+    """--model M --baseline E where E's metrics.json holds text in place of a data set's scores:
+    one line naming the file (the difference heat maps indexed it: a TypeError traceback)."""
+    out, metrics = eval_run
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(dict(metrics, **{"mlqa-dev": "x"})))
+    code, err = _in_process(evaluate_mlqa.main, [
+        "--model", eval_env["model"], "--baseline", path, "--output-dir", tmp_path / "o",
+        "--mlqa-dir", eval_env["mlqa"], "--split", "dev", "--skip", "xquad", "tydiqa",
+        "--bootstrap", "0"], capsys)
+    assert code == 2
+    _one_error_line(err, str(path), "mlqa-dev")
     assert not (tmp_path / "o").exists()
 
 
@@ -6769,6 +6998,22 @@ def test_report_sweep_missing_args_is_input_error(tmp_path):
         report.load_run(str(d))
     with pytest.raises(report.InputError, match="metrics.json"):
         report.load_run(str(tmp_path))
+
+
+def test_report_sweep_args_whose_ntl_or_t_is_no_number_is_one_line(tmp_path, capsys):
+    """--sweep over a run whose args.json holds text or NaN for ntl or t: one line naming the file
+    and field (it was a ValueError traceback from int()/float(), or a NaN row in the tables)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"mlqa-dev": {"pairs": _eval_fake_pairs()}}))
+    for key, value in (("t", "x"), ("ntl", float("nan")), ("t", float("inf")), ("ntl", None)):
+        (run / "args.json").write_text(json.dumps(dict({"ntl": 1, "t": 2.0, "mode": "skd"},
+                                                       **{key: value})))
+        with pytest.raises(SystemExit) as e:
+            _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
+        assert e.value.code == 2, (key, value)
+        _one_error_line(capsys.readouterr().err, str(run / "args.json"), f"'{key}'")
+    assert not (tmp_path / "o").exists()
 
 
 def test_report_sweep_fig5_temperature_choice(tmp_path):

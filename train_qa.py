@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import functools
 import glob
+import json
 import math
 import os
 import re
@@ -49,11 +50,12 @@ from tqdm import tqdm
 import cpu_dropout
 from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, NonFiniteLoss,
                     atomic_output_dir, atomic_write_json, check_seed, load_squad_examples,
-                    parse_with_preset, read_json, run_main)
+                    parse_with_preset, run_main)
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
                     finish_replacing, install_model_files, make_checkpoint_dir, parse_save_steps,
-                    remove_checkpoint, resume_hint, start_fresh, stop_after_save, truncate_log)
+                    read_run_options, remove_checkpoint, resume_hint, start_fresh, stop_after_save,
+                    truncate_log)
 
 # -------------------------------------------------------------------- defaults (Sec. 4.1, 5.2)
 MODEL = "bert-base-multilingual-cased"
@@ -257,7 +259,8 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
     with quiet_transformers(progress_bars=not local):
         try:
             config = AutoConfig.from_pretrained(name_or_path, **hub)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - a config.json of the wrong shape is a TypeError,
+            # or (transformers 5: fields of the wrong type) huggingface_hub's own validation error
             if offline:
                 raise InputError(f"{name_or_path}: not in the local Hugging Face cache, and the "
                                  f"model hub is not reachable ({offline}); fetch it once where "
@@ -270,7 +273,8 @@ def load_model_and_tokenizer(name_or_path, texts=None, seed=0, require_qa_head=F
             model, info = AutoModelForQuestionAnswering.from_pretrained(
                 name_or_path, config=config, attn_implementation="sdpa", output_loading_info=True,
                 **hub)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:
+            # TypeError: a config field of the wrong type that transformers 4 does not check
             raise InputError(f"{name_or_path}: cannot load a question-answering model "
                              f"({_first_line(e)})") from None
         try:              # a malformed tokenizer.json fails with a bare Exception (or ImportError)
@@ -295,6 +299,41 @@ def check_tokenizer(name, tokenizer, config):
     if len(tokenizer) < getattr(config, "vocab_size", 0) / 2:   # transformers 5 makes one up
         raise InputError(f"{name}: cannot use its tokenizer, files missing or malformed "
                          f"({len(tokenizer)} tokens for a model of {config.vocab_size})")
+    limit = getattr(tokenizer, "model_max_length", 0)             # (check_max_length compares it)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise InputError(f"{name}: cannot use its tokenizer, tokenizer_config.json malformed "
+                         f"(model_max_length {json.dumps(limit)[:40]} is not a number)")
+    if os.path.isdir(name) and not _tokenizer_class_named(name):
+        check_tokenizer_json(name, tokenizer)
+
+
+def _tokenizer_class_named(directory):
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        return isinstance(saved, dict) and isinstance(saved.get("tokenizer_class"), str)
+    return False
+
+
+TOKENIZER_PROBE = ("Who wrote Text 123?", "Bob wrote it in Paris, 2020.")
+
+
+def check_tokenizer_json(directory, tokenizer):
+    """A model directory whose tokenizer_config.json is missing, not a file, or names no
+    tokenizer class: transformers 5 then builds the model type's default tokenizer, whose own
+    settings (BERT's: lower-cased) replace those of tokenizer.json, so every answer is silently
+    another model's. Refused when it splits a probe otherwise than tokenizer.json does."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        return
+    from tokenizers import Tokenizer
+    with contextlib.suppress(Exception):            # a tokenizer.json that does not load alone
+        if Tokenizer.from_file(path).encode(*TOKENIZER_PROBE).ids == \
+                tokenizer(*TOKENIZER_PROBE)["input_ids"]:
+            return
+    raise InputError(f"{directory}: its tokenizer does not load as its tokenizer.json "
+                     "(tokenizer_config.json missing or naming no tokenizer class: transformers "
+                     "builds another one); restore tokenizer_config.json")
 
 
 def load_checkpoint_model(out):
@@ -861,7 +900,7 @@ class Phase1Run:
                                      self.resume_with)
         if not self.resume:
             return 0, 0, 0
-        state = self.checkpoint.restore(rank, world_size, self.is_master)
+        state = self.checkpoint.restore(rank, world_size, self.is_master, self.options)
         if self.is_master:        # forget what the interrupted run logged after the checkpoint
             truncate_log(os.path.join(self.out, "train_log.jsonl"), "step", state["step"])
         return state["epoch"], state["step"], state["in_epoch"]
@@ -1244,7 +1283,7 @@ def run(args, resume_with=None):
     out, lock = claim_output_dir(                                 # one run per directory
         args, "train_qa", [("--model", args.model), ("--train-file", args.train_file)], is_master,
         world_size, check=(lambda out: check_same_options(
-            read_json(os.path.join(out, "train_args.json")), resume_options(args)))
+            read_run_options(os.path.join(out, "train_args.json")), resume_options(args)))
         if args.resume else None)
     with lock, StopSignals() as stop:       # Ctrl-C, SIGTERM, SIGUSR1: see rundir
         set_matmul_precision(args.precision, device)    # this stage's own, never inherited
