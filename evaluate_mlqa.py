@@ -627,6 +627,11 @@ def model_mode(args):
     if args.baseline and baseline is None:     # a model directory: one that does not load is
         train_qa.load_model_and_tokenizer(args.baseline, require_qa_head=True)   # found now
     tasks = _collect_tasks(args, notes)
+    if baseline is not None:        # an evaluation: its answers are its table's (before the model
+        base_predictions = _saved_predictions_or_note(args.baseline, baseline, notes)   # runs)
+        if base_predictions is not None:
+            _check_saved_answers({"dir": _eval_dir(args.baseline), "metrics": baseline,
+                                  "predictions": base_predictions}, tasks)
     name = _model_name(args.model)
     models = 1 + (args.baseline is not None and baseline is None)     # a baseline model: twice
     check_writable(args.output_dir, models * _predictions_bytes(tasks), "the predictions")
@@ -651,8 +656,6 @@ def model_mode(args):
                 baseline["data"] = metrics["data"]
                 atomic_write_json(os.path.join(base_dir, "metrics.json"), baseline, indent=1)
                 base_predictions = _task_predictions(fresh)
-            else:
-                base_predictions = _saved_predictions_or_note(args.baseline, baseline, notes)
             runs.append((base_name, baseline))
             comparisons = _baseline_significance(args, tasks, base_predictions, base_name, name)
             _write_significance(tmp, comparisons, args)
@@ -766,6 +769,8 @@ def compare_two(a, b, gold, n_resamples, seed):
         scores = {side: {key: example_scores(examples, run["predictions"][group][key], lang)
                          for key, (examples, lang) in pairs.items()}
                   for side, run in (("a", a), ("b", b))}
+        for side, run in (("a", a), ("b", b)):
+            _check_scores_match_metrics(run, group, scores[side])
         aggregates = _aggregates(group, list(pairs))
         out[group] = {}
         metrics = ("f1", "exact_match")
@@ -791,6 +796,34 @@ def compare_two(a, b, gold, n_resamples, seed):
             out[group][metric] = {"pairs": {k: result[k] for k in pairs},
                                   **{name: result[name] for name in aggregates if aggregates[name]}}
     return out
+
+
+SCORE_TOLERANCE = 1e-6       # the same scores summed in two orders differ by ~1e-12, not more
+
+
+def _check_scores_match_metrics(run, group, scores):
+    """The tables show an evaluation's metrics.json, the intervals come from its predictions
+    files: a directory that mixes two evaluations (a predictions file copied in or edited, other
+    gold data) would report a table and an interval of different models. One line instead."""
+    recorded = run.get("metrics", {}).get(group, {}).get("pairs", {})
+    for key, by_question in scores.items():
+        for m, metric in enumerate(("f1", "exact_match")):
+            saved = recorded.get(key, {}).get(metric)
+            again = sum(v[m] for v in by_question.values()) / max(len(by_question), 1)
+            if saved is not None and abs(saved - again) > SCORE_TOLERANCE:
+                raise InputError(
+                    f"{os.path.join(run['dir'], 'predictions', group, key)}.json: its answers score "
+                    f"{metric} {again:.2f} on this gold data, its metrics.json says {saved:.2f} (a "
+                    "file copied in or edited, or other data): evaluate the model again")
+
+
+def _check_saved_answers(run, tasks):
+    """_check_scores_match_metrics for the tasks (gold data) whose answers `run` has saved."""
+    for t in tasks:
+        saved = run["predictions"].get(t["group"], {}).get(t["key"])
+        if saved is not None:
+            _check_scores_match_metrics(run, t["group"], {t["key"]: example_scores(
+                t["examples"], saved, t["lang"])})
 
 
 def _compared(path, option):

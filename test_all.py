@@ -1359,6 +1359,16 @@ def test_eval_compare_refuses_predictions_with_questions_missing(uninterrupted, 
                                                  tmp_path / "c"], capsys)
     assert code == 2
     _one_error_line(err, "el-el.json", "no answer for 5 of its")
+    # every answer there but not this evaluation's (another model's file copied in): the table
+    # (metrics.json) and the interval (predictions) would be of two models
+    path.write_text(json.dumps({qid: "" for qid in predictions}))
+    for argv in (["--compare", first, second], ["--model", uninterrupted["distill"], "--baseline",
+                                                 second, "--skip", "mlqa", "tydiqa"]):
+        code, err = _in_process(evaluate_mlqa.main, argv + ["--output-dir", tmp_path / "c"],
+                                capsys)
+        assert code == 2
+        _one_error_line(err, str(path), "f1 0.00 on this gold data, its metrics.json says")
+    path.write_text(json.dumps(predictions))
     metrics = json.loads((second / "metrics.json").read_text())      # a metrics.json edited by
     for broken, words in (([], "expected a JSON object"),           # hand or by another tool
                           ({**metrics, "xquad": {"pairs": {"el-el": {"f1": "5.8"}}}},
