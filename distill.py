@@ -84,9 +84,9 @@ from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_outpu
                     parse_save_steps, read_log, read_run_options, remove_checkpoint, resume_hint,
                     start_fresh, stop_after_save, truncate_log)
 from sample import sample_cross_lingual
-from train_qa import (build_features, collate, compile_forward, load_model_and_tokenizer,
-                      make_optimizer, make_scheduler, optimizer_step, qa_logits, save_model,
-                      setup_distributed)
+from train_qa import (barrier, build_features, collate, compile_forward, finish,
+                      load_model_and_tokenizer, make_optimizer, make_scheduler, optimizer_step,
+                      qa_logits, save_model, setup_distributed)
 
 # -------------------------------------------------------------------- defaults (Sec. 5.2, DESIGN)
 MODEL = "runs/mbert-qa-en"                 # phase 1's output (train_qa.py)
@@ -124,7 +124,7 @@ def main(argv=None):
                                  if args.resume else None)                  # one run per directory
     with lock, StopSignals() as stop:        # Ctrl-C, SIGTERM, SIGUSR1: see rundir
         distill(args, out, rank, world_size, device, is_master, stop)
-    finish(world_size)
+    finish()
 
 
 def distill(args, out, rank, world_size, device, is_master, stop):
@@ -375,17 +375,6 @@ def mean_over_ranks(stats, world_size):
         torch.distributed.all_reduce(stats)
         stats = stats / world_size
     return stats.tolist()
-
-
-def barrier(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
-def finish(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 # -------------------------------------------------------------------- MLQA dev (Sec. 5.2)

@@ -1265,8 +1265,7 @@ def main(argv=None):
                   f"{100 * r['contains']:7.2f}% {100 * r['exact']:5.2f}%")
         return
     run(args)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish()
 
 
 def run(args, resume_with=None):
@@ -1379,6 +1378,14 @@ def install_phase1_model(out, args, model, tokenizer):
 def barrier(world_size):
     if world_size > 1:
         torch.distributed.barrier()
+
+
+def finish():
+    """Under torchrun: every rank leaves the process group together. A rank that left while the
+    master still wrote the model could abort in gloo's teardown (SIGABRT, CI 2026-12-05)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
