@@ -12,6 +12,7 @@ import contextlib
 import copy
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -242,6 +243,11 @@ def check_seed(seed, option="--seed"):
     below 2^32)."""
     if not 0 <= seed < 2**32:
         raise InputError(f"{option} must be an integer in 0..{2**32 - 1}, got {seed}")
+
+
+def is_number(value):
+    """A JSON value that is a finite number (not a bool, a NaN or an infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_json(path):

@@ -33,7 +33,7 @@ import os
 import numpy as np
 
 from common import (LANGUAGES, TYDIQA_ZERO_SHOT, XQUAD_ZERO_SHOT, InputError, atomic_file,
-                    atomic_write_text, not_a_script, read_json)
+                    atomic_write_text, is_number, not_a_script, read_json)
 import significance
 from significance import seed_summary
 
@@ -640,9 +640,8 @@ def checked_metrics(metrics, path):
         where, value = todo.pop()
         if isinstance(value, dict):
             for key, inner in value.items():
-                if key in SCORE_KEYS and inner is not None and (   # NaN: a pair left out
-                        isinstance(inner, bool) or not isinstance(inner, (int, float)) or
-                        not math.isfinite(inner)):                        # of a mean, silently
+                if key in SCORE_KEYS and inner is not None and not is_number(inner):
+                    # (NaN too: a pair left out of a mean, silently)
                     raise InputError(f"{path}: not an evaluation's metrics ({where}.{key} is "
                                      f"{json.dumps(inner)[:40]}, not a number)")
                 todo.append((f"{where}.{key}", inner))

@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import fcntl
 import json
-import math
 import os
 import pickle
 import random
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from common import (STOP_SIGNALS, InputError, Stopped, atomic_write_json, atomic_write_text,
-                    check_writable, not_a_script, read_json)
+                    check_writable, is_number, not_a_script, read_json)
 
 MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
 WRITERS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
@@ -633,17 +632,13 @@ def read_log(path, keys=()):
             continue
         with contextlib.suppress(ValueError):
             row = json.loads(line)
-            if isinstance(row, dict) and all(_is_number(row.get(k)) for k in keys):
+            if isinstance(row, dict) and all(is_number(row.get(k)) for k in keys):
                 rows.append(row)
                 continue
         if n < len(lines) or line.endswith("\n"):
             print(f"note: {path}: line {n} is not a row of this log (the file is damaged); "
                   "left out", flush=True)
     return rows
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def truncate_log(path, key, last):
