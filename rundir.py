@@ -491,26 +491,35 @@ def check_same_options(saved, now):
 
 
 # -------------------------------------------------------------------- checkpoints
-def rng_state():
+def rng_state(device):
+    """The RNG streams a resume continues: Python's, numpy's, torch's CPU generator and, on a GPU,
+    the generator of the run's own `device` (dropout), not every visible GPU's: a run resumed on
+    another node, or with other GPUs visible, may have fewer."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if device.type != "cuda":
+        return                     # a GPU run resumed on a CPU: its CPU streams only
+    if isinstance(cuda, list):     # a checkpoint of before 2026-12-05: every visible GPU's state
+        index = torch.cuda.current_device() if device.index is None else device.index
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
-def gather_rng(world_size):
+def gather_rng(world_size, device):
     """Every rank's RNG state (rank order), so a resume continues each stream."""
     if world_size == 1:
-        return [rng_state()]
+        return [rng_state(device)]
     states = [None] * world_size
-    torch.distributed.all_gather_object(states, rng_state())
+    torch.distributed.all_gather_object(states, rng_state(device))
     return states
 
 
@@ -534,11 +543,12 @@ class Checkpoint:
     def __init__(self, out, models, optimizer, scheduler, resume_with=None):
         self.out, self.state_path = out, os.path.join(out, "checkpoint", "state.pt")
         self.models, self.optimizer, self.scheduler = models, optimizer, scheduler
+        self.device = next(next(m for m in models.values() if m is not None).parameters()).device
         self.resume_with = resume_with or resume_command()   # the command that continues it
         ACTIVE["resume_with"] = self.resume_with if has_checkpoint(out) else None
 
     def save(self, epochs_done, step, in_epoch, run_options, world_size, is_master, **extra):
-        rngs = gather_rng(world_size)
+        rngs = gather_rng(world_size, self.device)
         if is_master:
             save_state(self.state_path, dict(
                 {name: m.state_dict() if m is not None else None for name, m in self.models.items()},
@@ -581,7 +591,7 @@ class Checkpoint:
                              f"({' '.join(str(e).split())[:200]})" + again) from None
         state.setdefault("in_epoch", 0)               # checkpoints written before mid-epoch ones
         if state["world_size"] == world_size:
-            set_rng_state(state["rng"][rank])
+            set_rng_state(state["rng"][rank], self.device)
         elif is_master:
             print(f"note: checkpoint from {state['world_size']} processes, now {world_size}: "
                   "RNG streams restart (weights will not match an uninterrupted run exactly)")

@@ -1842,6 +1842,74 @@ def test_rundir_a_checkpoint_from_before_mid_epoch_saves_resumes_at_its_epoch_en
     assert (restored["epoch"], restored["step"], restored["in_epoch"]) == (2, 10, 0)
 
 
+class _FakeGPUs:
+    """torch.cuda's generators as torch keeps them: one state per visible GPU, the current one for
+    a device without an index, an ordinal past the visible ones refused (as CUDA does)."""
+
+    def __init__(self, monkeypatch, count):
+        self.states, self.current, self.made = [], 0, 0
+        self.visible(count)
+        for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all",
+                     "current_device"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.states))
+
+    def visible(self, count):          # another machine: `count` GPUs, each with its own stream
+        self.states = [torch.tensor([self.made + i, 7], dtype=torch.uint8) for i in range(count)]
+        self.made += count
+
+    def _index(self, device):
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        index = self.current if device.index is None else device.index
+        if index >= len(self.states):
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        return index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, new_state, device="cuda"):
+        self.states[self._index(device)] = new_state.clone()
+
+    def get_rng_state_all(self):
+        return [self.get_rng_state(i) for i in range(len(self.states))]
+
+    def set_rng_state_all(self, new_states):
+        for i, state in enumerate(new_states):
+            self.set_rng_state(state, i)
+
+    def current_device(self):
+        return self.current
+
+
+def test_rundir_a_gpu_run_resumes_its_dropout_stream_on_a_machine_with_other_gpus(monkeypatch):
+    """A checkpoint keeps the generator of the GPU the run used, and a resume gives it to the GPU
+    it runs on: a run on cuda:2 of a 4-GPU node continues on a 1-GPU node (or as rank 2 of 2 nodes
+    x 2 GPUs), not a CUDA error for the GPUs that node lacks. On a CPU only the CPU streams."""
+    gpus = _FakeGPUs(monkeypatch, 4)
+    torch.manual_seed(5)
+    state = rundir.rng_state(torch.device("cuda", 2))
+    used, cpu_stream = gpus.get_rng_state(2), torch.get_rng_state()
+    torch.manual_seed(6)
+    gpus.visible(1)
+    rundir.set_rng_state(state, torch.device("cuda", 0))
+    assert torch.equal(gpus.states[0], used) and torch.equal(torch.get_rng_state(), cpu_stream)
+    gpus.visible(2)
+    rundir.set_rng_state(state, torch.device("cuda", 1))
+    assert torch.equal(gpus.states[1], used) and not torch.equal(gpus.states[0], used)
+    before = [s.clone() for s in gpus.states]
+    rundir.set_rng_state(state, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(gpus.states, before))
+    assert rundir.rng_state(torch.device("cpu"))["cuda"] is None
+    # a checkpoint written before: every visible GPU's state; the run's device's is the one used
+    gpus.visible(4)
+    old = dict(state, cuda=gpus.get_rng_state_all())
+    gpus.visible(1)
+    rundir.set_rng_state(old, torch.device("cuda"))
+    assert torch.equal(gpus.states[0], old["cuda"][0])
+
+
 def test_rundir_a_signal_noted_during_a_step_ends_the_next_immediate_block_at_once():
     """A stop signal noted while training defers it (e.g. during the epoch's checkpoint) ends the
     run when the epoch's scoring starts, not after it (a cluster's grace period is short)."""
