@@ -1883,6 +1883,19 @@ class _FakeGPUs:
         return self.current
 
 
+def test_qa_more_processes_than_gpus_on_a_node_is_one_line(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU node: the second process says why, before it
+    touches CUDA or the process group (else a CUDA error from set_device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail(f"set_device({i})"))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("init"))
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match=r"local rank 1, but this node has 1 CUDA.*--nproc-per-node 1"):
+        train_qa.setup_distributed()
+
+
 def test_rundir_a_gpu_run_resumes_its_dropout_stream_on_a_machine_with_other_gpus(monkeypatch):
     """A checkpoint keeps the generator of the GPU the run used, and a resume gives it to the GPU
     it runs on: a run on cuda:2 of a 4-GPU node continues on a 1-GPU node (or as rank 2 of 2 nodes

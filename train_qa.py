@@ -778,6 +778,10 @@ def setup_distributed():
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():      # else a CUDA error in set_device
+            raise InputError(f"torchrun: local rank {local_rank}, but this node has "
+                             f"{torch.cuda.device_count()} CUDA device(s): one process per GPU "
+                             f"(--nproc-per-node {torch.cuda.device_count()} at most)")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
