@@ -423,13 +423,15 @@ def _agreement(a, b, examples):
 
 
 class fp32_matmul:
-    """The reference runs in true fp32 (no TF32) on CUDA."""
+    """The reference runs in true fp32 (no TF32) on CUDA. Set the way train_qa.set_matmul_precision
+    sets it: torch >= 2.9 refuses a matmul, or a read of the precision, after its legacy
+    `allow_tf32` flags and this API were both used."""
     def __enter__(self):
-        self.old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        self.old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
 
     def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
+        torch.set_float32_matmul_precision(self.old)
 
 
 def matmul_probe(device, dtype, n=None, reps=3):
@@ -782,7 +784,7 @@ def main(argv=None):
     reps = 1 if args.profile else args.reps or 5
     n_eval = 0 if args.profile else args.eval_examples or (300 if args.quick else 2000)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")         # TF32 outside autocast, as distill.py
 
     examples = sample_cross_lingual(args.xquad_dir, ntl=5, seed=3)   # the main command's sample
     rng = np.random.default_rng(0)

@@ -7289,6 +7289,20 @@ def test_bench_significance_fixture_has_mlqa_test_shape():
     assert result["ci"][0] <= result["gxlt_f1_diff"] <= result["ci"][1]
 
 
+def test_bench_the_references_true_fp32_leaves_torchs_precision_readable():
+    """The reference's fp32 (no TF32) and back, through the API the scripts use: torch >= 2.9
+    raises for the float32 precision (and on CUDA for a matmul) once its legacy allow_tf32 flags
+    were set besides it (train_qa.set_matmul_precision sets it before the bench runs ours)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        with bench.fp32_matmul():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_bench_rows_are_ours_over_the_reference_by_hand():
     rows = bench._rows({"ours": 30.0, "reference": 12.0, "ours_bf16": 45.0})
     assert rows == {"ours_fps": 30.0, "reference_fps": 12.0, "speedup": 2.5, "ours_bf16_fps": 45.0,
