@@ -263,23 +263,26 @@ def interleaved(sides, reps, device):
 
 
 def _sync(device):
+    """Wait for `device`'s kernels. Here and in the memory statistics the device is named: without
+    it torch.cuda means the current GPU, cuda:0 under --device cuda:1 (timings ending before the
+    kernels, peak memory 0)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def _peak_since(device, base):
     """Peak GiB allocated since the last reset, above `base` bytes (what was resident before)."""
     if device.type != "cuda":
         return None
-    return round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2)
+    return round((torch.cuda.max_memory_allocated(device) - base) / 2 ** 30, 2)
 
 
 def _reset_peak(device):
     if device.type != "cuda":
         return 0
     _sync(device)
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def bench_train(features, tokenizer, shape, device, steps, reps, warmup, batch_size, bf16=False,

@@ -7447,6 +7447,18 @@ def test_bench_matmul_probe_stops_growing_once_a_multiplication_is_slow(monkeypa
     assert sizes == [256, 512, 512]          # fast: up to n and no further
 
 
+def test_bench_synchronizes_and_measures_the_gpu_it_runs_on(monkeypatch):
+    """--device cuda:1: torch.cuda's synchronize and memory statistics without a device are the
+    current GPU's (cuda:0), so every call names the bench's device (a fake torch.cuda records)."""
+    calls = []
+    for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: calls.append((name, device)) or 0)
+    gpu = torch.device("cuda", 1)
+    bench._peak_since(gpu, bench._reset_peak(gpu))
+    bench.interleaved({"side": (lambda: None, contextlib.nullcontext)}, 1, gpu)
+    assert len(calls) == 6 and all(device == gpu for _, device in calls), calls
+
+
 def test_bench_profile_table_adds_up_to_the_step(capsys):
     """Issue 20: `bench.py --profile` on the tiny model, fp32 and bf16: every group of the table,
     the ms of each add up to the measured wall time of a step (nothing counted twice), and the
