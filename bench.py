@@ -528,8 +528,9 @@ def profile_table(events, wall_ms, steps, device):
             t = getattr(e, "self_cuda_time_total", 0) if t is None else t
         else:
             t = e.self_cpu_time_total
-        if not t or (not cuda and getattr(e, "device_type", None) is not None and
-                     "CPU" not in str(e.device_type)):
+        # the ops only: on CUDA each kernel (and each record_function's GPU span) is an event of its
+        # own too, whose time its op's self_device_time_total holds already (counted twice)
+        if not t or (getattr(e, "device_type", None) is not None and "CPU" not in str(e.device_type)):
             continue
         regions, parent = set(), e.cpu_parent
         while parent is not None:

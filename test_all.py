@@ -7459,6 +7459,24 @@ def test_bench_synchronizes_and_measures_the_gpu_it_runs_on(monkeypatch):
     assert len(calls) == 6 and all(device == gpu for _, device in calls), calls
 
 
+def test_bench_profile_table_on_cuda_counts_each_kernel_once():
+    """On CUDA the profiler's events hold each kernel twice: in the self device time of the op that
+    launched it, and as an event of its own (device type CUDA; a record_function's GPU span too,
+    named as the region). The table takes the ops' only (events as torch 2.13 builds them)."""
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, t, parent=None):
+        return types.SimpleNamespace(name=name, device_type=device_type, self_device_time_total=t,
+                                     cpu_parent=parent)
+    region = event("optimiser", DeviceType.CPU, 0)
+    events = [event("aten::mm", DeviceType.CPU, 1000), event("sm90_xmma_gemm_bf16", DeviceType.CUDA, 1000),
+              region, event("aten::_fused_adamw_", DeviceType.CPU, 2000, region),
+              event("optimiser", DeviceType.CUDA, 2500),
+              event("multi_tensor_apply_kernel", DeviceType.CUDA, 2000)]
+    table = bench.profile_table(events, wall_ms=10.0, steps=1, device=torch.device("cuda"))
+    assert table["matmul"] == 1.0 and table["optimiser"] == 2.0 and table["other"] == 7.0, table
+
+
 def test_bench_profile_table_adds_up_to_the_step(capsys):
     """Issue 20: `bench.py --profile` on the tiny model, fp32 and bf16: every group of the table,
     the ms of each add up to the measured wall time of a step (nothing counted twice), and the
