@@ -22,7 +22,8 @@ Sections in pipeline order, one per module (search for `# ==== <name>`):
   cuda          CUDA only: bf16, fused AdamW, resume, nccl, mbert-base bench (skipped without a GPU)
 
 No test needs the internet or the Hugging Face hub; servers run on 127.0.0.1. Tests that
-need a GPU are skipped with the reason elsewhere (`pytest -rs` shows it).
+need a GPU are skipped with the reason elsewhere (`pytest -rs` shows it); on a machine with GPUs
+every other section still runs on the CPU (cpu_only).
 """
 import ast
 import contextlib
@@ -73,6 +74,25 @@ import train_qa
 import train_qa as qa
 from common import InputError, load_squad_examples
 from map_at_k import map_at_k
+
+# On a machine with GPUs, every section but `cuda` still runs on the CPU, as written: its exact
+# checks (fp32 losses by hand, bitwise resumes) are CPU facts, and its DDP runs are gloo's, two
+# processes or two "nodes" on one machine (under nccl, on one GPU: the second local rank is
+# refused, and two nodes' ranks would share cuda:0). cpu_only hides the GPUs from this process
+# and its children; the cuda section's tests take them back (the `gpu` fixture, GPU_OFFLINE_ENV).
+HAS_GPU = torch.cuda.is_available()                     # at import, before cpu_only
+GPU_CHECKS = {"is_available": torch.cuda.is_available, "device_count": torch.cuda.device_count}
+GPU_ENV = dict(os.environ)                              # the environment pytest started with
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_only():
+    with pytest.MonkeyPatch.context() as mp:
+        if HAS_GPU:
+            mp.setattr(torch.cuda, "is_available", lambda: False)
+            mp.setattr(torch.cuda, "device_count", lambda: 0)
+            mp.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
 
 
 # ==================================================================================================
@@ -3191,7 +3211,8 @@ def _distill_mlqa_dir(root):
 
 
 ENC_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
-OFFLINE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+OFFLINE = dict(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+OFFLINE_ENV = dict(os.environ, **OFFLINE, CUDA_VISIBLE_DEVICES="")     # on the CPU (cpu_only)
 
 
 def enc_examples(lang, n=None):
@@ -4142,8 +4163,7 @@ def test_map_authors_relevant_positions_rank_question_and_padding():
 PREPARE_MAIN = ["--ntl", "1", "--t", "2", "--map-k", "--max-examples", "8", "--epochs", "1",
                 "--phase1-model", "tiny"]
 PREPARE_PHASE2 = os.path.join("runs", "distill-ntl1-t2-skd-map")
-PREPARE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-                   PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+PREPARE_ENV = dict(OFFLINE_ENV, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
 PREPARE_BUILDING = "not found: building it first"
 
 
@@ -7498,11 +7518,23 @@ def test_bench_profile_table_adds_up_to_the_step(capsys):
 # CUDA only: bf16, fused AdamW, resume, nccl, mbert-base bench (skipped without a GPU)
 # ==================================================================================================
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+needs_cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none here)")
+GPU_OFFLINE_ENV = dict(GPU_ENV, **OFFLINE)                      # the GPUs that cpu_only hides
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """The GPUs, in this process and its children (cpu_only hides them elsewhere)."""
+    for name, check in GPU_CHECKS.items():
+        monkeypatch.setattr(torch.cuda, name, check)
+    if "CUDA_VISIBLE_DEVICES" in GPU_ENV:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU_ENV["CUDA_VISIBLE_DEVICES"])
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
 @needs_cuda
-def test_cuda_bf16_loss_agrees_with_fp32():
+def test_cuda_bf16_loss_agrees_with_fp32(gpu):
     ex = enc_examples("en", 40)
     for name in qa.TINY_MODELS:
         model, tok = qa.load_model_and_tokenizer(name, texts=qa_texts(ex), seed=0)
@@ -7518,7 +7550,7 @@ def test_cuda_bf16_loss_agrees_with_fp32():
 
 
 @needs_cuda
-def test_cuda_fused_adamw_step_equals_the_loop():
+def test_cuda_fused_adamw_step_equals_the_loop(gpu):
     ex = enc_examples("en", 8)
     model, tok = qa.load_model_and_tokenizer("tiny", texts=qa_texts(ex), seed=0)
     model.to("cuda")
@@ -7541,7 +7573,7 @@ def test_cuda_fused_adamw_step_equals_the_loop():
 
 
 @needs_cuda
-def test_cuda_resume_equals_uninterrupted_within_bf16_noise(tmp_path):
+def test_cuda_resume_equals_uninterrupted_within_bf16_noise(gpu, tmp_path):
     """Stopped after epoch 1 and resumed, a CUDA run ends where the uninterrupted run ends, up
     to bf16 / atomic-add noise: ||resumed - full|| is a small fraction of ||full - initial||
     (a resume that loaded nothing, or lost the optimiser, would be off by a large part of the
@@ -7566,21 +7598,21 @@ def test_cuda_resume_equals_uninterrupted_within_bf16_noise(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_cuda_two_process_nccl(tmp_path):
+def test_cuda_two_process_nccl(gpu, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train_qa.py", "--model", "tiny", "--train-file", XQUAD_EN, "--epochs", "1", "--max-examples", "32",
            "--batch-size", "8", "--output-dir", out]
-    r = subprocess.run(cmd, cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=REPO, env=GPU_OFFLINE_ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "device cuda:0 x 2" in r.stdout and r.stdout.count("saved ") == 1
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
 
 
 @needs_cuda
-def test_cuda_bench_mbert_base_reports_mfu_and_peak_memory():
+def test_cuda_bench_mbert_base_reports_mfu_and_peak_memory(gpu):
     proc = subprocess.run([sys.executable, "bench.py", "--shape", "mbert-base", "--json", "--steps", "4",
-                           "--reps", "2", "--eval-examples", "300"], cwd=REPO, env=OFFLINE_ENV,
+                           "--reps", "2", "--eval-examples", "300"], cwd=REPO, env=GPU_OFFLINE_ENV,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
