@@ -163,9 +163,10 @@ def write_error(error):
     return f"{error.filename or 'output'}: {reason}"
 
 
-def run_main(main, resume_hint=None):
+def run_main(main, resume_hint=None, memory_hint=None):
     """Run a script's main(). A user error is one stderr line and exit status 2, and so is a
-    failed write (read-only or full disk); Ctrl-C and SIGTERM are one line and exit 128 + the
+    failed write (read-only or full disk) and running out of GPU memory (with `memory_hint`, the
+    option that makes the passes smaller); Ctrl-C and SIGTERM are one line and exit 128 + the
     signal's number (130, 143), with `resume_hint()`'s command where a run can be continued."""
     if threading.current_thread() is threading.main_thread() and \
             getattr(sys.modules.get("__main__"), "main", None) is main:
@@ -182,7 +183,7 @@ def run_main(main, resume_hint=None):
         previous = {s: signal.signal(s, signal.default_int_handler if s == signal.SIGINT
                                      else _raise_stopped) for s in STOP_SIGNALS}
     try:
-        _run(main, resume_hint)
+        _run(main, resume_hint, memory_hint)
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
@@ -213,11 +214,16 @@ def _exit_done(signum, frame):
     os._exit(0)
 
 
-def _run(main, resume_hint):
+def _run(main, resume_hint, memory_hint):
     try:
         main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        print(f"error: {out_of_memory_line(e, memory_hint)}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
@@ -236,6 +242,24 @@ def _run(main, resume_hint):
         print(f"\ninterrupted ({signal.Signals(signum).name}); nothing is half-written" +
               (f"; to continue: {hint}" if hint else ""), file=sys.stderr, flush=True)
         sys.exit(128 + signum)
+
+
+def out_of_memory(error):
+    """torch's out-of-memory error (a GPU's allocator; common does not import torch itself)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def out_of_memory_line(error, hint=None):
+    """One line for torch's out-of-memory error: what it asked for of how much, and what to change
+    (the options of the script that ran out). The last checkpoint is as it was."""
+    text = str(error)
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+    total = re.search(r"total capacity of ([\d.]+ \w+)", text)
+    what = (f"asked for {asked[1]}" + (f" of the GPU's {total[1]}" if total else "") if asked
+            else " ".join(text.split())[:120])
+    return (f"out of memory ({what}); " + (hint or "smaller batches may fit") +
+            "; the last checkpoint, if any, is as it was")
 
 
 def check_seed(seed, option="--seed"):

@@ -763,12 +763,12 @@ def parse_args(argv=None):
 OUTPUT_NAME_RULE = f"""\
 Default --output-dir: runs/distill-ntl{{ntl}}-t{{t}}-{{mode}} (mode: skd-map, skd, with -noce
 for --no-ce), runs/distill-ntl{{ntl}}-ce for --ce-only; then -seed{{N}} for a --seed other than {SEED}.
-Exit status: 0 done, 2 bad input or an unwritable output, 3 a non-finite loss, 130/143/138
-stopped by SIGINT/SIGTERM/SIGUSR1 (during training: the checkpoint is saved first)."""
+Exit status: 0 done, 2 bad input, an unwritable output or out of memory, 3 a non-finite loss,
+130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (during training: the checkpoint is saved first)."""
 
 
 def cli():
-    run_main(main, resume_hint)
+    run_main(main, resume_hint, train_qa.MEMORY_HINT)
 
 
 if __name__ == "__main__":

@@ -319,6 +319,7 @@ def hidden_knowledge_counts(records, k=HIDDEN_K, criterion="em", f1_threshold=50
 # above, and report.py draws the figures and writes summary.md.
 
 EVAL_BATCH_SIZE = None                 # None: train_qa.eval_batch_size (128 on CUDA, 16 on CPU)
+MEMORY_HINT = "smaller passes may fit: --batch-size 32 (windows per pass; 128 by default on a GPU)"
 # --as-authors: their evaluation (eval_qa.sh -> run_squad_w_distillation.py --do_eval): the legacy
 # processor's windows, questions cut at 64, their post-processing, true fp32; and Table 1 counted
 # as their analysis counts it (a top-10 answer equal to the first gold answer, raw string)
@@ -1115,5 +1116,9 @@ def parse_args(argv=None):
     return parse_with_preset(parser, argv, AS_AUTHORS), parser
 
 
+def cli():
+    run_main(main, memory_hint=MEMORY_HINT)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli()

@@ -135,6 +135,33 @@ def test_common_malformed_squad_names_the_problem(tmp_path, content, needle):
     assert needle in str(err.value) and str(path) in str(err.value)
 
 
+# torch's message for a GPU out of memory (c10/cuda/CUDACachingAllocator.cpp), as it ends a run
+GPU_OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 "
+                     "GiB of which 1.03 GiB is free. Including non-PyTorch memory, this process has "
+                     "14.73 GiB memory in use. Of the allocated memory 13.90 GiB is allocated by "
+                     "PyTorch. If reserved but unallocated memory is large try setting "
+                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+
+def test_common_out_of_gpu_memory_is_one_line_and_other_errors_stay_tracebacks(capsys):
+    """torch's out-of-memory error is one line and exit status 2, naming what was asked of how
+    much and the script's own remedy; any other RuntimeError is a bug: its traceback is kept."""
+    def out_of_memory():
+        raise torch.OutOfMemoryError(GPU_OUT_OF_MEMORY)
+    with pytest.raises(SystemExit) as e:
+        common.run_main(out_of_memory, memory_hint="pass --smaller")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "out of memory (asked for 2.00 GiB of the GPU's 15.77 GiB); pass --smaller;" in err[0]
+    assert common.out_of_memory_line(torch.OutOfMemoryError("out of memory"), None) == \
+        "out of memory (out of memory); smaller batches may fit; the last checkpoint, if any, is as it was"
+
+    def bug():
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        common.run_main(bug, memory_hint="pass --smaller")
+
+
 def test_common_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(RuntimeError):
@@ -5037,6 +5064,51 @@ def test_distill_model_dir_that_is_not_qa_exit_2(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert model_dir in err and "QA" in err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_distill_out_of_gpu_memory_in_a_step_is_one_line_and_the_run_resumes(tmp_path, capsys,
+                                                                             monkeypatch):
+    """A step that runs out of GPU memory (the 3rd of epoch 2) ends distill.py with one line
+    naming --grad-accum; the checkpoint of epoch 1 stays as it was, nothing temporary is left,
+    the lock is free, and a --resume completes the run."""
+    out = str(tmp_path / "run")
+    calls, real = [], distill.forward_backward
+
+    def forward_backward(*args, **kw):
+        calls.append(1)
+        if len(calls) == 9:
+            raise torch.OutOfMemoryError(GPU_OUT_OF_MEMORY)
+        return real(*args, **kw)
+    monkeypatch.setattr(distill, "forward_backward", forward_backward)
+    code, err = _distill_main(RUN_TINY + ["--output-dir", out], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "asked for 2.00 GiB of the GPU's 15.77 GiB" in lines[0] and "--grad-accum 2" in lines[0]
+    assert _distill_state(out)["epoch"] == 1
+    _no_temporaries(out)
+    assert not os.path.exists(os.path.join(out, "config.json"))
+    monkeypatch.setattr(distill, "forward_backward", real)
+    assert _distill_main(RUN_TINY + ["--output-dir", out, "--resume"], capsys)[0] == 0
+    assert os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_eval_out_of_gpu_memory_is_one_line_naming_batch_size(tmp_path, capsys, monkeypatch):
+    """evaluate_mlqa.py out of GPU memory: one line naming --batch-size, no evaluation directory."""
+    model = tmp_path / "model"
+    qa.save_model(*qa.load_model_and_tokenizer("tiny", qa_texts(enc_examples("en", 4)), seed=0), str(model))
+
+    def predict(*args, **kw):
+        raise torch.OutOfMemoryError(GPU_OUT_OF_MEMORY)
+    monkeypatch.setattr(qa, "predict", predict)
+    monkeypatch.setattr(sys, "argv", ["evaluate_mlqa.py", "--model", str(model), "--output-dir",
+                                      str(tmp_path / "eval"), "--skip", "mlqa", "tydiqa",
+                                      "--xquad-langs", "el"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        evaluate_mlqa.cli()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and "--batch-size 32" in err[0], err
+    assert not os.path.exists(tmp_path / "eval")
 
 
 def test_distill_existing_output_dir_exit_2_without_traceback(tmp_path):

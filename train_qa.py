@@ -83,6 +83,8 @@ TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=256, max_position_embeddings=512)
 TINY_VOCAB_SIZE = 8000
 LOG_EVERY = 10                                # steps between progress-bar loss updates
+MEMORY_HINT = ("smaller passes may fit: --grad-accum 2 or more (the same optimiser steps; a run "
+               "with another --grad-accum starts again: --overwrite)")    # out of GPU memory
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]   # XLM-R's order: <pad> = 1
 
@@ -1255,9 +1257,9 @@ def parse_args(argv=None):
     return parse_with_preset(p, argv, AS_AUTHORS)
 
 
-EPILOG = ("Exit status: 0 done, 2 bad input or an unwritable output, 3 a non-finite loss, "
-          "130/143/138 stopped by\nSIGINT/SIGTERM/SIGUSR1 (during training: the checkpoint is "
-          "saved first; --resume continues).")
+EPILOG = ("Exit status: 0 done, 2 bad input, an unwritable output or out of memory, 3 a non-finite\n"
+          "loss, 130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (during training: the checkpoint is "
+          "saved first;\n--resume continues).")
 
 
 def main(argv=None):
@@ -1393,4 +1395,4 @@ def finish():
 
 
 if __name__ == "__main__":
-    run_main(main, resume_hint)
+    run_main(main, resume_hint, MEMORY_HINT)
