@@ -64,7 +64,7 @@ import distill
 import evaluate_mlqa
 import train_qa
 from common import (LANGUAGES, XQUAD_DIR, ArgumentParser, InputError, atomic_output_dir,
-                    check_writable, run_main)
+                    check_writable, run_main, save_tokenizer)
 from sample import sample_cross_lingual
 
 SHAPES = {  # BERT dimensions; vocab None = the tiny tokenizer's own vocabulary
@@ -659,7 +659,7 @@ def save_stand_in(out, shape, xquad_dir):
     model = build_models(shape, tokenizer, torch.device("cpu"), "sdpa")
     with atomic_output_dir(out) as tmp:         # whole or not at all
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     return len(tokenizer)
 
 

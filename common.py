@@ -262,6 +262,21 @@ def out_of_memory_line(error, hint=None):
             "; the last checkpoint, if any, is as it was")
 
 
+def save_tokenizer(tokenizer, directory):
+    """tokenizer.save_pretrained, readable by transformers 4.x and 5.x whichever wrote it: 5.x
+    names a generic fast tokenizer's class (the tiny models', or one with only tokenizer.json)
+    "TokenizersBackend", which 4.x does not have; its 4.x name, PreTrainedTokenizerFast, is the
+    same class to 5.x. The file is rewritten as transformers writes it."""
+    tokenizer.save_pretrained(directory)
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def check_seed(seed, option="--seed"):
     """A seed every generator of a run takes (numpy's legacy one, in a checkpoint's RNG state:
     below 2^32)."""

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from common import (STOP_SIGNALS, InputError, Stopped, atomic_write_json, atomic_write_text,
-                    check_writable, is_number, not_a_script, read_json)
+                    check_writable, is_number, not_a_script, read_json, save_tokenizer)
 
 MARKER = ".written-by"                      # {"script", "kind", "created"} in every output dir
 WRITERS = {"train_qa": "train_qa.py", "distill": "distill.py", "evaluate": "evaluate_mlqa.py"}
@@ -162,7 +162,7 @@ def make_checkpoint_dir(out, config, tokenizer):
     ckpt_dir = os.path.join(out, "checkpoint")
     os.makedirs(ckpt_dir)
     config.save_pretrained(ckpt_dir)
-    tokenizer.save_pretrained(ckpt_dir)
+    save_tokenizer(tokenizer, ckpt_dir)
     record_files(out, [f"checkpoint/{name}" for name in os.listdir(ckpt_dir)])
 
 

@@ -2831,18 +2831,22 @@ def test_qa_a_tiny_model_written_by_either_transformers_names_a_tokenizer_class_
                                                                                           monkeypatch):
     """transformers 5 calls a generic fast tokenizer TokenizersBackend, a class 4.x lacks (it
     refused the model: "Tokenizer class TokenizersBackend does not exist"): the directory names
-    PreTrainedTokenizerFast, which 5.x reads as the same class. Checked across versions by
-    .ci/cross_version; here, that the name is written and the tokenizer reads back the same."""
+    PreTrainedTokenizerFast, which 5.x reads as the same class: the model and the checkpoint a
+    run resumes from. Checked across versions by .ci/cross_version; here, that the name is
+    written and the tokenizer reads back the same."""
     from transformers import AutoTokenizer
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in qa.TINY_MODELS:
         model, tokenizer = qa.load_model_and_tokenizer(name, qa_texts(load_squad_examples(XQUAD_EN)[:20]))
         qa.save_model(model, tokenizer, str(tmp_path / name))
-        config = json.loads((tmp_path / name / "tokenizer_config.json").read_text())
-        assert config["tokenizer_class"] == "PreTrainedTokenizerFast", (name, config)
-        again = AutoTokenizer.from_pretrained(str(tmp_path / name))
-        pair = ("Who wrote Text 123?", "Bob wrote it in Paris, 2020.")
-        assert again(*pair)["input_ids"] == tokenizer(*pair)["input_ids"]
+        (tmp_path / "run" / name).mkdir(parents=True)
+        rundir.make_checkpoint_dir(str(tmp_path / "run" / name), model.config, tokenizer)
+        for directory in (tmp_path / name, tmp_path / "run" / name / "checkpoint"):
+            config = json.loads((directory / "tokenizer_config.json").read_text())
+            assert config["tokenizer_class"] == "PreTrainedTokenizerFast", (directory, config)
+            again = AutoTokenizer.from_pretrained(str(directory))
+            pair = ("Who wrote Text 123?", "Bob wrote it in Paris, 2020.")
+            assert again(*pair)["input_ids"] == tokenizer(*pair)["input_ids"]
 
 
 def test_qa_same_seed_same_weights(tmp_path, qa_one_thread):

@@ -50,7 +50,7 @@ from tqdm import tqdm
 import cpu_dropout
 from common import (SQUAD_TRAIN_FILE, XQUAD_DIR, ArgumentParser, InputError, NonFiniteLoss,
                     atomic_output_dir, atomic_write_json, check_seed, load_squad_examples,
-                    parse_with_preset, run_main)
+                    parse_with_preset, run_main, save_tokenizer)
 from rundir import (Checkpoint, ProgressLines, SaveClock, StopSignals, add_output_options,
                     append_row, aside_path, check_same_options, check_space, claim_output_dir,
                     finish_replacing, install_model_files, make_checkpoint_dir, parse_save_steps,
@@ -374,24 +374,10 @@ def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
         tokenizer.init_kwargs.pop(key, None)      # tokenizer: a resumed run's files would differ
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        name_tokenizer_class_for_4x(tmp)
+        save_tokenizer(tokenizer, tmp)
         for name, obj in (extra_files or {}).items():
             atomic_write_json(os.path.join(tmp, name), obj, indent=1)
 
-
-def name_tokenizer_class_for_4x(directory):
-    """transformers 5 writes a generic fast tokenizer's class (the tiny models', or one that has
-    only tokenizer.json) as "TokenizersBackend", a class 4.x does not have: it could not load the
-    model. Its 4.x name, PreTrainedTokenizerFast, is the same class to 5.x, so a model written by
-    either version loads on both. Rewritten as transformers writes the file."""
-    path = os.path.join(directory, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 # -------------------------------------------------------------------- features
