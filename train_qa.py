@@ -379,7 +379,6 @@ def save_model(model, tokenizer, output_dir, overwrite=False, extra_files=None):
             atomic_write_json(os.path.join(tmp, name), obj, indent=1)
 
 
-
 # -------------------------------------------------------------------- features
 def pair_template(tokenizer):
     """The tokenizer's own layout of a (question, context) pair, read from one encoded probe pair:
