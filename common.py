@@ -269,6 +269,8 @@ def save_tokenizer(tokenizer, directory):
     same class to 5.x. The file is rewritten as transformers writes it."""
     tokenizer.save_pretrained(directory)
     path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):             # a tokenizer that keeps no config: nothing to name
+        return
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("tokenizer_class") == "TokenizersBackend":
