@@ -271,12 +271,11 @@ def save_tokenizer(tokenizer, directory):
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):             # a tokenizer that keeps no config: nothing to name
         return
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(path)
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True,
+                                           ensure_ascii=False) + "\n")
 
 
 def check_seed(seed, option="--seed"):
