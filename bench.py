@@ -12,7 +12,8 @@
     python bench.py --save-model runs/small       # the small stand-in as a model directory, to time
                                                   # distill.py itself: --model runs/small
     python bench.py --end-to-end 10               # distill.py itself, fp32 against bf16: 10 rounds of
-                                                  # fresh runs on the small stand-in (issue 20)
+                                                  # fresh runs on the small stand-in (issue 20),
+                                                  # beside the matmul probe's bf16/fp32 ratio
 
 Both sides run on the same cross-lingual XQuAD sample (sample.py, ntl=5, seed=3), the same model
 shape and the same random weights, in one process:
@@ -709,6 +710,16 @@ def bench_end_to_end(rounds, model_dir, precisions, max_examples, xquad_dir):
     return result
 
 
+def matmul_ceiling(median_speedup, peaks):
+    """bf16's end-to-end speed-up beside the device's own bound on it: the matmul probe's bf16 rate
+    over its fp32 rate. A step is mostly matmuls, so end to end bf16 cannot be much faster than
+    its matmuls: 4.1x on one 2-core AMD EPYC of this project, 2.2-2.5x on another (Zen 4, whose
+    512-bit bf16 units are two 256-bit halves). The share says how much of that bound was reached."""
+    matmul_speedup = peaks["bf16"] / peaks["fp32"]
+    return {"matmul_peak_gflops": peaks, "matmul_speedup": round(matmul_speedup, 2),
+            "share_of_matmul_speedup": round(median_speedup / matmul_speedup, 3)}
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -761,6 +772,12 @@ def main(argv=None):
         device = train_qa.default_device(None)
         if "bf16" in precisions:
             train_qa.note_slow_bf16("bf16", device.type)
+        peaks = None
+        if precisions == ["fp32", "bf16"]:      # probed first, on the idle device
+            peaks = {"fp32": matmul_probe(device, torch.float32),
+                     "bf16": matmul_probe(device, torch.bfloat16)}
+            print(f"matmul probe: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
+                  f"GFLOP/s (bf16 {peaks['bf16'] / peaks['fp32']:.2f}x)", flush=True)
         with tempfile.TemporaryDirectory(prefix="bench-stand-in-") as tmp:
             model_dir = os.path.abspath(args.model) if args.model else os.path.join(tmp, "model")
             if not args.model:
@@ -769,6 +786,10 @@ def main(argv=None):
                                       args.xquad_dir)
         result.update(model=args.model or f"the {args.shape or 'small'} stand-in",
                       device=_device_name(device))
+        if peaks:
+            result.update(matmul_ceiling(result["median_speedup"], peaks))
+            print(f"bf16's median speed-up is {result['share_of_matmul_speedup']:.0%} of its "
+                  f"matmuls' ({result['matmul_speedup']:.2f}x on this device)", flush=True)
         if args.json:
             print(json.dumps({"end_to_end": result}))
         return

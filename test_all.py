@@ -7516,6 +7516,36 @@ def test_bench_end_to_end_times_fresh_distill_runs_and_leaves_only_the_model(tmp
     _one_error_line(capsys.readouterr().err, "not a model directory (no config.json)")
 
 
+def test_bench_end_to_end_reports_the_speed_up_beside_the_matmul_probes_ratio(tmp_path, capsys,
+                                                                              monkeypatch):
+    """fp32 against bf16 end to end is read beside the device's own bound on it, the probe's
+    bf16 over fp32 matmul rate (issue 20's 2.5x needs a CPU whose bf16 matmuls are faster than
+    that): probed before the rounds, said in a line and in --json, as a share of the bound. One
+    precision alone probes nothing."""
+    probed = []
+
+    def probe(device, dtype):
+        probed.append(dtype)
+        return {torch.float32: 200.0, torch.bfloat16: 440.0}[dtype]
+
+    def rounds(n, model_dir, precisions, max_examples, xquad_dir):
+        assert probed == ([torch.float32, torch.bfloat16] if len(precisions) == 2 else [])
+        return {"median_speedup": 1.87, "median_s": {p: 1.0 for p in precisions}}
+    monkeypatch.setattr(bench, "matmul_probe", probe)
+    monkeypatch.setattr(bench, "bench_end_to_end", rounds)
+    (tmp_path / "config.json").write_text("{}")
+    bench.main(["--end-to-end", "3", "--model", str(tmp_path), "--json"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "matmul probe: fp32 200 GFLOP/s, bf16 440 GFLOP/s (bf16 2.20x)"
+    assert out[1] == "bf16's median speed-up is 85% of its matmuls' (2.20x on this device)"
+    result = json.loads(out[-1])["end_to_end"]
+    assert result["matmul_speedup"] == 2.2 and result["share_of_matmul_speedup"] == 0.85
+    assert result["matmul_peak_gflops"] == {"fp32": 200.0, "bf16": 440.0}
+    probed.clear()
+    bench.main(["--end-to-end", "3", "--model", str(tmp_path), "--precision", "fp32", "--json"])
+    assert "matmul_speedup" not in json.loads(capsys.readouterr().out.splitlines()[-1])["end_to_end"]
+
+
 def test_bench_end_to_end_refuses_a_model_without_config_json_before_any_run(tmp_path, capsys,
                                                                               monkeypatch):
     """--end-to-end --model DIR where DIR holds no config.json (a run's parent, a typo): one line
