@@ -458,6 +458,11 @@ def matmul_probe(device, dtype, n=None, reps=3):
     return round(2 * size ** 3 / best / 1e9, 1)
 
 
+def matmul_peaks(device):
+    """The probe in both precisions: {"fp32": GFLOP/s, "bf16": GFLOP/s}."""
+    return {"fp32": matmul_probe(device, torch.float32), "bf16": matmul_probe(device, torch.bfloat16)}
+
+
 def _timed_matmul(a, b, device):
     _sync(device)
     t0 = time.perf_counter()
@@ -712,9 +717,8 @@ def bench_end_to_end(rounds, model_dir, precisions, max_examples, xquad_dir):
 
 def matmul_ceiling(median_speedup, peaks):
     """bf16's end-to-end speed-up beside the device's own bound on it: the matmul probe's bf16 rate
-    over its fp32 rate. A step is mostly matmuls, so end to end bf16 cannot be much faster than
-    its matmuls: 4.1x on one 2-core AMD EPYC of this project, 2.2-2.5x on another (Zen 4, whose
-    512-bit bf16 units are two 256-bit halves). The share says how much of that bound was reached."""
+    over its fp32 rate. A step is mostly matmuls, so bf16 cannot be much faster than its matmuls,
+    and that ratio differs between CPUs (PERFORMANCE.md). The share says how much was reached."""
     matmul_speedup = peaks["bf16"] / peaks["fp32"]
     return {"matmul_peak_gflops": peaks, "matmul_speedup": round(matmul_speedup, 2),
             "share_of_matmul_speedup": round(median_speedup / matmul_speedup, 3)}
@@ -774,8 +778,7 @@ def main(argv=None):
             train_qa.note_slow_bf16("bf16", device.type)
         peaks = None
         if precisions == ["fp32", "bf16"]:      # probed first, on the idle device
-            peaks = {"fp32": matmul_probe(device, torch.float32),
-                     "bf16": matmul_probe(device, torch.bfloat16)}
+            peaks = matmul_peaks(device)
             print(f"matmul probe: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
                   f"GFLOP/s (bf16 {peaks['bf16'] / peaks['fp32']:.2f}x)", flush=True)
         with tempfile.TemporaryDirectory(prefix="bench-stand-in-") as tmp:
@@ -841,7 +844,7 @@ def main(argv=None):
           f"batch {args.batch_size}; eval: {len(eval_features['input_ids'])} windows x {reps} reps",
           file=sys.stderr)
 
-    peaks = {"fp32": matmul_probe(device, torch.float32), "bf16": matmul_probe(device, torch.bfloat16)}
+    peaks = matmul_peaks(device)
     print(f"matmul probe: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
           file=sys.stderr)
     result = {"matmul_peak_gflops": peaks,
