@@ -799,28 +799,36 @@ def _fig5_t(runs, mode):
     return max(tied, key=lambda r: _run_value(r, "mlqa-dev", "gxlt", "f1") or 0.0)["t"]
 
 
+def ntl_lines(runs, key, metric="f1", t=None):
+    """The lines of one panel of Fig. 5 / 11 (key: gxlt or xlt): [(label, ntls, means, sds)], one
+    per mode at temperature t (default: per mode, see _fig5_t; the ce mode has no temperature).
+    Several seeds of a point: their mean and sample standard deviation (0.0 for one seed)."""
+    lines = []
+    for mode in sorted({r["mode"] for r in runs}):
+        mode_t = _fig5_t(runs, mode)
+        if t is not None and mode_t is not None:
+            mode_t = float(t)
+        by_ntl = {}
+        for r in runs:
+            value = _run_value(r, "mlqa-dev", key, metric)
+            if r["mode"] == mode and r["t"] == mode_t and value is not None:
+                by_ntl.setdefault(r["ntl"], []).append(value)
+        if by_ntl:
+            xs = sorted(by_ntl)
+            stats = [seed_summary(by_ntl[x]) for x in xs]
+            lines.append((mode if mode_t is None else f"{mode} (t={mode_t:g})", xs,
+                          [st["mean"] for st in stats], [st["std"] or 0.0 for st in stats]))
+    return lines
+
+
 def ntl_figure(runs, path, metric="f1", t=None):
-    """Fig. 5 (F1) / Fig. 11 (EM): MLQA-dev G-XLT and XLT against ntl, one line per mode, at
-    temperature t (default: per mode, see _fig5_t; the ce mode has no temperature). Several
-    seeds of a point: their mean, with the standard deviation as an error bar."""
+    """Fig. 5 (F1) / Fig. 11 (EM): MLQA-dev G-XLT and XLT against ntl, one line per mode
+    (ntl_lines), the standard deviation over seeds as error bars."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 2, FIGSIZE[1]), dpi=DPI)
     for ax, key, label in ((axes[0], "gxlt", "G-XLT"), (axes[1], "xlt", "XLT")):
-        for mode in sorted({r["mode"] for r in runs}):
-            mode_t = _fig5_t(runs, mode)
-            if t is not None and mode_t is not None:
-                mode_t = float(t)
-            by_ntl = {}
-            for r in runs:
-                value = _run_value(r, "mlqa-dev", key, metric)
-                if r["mode"] == mode and r["t"] == mode_t and value is not None:
-                    by_ntl.setdefault(r["ntl"], []).append(value)
-            if by_ntl:
-                xs = sorted(by_ntl)
-                stats = [seed_summary(by_ntl[x]) for x in xs]
-                ax.errorbar(xs, [st["mean"] for st in stats], yerr=[st["std"] or 0.0 for st in stats],
-                            marker="o", capsize=3,
-                            label=mode if mode_t is None else f"{mode} (t={mode_t:g})")
+        for line_label, xs, means, sds in ntl_lines(runs, key, metric, t):
+            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=line_label)
         ax.set_xlabel("number of target languages ntl")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(f"MLQA-dev {label} {METRICS[metric]}")

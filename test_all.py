@@ -4410,6 +4410,51 @@ def test_prepare_what_is_missing_and_no_prepare(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_prepare_a_stopped_phase1_is_missing_and_resumes_or_starts_again(uninterrupted, tmp_path,
+                                                                        monkeypatch):
+    """runs/mbert-qa-en of a phase 1 that was stopped (no config.json at its top: the model is
+    written last) is not built: the main command resumes it from its checkpoint, or starts it
+    again (--overwrite of its own output) when it stopped before its first checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(common.MLQA_DIR)                       # MLQA there: only phase 1 is missing
+    started = []
+    monkeypatch.setattr(prepare, "fetch", lambda name, base_url=None: None)
+    monkeypatch.setattr(train_qa, "run", lambda a, resume_with=None: started.append(
+        (a.output_dir, a.resume, a.overwrite)))
+    stopped = tmp_path / prepare.PHASE1_DIR
+    shutil.copytree(uninterrupted["train_qa"], stopped)
+    for name in os.listdir(stopped):      # what a phase 1 killed after a checkpoint leaves
+        if name not in (rundir.MARKER, "train_args.json", "train_log.jsonl", "checkpoint"):
+            os.remove(stopped / name)
+    args = distill.parse_args(["--ntl", "1"])
+    assert prepare.missing(args) == ["model"]
+    prepare.prepare_inputs(args)
+    shutil.rmtree(stopped / "checkpoint")               # killed before its first checkpoint
+    prepare.prepare_inputs(args)
+    assert started == [(prepare.PHASE1_DIR, True, False), (prepare.PHASE1_DIR, False, True)]
+    (stopped / "config.json").write_text("{}")
+    assert prepare.missing(args) == []
+
+
+def test_prepare_phase1_estimate_scales_with_gpus_and_threads(monkeypatch):
+    """The line announcing phase 1 estimates its duration for mBERT: divided among the GPUs of a
+    torchrun job, or the CPU threads; no estimate for another base model."""
+    phase1 = train_qa.parse_args(["--output-dir", prepare.PHASE1_DIR])
+
+    def number(text):
+        return float(re.search(r"roughly (\d+)", text).group(1))
+
+    gpu = [number(prepare.duration(phase1, torch.device("cuda"), n)) for n in (1, 4)]
+    assert 3 <= gpu[0] / gpu[1] <= 5 and "on 4 GPUs" in prepare.duration(phase1, torch.device("cuda"), 4)
+    cpu = []
+    for threads in (1, 4):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        cpu.append(number(prepare.duration(phase1, torch.device("cpu"), 1)))
+    assert 3.5 <= cpu[0] / cpu[1] <= 4.5
+    other = train_qa.parse_args(["--output-dir", prepare.PHASE1_DIR, "--model", "xlm-roberta-base"])
+    assert prepare.duration(other, torch.device("cuda"), 1) == ""
+
+
 def test_prepare_says_its_phase1_is_not_the_authors_under_as_authors():
     """distill.py --as-authors on a fresh machine builds this project's phase 1 (train_qa.py's
     defaults), as without it; the line that announces the build says so and names the command
@@ -6429,7 +6474,7 @@ def test_eval_sweep_takes_scores_of_missing_pairs_and_refuses_scores_that_are_no
 
 def test_eval_sweep_refuses_a_dev_metrics_row_without_its_epoch_or_pairs(tmp_path, capsys):
     """--sweep over a run scored by distill.py alone: a row of dev_metrics.jsonl damaged (its
-    pairs gone, its epoch a string, a list) is one line naming the file; the last epoch's row
+    pairs gone, its epoch a string or true, a list) is one line naming the file; the last epoch's row
     without pairs was passed over and the previous epoch's scores reported as the last epoch's,
     and an epoch as text was a TypeError traceback."""
     run = tmp_path / "run"
@@ -6437,7 +6482,8 @@ def test_eval_sweep_refuses_a_dev_metrics_row_without_its_epoch_or_pairs(tmp_pat
     (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
     pairs = {"en-en": {"f1": 50.0, "exact_match": 40.0, "n": 4}}
     rows = [{"epoch": e, "pairs": pairs} for e in (1, 2)]
-    for n, last in enumerate(({"epoch": 2}, {"epoch": "2", "pairs": pairs}, [2, pairs])):
+    for n, last in enumerate(({"epoch": 2}, {"epoch": "2", "pairs": pairs}, [2, pairs],
+                              {"epoch": True, "pairs": pairs})):
         (run / "dev_metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(last) + "\n")
         with pytest.raises(SystemExit) as e:
             _eval_main(["--sweep", str(run), "--output-dir", str(tmp_path / "o")])
@@ -6451,12 +6497,13 @@ def test_eval_sweep_refuses_a_dev_metrics_row_without_its_epoch_or_pairs(tmp_pat
 
 def test_eval_compare_refuses_hidden_knowledge_counts_of_the_wrong_shape(eval_run, tmp_path,
                                                                          capsys):
-    """A metrics.json whose Table 1 block is damaged (k as text, a language's counts cut short,
-    a count that is NaN): --compare is one line naming the file (Table 1's rows were a TypeError
-    or IndexError traceback)."""
+    """A metrics.json whose Table 1 block is damaged (k as text, a language's counts cut short
+    or too long, a count that is NaN): --compare is one line naming the file (Table 1's rows
+    were a TypeError or IndexError traceback, or left the extra counts out)."""
     out, metrics = eval_run
     hk = metrics["hidden-knowledge"]
     for n, broken in enumerate((dict(hk, k="10"), dict(hk, counts=dict(hk["counts"], en=[0])),
+                                dict(hk, counts=dict(hk["counts"], en=hk["counts"]["en"] + [1])),
                                 dict(hk, n=dict(hk["n"], en=float("nan"))))):
         (tmp_path / f"e{n}").mkdir()
         path = tmp_path / f"e{n}" / "metrics.json"
@@ -7112,8 +7159,12 @@ def test_report_hidden_knowledge_counts_by_hand():
 
 
 def test_report_summary_markdown_mirrors_tables():
-    metrics = {"mlqa-dev": {"pairs": _eval_fake_pairs()},
-               "xquad": {"pairs": {"el-el": {"f1": 60.0, "exact_match": 40.0, "n": 3},
+    pairs = _eval_fake_pairs()
+    pairs["en-en"] = {"f1": 14.0, "exact_match": 7.0, "n": 5}   # else G-XLT = G-XLT q!=c = 33.0
+    metrics = {"mlqa-dev": {"pairs": pairs},
+               "xquad": {"pairs": {"th-th": {"f1": 70.0, "exact_match": 50.0, "n": 3},
+                                   "el-el": {"f1": 60.0, "exact_match": 40.0, "n": 3},
+                                   "tr-tr": {"f1": 60.0, "exact_match": 40.0, "n": 3},
                                    "ru-ru": {"f1": 70.0, "exact_match": 50.0, "n": 3}}},
                "hidden-knowledge": {"k": 2, "criterion": "em", "languages": ["en"],
                                     "counts": {"en": [7, 3]}, "n": {"en": 12},
@@ -7125,8 +7176,11 @@ def test_report_summary_markdown_mirrors_tables():
           f"{s['xlt']['f1']:.1f}/{s['xlt']['exact_match']:.1f} | " \
           f"{s['gxlt_cross']['f1']:.1f}/{s['gxlt_cross']['exact_match']:.1f} | 65.0/45.0 |"
     assert row in text  # Tables 2/5: MLQA-dev G-XLT (49 pairs), XLT, G-XLT q!=c, XQuAD XLT
+    assert s["gxlt"]["f1"] != pytest.approx(s["gxlt_cross"]["f1"], abs=0.05)
     assert "all 49 MLQA" in text
-    assert "| model-a | 65.0/45.0 | 60.0/40.0 | 70.0/50.0 |" in text  # Table 4
+    # Table 4: the paper's column order (el ru tr th), not the file's or the alphabet's
+    assert "| model | XLT | el | ru | tr | th |" in text
+    assert "| model-a | 65.0/45.0 | 60.0/40.0 | 70.0/50.0 | 60.0/40.0 | 70.0/50.0 |" in text
     assert "| 1 | 7 |" in text and "| 2 | 3 |" in text  # Table 1
     assert "| model-a | mydata | 12.5/2.5 | 4 |" in text
     assert "| ar | 30.0 | 31.0 | 32.0 | 33.0 | 34.0 | 35.0 | 36.0 |" in text  # F1 matrix row
@@ -7234,6 +7288,89 @@ def test_report_sweep_fig5_temperature_choice(tmp_path):
     assert all(r["t"] is None for r in runs if r["mode"] == "ce")
     path = report.ntl_figure(runs, str(tmp_path / "f.png"), t=1.0)
     assert _eval_png_size(path)[0] == 2 * int(report.FIGSIZE[0] * report.DPI)
+
+
+def test_report_fig5_and_fig6_points_are_seed_means_at_the_most_common_temperature(tmp_path):
+    """Fig. 5 holds each mode at its most common temperature (3 runs at t=2 against 1 at t=1,
+    though t=1's run scores best); a point with several seeds is their mean, its error bar their
+    sample sd; Fig. 6's cell is the same mean (a mutation audit found these rules untested)."""
+    runs = [report.load_run(_eval_fake_run(tmp_path, name, {"mode": "skd", "seed": seed}, ntl, t,
+                                           gxlt_f1, xlt_f1))
+            for name, seed, ntl, t, gxlt_f1, xlt_f1 in (
+                ("a", 1, 1, 2.0, 40.0, 50.0), ("b", 2, 1, 2.0, 44.0, 54.0),
+                ("c", 1, 3, 2.0, 48.0, 58.0), ("d", 1, 1, 1.0, 90.0, 90.0))]
+    gxlt = lambda cross, same: (42 * cross + 7 * same) / 49       # noqa: E731 (all 49 pairs)
+    assert report._fig5_t(runs, "skd") == 2.0
+    [(label, ntls, means, sds)] = report.ntl_lines(runs, "gxlt")
+    assert label == "skd (t=2)" and ntls == [1, 3]
+    assert means == pytest.approx([(gxlt(40, 50) + gxlt(44, 54)) / 2, gxlt(48, 58)])
+    assert sds == pytest.approx([abs(gxlt(40, 50) - gxlt(44, 54)) / math.sqrt(2), 0.0])
+    [(_, _, means, sds)] = report.ntl_lines(runs, "xlt", "exact_match")
+    assert means == pytest.approx([26.0, 29.0]) and sds == pytest.approx([math.sqrt(2), 0.0])
+    assert report.ntl_lines(runs, "gxlt", t=1.0) == [("skd (t=1)", [1], [pytest.approx(90.0)],
+                                                      [0.0])]
+    ts, ntls, m = report.temperature_ntl_matrix(runs, "skd")
+    assert ts == [1.0, 2.0] and ntls == [1, 3] and math.isnan(m[0, 1])
+    assert m[1].tolist() == pytest.approx([(gxlt(40, 50) + gxlt(44, 54)) / 2, gxlt(48, 58)])
+    assert m[0, 0] == pytest.approx(90.0)
+
+
+def test_report_seed_table_counts_a_model_named_through_a_link_once(tmp_path):
+    """Two evaluations of one model directory, one of them naming it through a link, are one
+    run in the seed table, not two seeds."""
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "run1")
+    rows = [(name, {"model": str(tmp_path / model), "mlqa-dev": {
+        "pairs": {k: dict(v, f1=f1) for k, v in _eval_fake_pairs().items()}}}, "config")
+        for name, model, f1 in (("a", "run1", 40.0), ("b", "link", 40.0), ("c", "run2", 44.0))]
+    text = report.seed_variance_markdown(rows)
+    assert "| a, c | 2 | 42.0±2.8/" in text and "b evaluates the same model as a" in text
+
+
+def test_report_mode_of_an_args_json_without_its_mode_entry_is_distills_name():
+    """An args.json written before distill.py recorded "mode": --sweep names the mode from the
+    flags as distill.py names it (Table 5's -noce variants included)."""
+    for flags in ([], ["--map-k"], ["--no-ce"], ["--map-k", "--no-ce"], ["--ce-only"]):
+        args = distill.parse_args(flags)
+        saved = {k: v for k, v in distill.run_args(args).items() if k != "mode"}
+        saved.update(ce_only=args.ce_only, map_k=args.map_k, no_ce=args.no_ce)
+        assert report.run_mode(saved) == distill.mode_name(args), flags
+
+
+def test_report_runs_that_differ_in_any_option_but_the_seed_are_not_seeds(tmp_path):
+    """The seed table merges runs whose args.json differ only in the seed: any other option of
+    distill.py's args.json (the learning rate, the precision...) makes another configuration."""
+    args = json.loads(json.dumps(distill.run_args(distill.parse_args([]))))
+    key = report._config_key(args)
+    assert report._config_key(dict(args, seed=args["seed"] + 1)) == key
+    for option in args:
+        if option != "seed":
+            assert report._config_key(dict(args, **{option: "changed"})) != key, option
+    base = dict(args, mode="skd")
+    dirs = [_eval_fake_run(tmp_path, name, dict(base, seed=seed, lr=lr), 3, 2.0, 40.0, 50.0)
+            for name, seed, lr in (("a", 1, 3e-5), ("b", 2, 3e-5), ("c", 3, 5e-5))]
+    groups = report.seed_groups([report.load_run(d) for d in dirs])
+    assert sorted([r["name"] for r in g] for g in groups) == [["a", "b"], ["c"]]
+
+
+def test_report_sweep_reads_a_runs_evaluation_before_distills_dev_scores(tmp_path):
+    """A sweep point's scores: <run>/metrics.json, else <run>/eval/metrics.json (the final
+    model evaluated on MLQA dev and test), else distill.py's per-epoch dev_metrics.jsonl."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"ntl": 3, "t": 2.0, "mode": "skd", "seed": 1}))
+    scored = {f1: {"pairs": {k: dict(v, f1=f1) for k, v in _eval_fake_pairs().items()}}
+              for f1 in (10.0, 20.0, 30.0)}
+    (run / "dev_metrics.jsonl").write_text(json.dumps(dict(scored[10.0], epoch=1)) + "\n")
+    assert report.load_run(str(run))["metrics"]["mlqa-dev"] == scored[10.0]
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text(json.dumps({"mlqa-dev": scored[20.0],
+                                                          "mlqa-test": scored[20.0]}))
+    r = report.load_run(str(run))
+    assert r["metrics"]["mlqa-dev"] == scored[20.0] and "mlqa-test" in r["metrics"]
+    (run / "metrics.json").write_text(json.dumps({"mlqa-dev": scored[30.0]}))
+    assert report.load_run(str(run))["metrics"]["mlqa-dev"] == scored[30.0]
 
 
 def test_report_p_at_the_bootstrap_floor_prints_as_less_than_one_over_n():
