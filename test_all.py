@@ -3059,7 +3059,8 @@ def qa_torchrun(script, argv, nproc):
 
 def test_qa_two_process_gloo(tmp_path):
     """DDP on 2 processes (micro-batch 4 each) trains the same weights as 1 process
-    accumulating the same two micro-batches per step (dropout 0: equal to float rounding)."""
+    accumulating the same two micro-batches per step (dropout 0: equal to float rounding), and
+    logs the same loss per step (the mean over the processes)."""
     init = qa_dropout0_model_dir(str(tmp_path / "init"), qa_texts(load_squad_examples(XQUAD_EN)[:16]))
     argv = ["--model", init, "--train-file", XQUAD_EN, "--epochs", "1", "--max-examples", "16",
             "--batch-size", "8", "--lr", "1e-3"]
@@ -3070,6 +3071,10 @@ def test_qa_two_process_gloo(tmp_path):
     qa_torchrun("train_qa.py", argv + ["--output-dir", one, "--grad-accum", "2"], 1)
     start = _distill_weights(init)
     assert qa_relative_distance(_distill_weights(two), _distill_weights(one), start) < 1e-3
+    logs = [rundir.read_log(os.path.join(d, "train_log.jsonl")) for d in (two, one)]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for a, b in zip(*logs):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
 def test_qa_check_offsets_command(tmp_path):
