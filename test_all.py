@@ -103,6 +103,13 @@ def cpu_only():
 REPO = os.path.dirname(os.path.abspath(__file__))
 XQUAD_DIR = os.path.join(REPO, "data", "xquad")
 
+# The suite sends SIGINT as a user's Ctrl-C does. pytest started in the background (nohup, `cmd &`
+# in a script) inherits SIGINT ignored, and so would every script it starts, which rightly keeps
+# it so (a background job ignores Ctrl-C): the tests get a foreground process's SIGINT instead
+# (a handler, unlike SIG_IGN, is not inherited across exec: the scripts start with the default).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def test_common_load_squad_examples_reads_xquad():
     examples = common.load_squad_examples(os.path.join(XQUAD_DIR, "xquad.en.json"))
