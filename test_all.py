@@ -4835,6 +4835,19 @@ def test_distill_step_of_each_mode_equals_its_hand_loss_and_gradient(flags, a_ce
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_distill_steps_per_epoch_are_the_loops_steps_a_short_last_one_included():
+    """The schedule's length (count_steps) is the number of optimiser steps the epoch's loop
+    takes (chunks of --grad-accum micro-batches), the last, shorter chunk included: else, with
+    --grad-accum 2 over 5 micro-batches, the learning rate reached 0 a step early."""
+    for n in range(1, 8):
+        for grad_accum in (1, 2, 3):
+            batches = [[i] for i in range(n)]
+            assert distill.count_steps(batches, grad_accum, n) == \
+                len(distill.chunks(batches, grad_accum)), (n, grad_accum)
+    with pytest.raises(InputError, match="fewer than one batch"):
+        distill.count_steps([], 1, 3)
+
+
 def test_distill_defaults_are_first_hit_and_6_row_groups():
     args = distill.parse_args(["--model", "tiny"])
     assert args.map_variant == "first-hit" and args.alpha_rows == 6 and not args.keep_best_epoch
