@@ -1111,12 +1111,16 @@ def test_rundir_overwrite_refuses_a_run_that_also_holds_files_of_yours(uninterru
     (run / "best-epoch3").mkdir()                         # one holding a file of the user's
     (run / "best-epoch3" / "config.json").write_text("{}")
     (run / "best-epoch3" / "notes.md").write_text("mine")
+    (run / "best-epoch").mkdir()                          # no epoch number: a user's model
+    (run / "best-epoch" / "config.json").write_text("{}")
     distill.remove_stale_best(str(run), None)
     assert (run / "best-epoch-notes").is_dir() and not (run / "best-epoch2").exists()
+    assert (run / "best-epoch" / "config.json").is_file()
     assert (run / "best-epoch3" / "notes.md").read_text() == "mine"
     assert "best-epoch3 is not removed" in capsys.readouterr().out
     (run / "best-epoch-notes").rmdir()
     shutil.rmtree(run / "best-epoch3")
+    shutil.rmtree(run / "best-epoch")
     assert _tree(run) == before
     mine = tmp_path / ".mine.replaced"                    # named like an aside, not one of ours
     mine.mkdir()
@@ -5273,7 +5277,8 @@ def test_distill_softmax_support_all_is_their_loss_over_384_positions():
 def test_distill_alpha_rows_larger_than_a_micro_batch_is_refused(tmp_path, capsys):
     """8 processes x batch 24: 3 rows a micro-batch. An explicit --alpha-rows 6 is refused with one
     line naming the option; left at its default, the run says alpha is per 3 rows. The authors'
-    default (batch 24, one process) and one alpha per batch (--alpha-rows >= --batch-size) pass."""
+    default (batch 24, one process) and one alpha per batch (--alpha-rows >= --batch-size) pass;
+    groups that do not tile a micro-batch (5 rows in 24) are refused."""
     args = distill.parse_args(["--model", "tiny", "--alpha-rows", "6"])
     assert distill.rows_per_pass(args, 1) == 24
     with pytest.raises(InputError, match="--alpha-rows 6 is more than the 3 rows") as e:
@@ -5284,6 +5289,8 @@ def test_distill_alpha_rows_larger_than_a_micro_batch_is_refused(tmp_path, capsy
     assert distill.rows_per_pass(distill.parse_args(["--model", "tiny"]), 8) == 3
     assert "alpha is per 3 rows" in capsys.readouterr().out
     assert distill.rows_per_pass(distill.parse_args(["--model", "tiny", "--alpha-rows", "100"]), 1) == 24
+    with pytest.raises(InputError, match="--alpha-rows 5 does not divide the 24 rows"):
+        distill.rows_per_pass(distill.parse_args(["--model", "tiny", "--alpha-rows", "5"]), 1)
     out = tmp_path / "refused"
     code, err = _distill_main(DISTILL_TINY + ["--alpha-rows", "6", "--grad-accum", "2",
                                               "--output-dir", out], capsys)
