@@ -640,8 +640,7 @@ def install_final_model(out, args, student, tokenizer, best, log):
     print(f"saved {args.output_dir}")
     finish_replacing(out, args.output_dir)
     if args.keep_checkpoint == "none":
-        remove_checkpoint(out)
-        print(f"removed {os.path.join(args.output_dir, 'checkpoint')} (--keep-checkpoint none)")
+        remove_checkpoint(out, "distill", args.output_dir)
     final_epoch = best["epoch"] if best is not None else args.epochs
     dev = [r for r in read_log(os.path.join(out, "dev_metrics.jsonl"), ("epoch",))
            if r["epoch"] == final_epoch]

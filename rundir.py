@@ -658,9 +658,18 @@ def truncate_log(path, key, last):
                                         for r in read_log(path, (key,)) if r[key] <= last))
 
 
-def remove_checkpoint(out):
-    """--keep-checkpoint none: the run is complete; its checkpoint (ours) goes."""
-    shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
+def remove_checkpoint(out, kind, shown_as):
+    """--keep-checkpoint none: the run (of `kind`, named `shown_as` to the user) is complete;
+    its checkpoint goes, unless it holds a file this project did not write: then it stays, and
+    a note names the file."""
+    path, shown = os.path.join(out, "checkpoint"), os.path.join(shown_as, "checkpoint")
+    foreign = foreign_inside(path, "checkpoint", kind, set(_marker(out).get("files", ())))
+    if foreign:
+        print(f"note: {shown} is kept (--keep-checkpoint none): it holds {', '.join(foreign[:3])}"
+              f"{' ...' if len(foreign) > 3 else ''}, which this project did not write", flush=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"removed {shown} (--keep-checkpoint none)", flush=True)
 
 
 def parse_save_steps(value):

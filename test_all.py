@@ -1060,6 +1060,26 @@ def test_rundir_ctrl_c_while_a_script_starts_is_one_line(tmp_path, script, signu
     assert os.listdir(tmp_path) == []
 
 
+def test_rundir_keep_checkpoint_none_keeps_a_checkpoint_holding_a_users_file(uninterrupted,
+                                                                            tmp_path, capsys):
+    """--keep-checkpoint none removes a finished run's checkpoint/ only when everything in it is
+    the run's: a user's file inside keeps it, with a note naming the file (it was deleted)."""
+    for kind in ("distill", "train_qa"):
+        run = tmp_path / kind
+        shutil.copytree(uninterrupted[kind], run)
+        (run / "checkpoint" / "notes.txt").write_text("mine")
+        capsys.readouterr()
+        rundir.remove_checkpoint(str(run), kind, "runs/x")
+        out = capsys.readouterr().out
+        assert (run / "checkpoint" / "notes.txt").read_text() == "mine", kind
+        assert rundir.has_checkpoint(str(run))
+        assert "note: runs/x/checkpoint is kept" in out and "checkpoint/notes.txt" in out
+        (run / "checkpoint" / "notes.txt").unlink()
+        rundir.remove_checkpoint(str(run), kind, "runs/x")
+        assert not (run / "checkpoint").exists(), kind
+        assert "removed runs/x/checkpoint (--keep-checkpoint none)" in capsys.readouterr().out
+
+
 def test_rundir_overwrite_refuses_a_run_that_also_holds_files_of_yours(uninterrupted, tmp_path,
                                                                        capsys):
     """--overwrite deletes a run only when everything in it is the run's: a user's notes beside

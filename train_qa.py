@@ -1377,8 +1377,7 @@ def install_phase1_model(out, args, model, tokenizer):
     print(f"saved {args.output_dir}", flush=True)
     finish_replacing(out, args.output_dir)
     if args.keep_checkpoint == "none":
-        remove_checkpoint(out)
-        print(f"removed {os.path.join(args.output_dir, 'checkpoint')} (--keep-checkpoint none)")
+        remove_checkpoint(out, "train_qa", args.output_dir)
 
 
 def barrier(world_size):
